@@ -1,0 +1,61 @@
+"""Grouped-query attention with RoPE over the KV cache (sliding window through the layout's mask).
+
+Legend: B = sequences, Q = padded new tokens per sequence, K = keys (cache columns + Q),
+H = query heads, G = kv heads, R = H / G query heads per kv head, Dh = head dim, T = new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cluster.layout import StepLayout
+from mixtral.layers import apply_rope
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    wq: torch.Tensor  # [H*Dh, D]
+    wk: torch.Tensor  # [G*Dh, D]
+    wv: torch.Tensor  # [G*Dh, D]
+    wo: torch.Tensor  # [D, H*Dh]
+
+
+def attention(
+    x: torch.Tensor,
+    w: AttentionWeights,
+    layout: StepLayout,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """x [T, D] -> [T, D]. Reads the cache before writing this step's keys into it."""
+    num_tokens = x.shape[0]
+    q = apply_rope(F.linear(x, w.wq).view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
+    k = apply_rope(F.linear(x, w.wk).view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
+    v = F.linear(x, w.wv).view(num_tokens, num_kv_heads, head_dim)
+
+    batch, q_len = layout.q_index.shape
+    group = num_heads // num_kv_heads
+    past = slice(0, layout.cached)
+    keys = torch.cat([cache_k[layout.slots, past], k[layout.q_index]], dim=1)  # [B, K, G, Dh]
+    values = torch.cat([cache_v[layout.slots, past], v[layout.q_index]], dim=1)
+    # Query head h uses kv head h // R (transformers' repeat_kv), so split H as (G, R).
+    queries = q[layout.q_index].view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, G, R, Q, Dh]
+    keys = keys.permute(0, 2, 1, 3).unsqueeze(2)  # [B, G, 1, K, Dh]
+    values = values.permute(0, 2, 1, 3).unsqueeze(2)
+
+    scores = torch.matmul(queries, keys.transpose(-1, -2)) * head_dim**-0.5 + layout.bias  # [B, G, R, Q, K]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+    out = torch.matmul(probs, values)  # [B, G, R, Q, Dh]
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
+
+    cache_k[layout.write_slot, layout.write_col] = k[layout.write_token]
+    cache_v[layout.write_slot, layout.write_col] = v[layout.write_token]
+    return F.linear(out, w.wo)

@@ -1,0 +1,169 @@
+"""The `moe-cluster` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from mixtral.errors import UserError
+
+app = typer.Typer(
+    help="Expert-parallel Mixtral inference on Ray.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
+)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Print a user's mistake as one line on stderr and exit 2, without a traceback."""
+    try:
+        yield
+    except UserError as e:
+        print(f"moe-cluster: error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """A checkpoint directory, or a preset name (tiny, mini) whose checkpoint is made on first use."""
+    from mixtral.presets import WRITABLE
+    from mixtral.synthetic import cached_preset_checkpoint
+
+    path = Path(checkpoint)
+    if not path.exists() and checkpoint in WRITABLE:
+        return cached_preset_checkpoint(checkpoint)
+    return path
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--prompt-ids must be comma-separated non-negative integers such as 1,2,3; got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise UserError(f"--prompt-ids must be non-negative; got {text!r}")
+    return ids
+
+
+def start_ray() -> None:
+    """Join RAY_ADDRESS when set, else start a local Ray instance for this process."""
+    import ray
+
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
+
+
+@app.command("make-checkpoint")
+def make_checkpoint_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).")],
+    preset: Annotated[str, typer.Option(help="Model shape: tiny or mini.")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+) -> None:
+    """Write a random-weight Mixtral checkpoint with transformers' save_pretrained, plus the tokenizer."""
+    from mixtral.presets import WRITABLE
+    from mixtral.synthetic import make_checkpoint
+
+    with user_errors():
+        if preset not in WRITABLE:
+            raise UserError(f"--preset must be one of {', '.join(WRITABLE)}; got {preset!r}")
+        print(make_checkpoint(out, preset_name=preset, seed=seed, dtype=dtype))
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name (tiny, mini) made on first use.")],
+    prompt: Annotated[Optional[str], typer.Option(help="Text prompt, tokenized with BOS.")] = None,
+    prompt_ids: Annotated[Optional[str], typer.Option(help="Token ids used verbatim, e.g. 1,2,3 (no BOS added).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate (at least 1).")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
+    strategy: Annotated[str, typer.Option(help="Placement: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.")] = "PACK",
+) -> None:
+    """Bring the cluster up on Ray (local, or RAY_ADDRESS) and generate for one prompt."""
+    with user_errors():
+        request = prepare_generation(
+            checkpoint, prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, ignore_eos=ignore_eos, dtype=dtype, strategy=strategy,
+        )
+        result = run_generation(request)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+
+
+def prepare_generation(checkpoint: str, *, prompt: str | None, prompt_ids: str | None, **options: Any) -> dict[str, Any]:
+    """Check everything the user gave before any Ray process starts."""
+    from cluster.engine import check_request
+    from cluster.placement import PlacementOptions
+    from cluster.sampling import SamplingParams
+    from mixtral.checkpoint import CheckpointReader
+    from mixtral.config import load_args, resolve_dtype
+    from mixtral.tokenizer import load_tokenizer
+
+    if (prompt is None) == (prompt_ids is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
+    if options["strategy"] not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise UserError(f"--strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; got {options['strategy']!r}")
+    path = resolve_checkpoint(checkpoint)
+    args = load_args(path)
+    resolve_dtype(args, options["dtype"])
+    CheckpointReader(path).verify()
+    tokenizer = load_tokenizer(path) if prompt is not None or _has_tokenizer(path) else None
+    ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else tokenizer(prompt).input_ids
+    params = SamplingParams(
+        max_tokens=options["max_tokens"], temperature=options["temperature"], top_p=options["top_p"],
+        seed=options["seed"], ignore_eos=options["ignore_eos"],
+    )
+    check_request(ids, params, max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size)
+    return dict(
+        checkpoint=path, args=args, tokenizer=tokenizer, prompt_ids=ids, params=params, dtype=options["dtype"],
+        placement=PlacementOptions(strategy=options["strategy"]),
+    )
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def run_generation(request: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    from cluster.coordinator_actor import EngineOptions
+    from cluster.placement import bring_up
+
+    start_ray()
+    cluster = bring_up(
+        request["checkpoint"], request["args"], engine=EngineOptions(dtype=request["dtype"]), placement=request["placement"]
+    )
+    try:
+        [result] = ray.get(cluster.coordinator.generate.remote([request["prompt_ids"]], [request["params"]]))
+        expert_load = ray.get(cluster.coordinator.expert_load.remote())
+    finally:
+        cluster.shutdown()
+    tokenizer = request["tokenizer"]
+    return {
+        "token_ids": result.token_ids,
+        "logprobs": result.logprobs,
+        "text": tokenizer.decode(result.token_ids, skip_special_tokens=True) if tokenizer else "",
+        "finish_reason": result.finish_reason,
+        "expert_load": expert_load,
+        "workers": [
+            {"expert": w.expert, "node_id": w.node_id, "gpu_ids": w.gpu_ids, "device": w.device} for w in cluster.worker_info
+        ],
+    }
+
+
+def main() -> None:
+    app()

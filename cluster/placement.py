@@ -1,0 +1,96 @@
+"""Bring-up: one placement group, a bundle for the coordinator and one per expert worker.
+
+Bundle 0 holds the coordinator; bundle 1 + e holds expert worker e. Where Ray offers a GPU per
+expert, each worker bundle takes one (and the device comes from Ray's assignment); otherwise
+workers take fractional CPUs and the same code runs on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
+
+from cluster.coordinator_actor import CoordinatorActor, EngineOptions
+from mixtral.config import MixtralArgs
+from mixtral.errors import UserError
+from workers.expert_worker import ExpertWorker, WorkerInfo
+
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+PLACEMENT_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class PlacementOptions:
+    strategy: Strategy = "PACK"
+    coordinator_cpus: float = 0.5
+    worker_cpus: float = 0.125  # 8 workers share one core on a CPU-only machine
+    use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough GPUs
+
+
+@dataclass
+class ExpertCluster:
+    placement_group: PlacementGroup
+    coordinator: Any  # ActorHandle[CoordinatorActor]
+    workers: list[Any]  # ActorHandle[ExpertWorker], indexed by expert
+    worker_info: list[WorkerInfo]
+
+    def shutdown(self) -> None:
+        for actor in [self.coordinator, *self.workers]:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+
+def bundles(args: MixtralArgs, options: PlacementOptions, *, gpus: bool, coordinator_gpu: bool) -> list[dict[str, float]]:
+    coordinator = {"CPU": options.coordinator_cpus} | ({"GPU": 1} if coordinator_gpu else {})
+    worker = {"CPU": options.worker_cpus} | ({"GPU": 1} if gpus else {})
+    return [coordinator] + [dict(worker) for _ in range(args.num_local_experts)]
+
+
+def bring_up(
+    checkpoint: str | Path, args: MixtralArgs, *, engine: EngineOptions, placement: PlacementOptions, progress: bool = True
+) -> ExpertCluster:
+    """Reserve the placement group, start the workers and the coordinator, wait for their weights."""
+    available_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = placement.use_gpus if placement.use_gpus is not None else available_gpus >= args.num_local_experts
+    pg = placement_group(
+        bundles(args, placement, gpus=gpus, coordinator_gpu=gpus and available_gpus > args.num_local_experts),
+        strategy=placement.strategy,
+    )
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise UserError(
+            f"the cluster cannot place 1 coordinator + {args.num_local_experts} workers with strategy "
+            f"{placement.strategy} (resources: {ray.cluster_resources()}); add nodes or choose PACK"
+        )
+
+    def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+    worker_cls = ray.remote(ExpertWorker)
+    workers = [
+        worker_cls.options(
+            num_cpus=placement.worker_cpus, num_gpus=1 if gpus else 0, scheduling_strategy=in_bundle(1 + e),
+            # Workers hold only weights: a restarted one reloads its expert and Ray replays the call.
+            max_restarts=3, max_task_retries=3,
+        ).remote(str(checkpoint), e, dtype=engine.dtype, cpu_share=placement.worker_cpus)
+        for e in range(args.num_local_experts)
+    ]
+    info_refs = [w.info.remote() for w in workers]
+    coordinator = ray.remote(CoordinatorActor).options(
+        num_cpus=placement.coordinator_cpus, scheduling_strategy=in_bundle(0)
+    ).remote(str(checkpoint), workers, engine, cpu_share=placement.coordinator_cpus)
+    pending = {ref: i for i, ref in enumerate(info_refs)} | {coordinator.engine_steps.remote(): -1}
+    with tqdm(total=len(pending), desc="loading weights", unit="actor", disable=not progress) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ray.get(done[0])  # surfaces a worker that failed to load
+            pending.pop(done[0])
+            bar.update(1)
+    return ExpertCluster(pg, coordinator, workers, ray.get(info_refs))

@@ -1,0 +1,115 @@
+"""Model arguments parsed from a Hugging Face `config.json` (MixtralForCausalLM)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixtral.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class MixtralArgs:
+    """The shape of a Mixtral model; names follow the checkpoint's config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    sliding_window: int | None  # None: full attention (Mixtral 8x7B); else the Mistral 7B window W
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    dtype: str  # the checkpoint's own dtype, one of DTYPES
+
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+def load_args(checkpoint: str | Path) -> MixtralArgs:
+    """Read and check `checkpoint/config.json`; raise CheckpointError saying what is wrong."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory; make one with `moe-cluster make-checkpoint {path} --preset tiny`")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing; a Hugging Face Mixtral checkpoint needs config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
+    return args_from_dict(raw, source=str(config_file))
+
+
+def args_from_dict(raw: dict, *, source: str = "config") -> MixtralArgs:
+    if raw.get("model_type") != "mixtral":
+        raise CheckpointError(
+            f"{source}: model_type is {raw.get('model_type')!r}, not 'mixtral'; moe-cluster serves MixtralForCausalLM checkpoints"
+        )
+    try:
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        rope = raw.get("rope_parameters") or {}
+        eos = raw.get("eos_token_id", 2)
+        args = MixtralArgs(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            num_local_experts=int(raw["num_local_experts"]),
+            num_experts_per_tok=int(raw["num_experts_per_tok"]),
+            max_position_embeddings=int(raw["max_position_embeddings"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            # transformers 5 keeps rope_theta in rope_parameters; older configs have it at the top.
+            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 1e6))),
+            sliding_window=int(raw["sliding_window"]) if raw.get("sliding_window") else None,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: a field has the wrong type ({e})") from None
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: rope_type {rope_type!r} is not supported; only the default RoPE is")
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise CheckpointError(f"{source}: num_attention_heads must be a multiple of num_key_value_heads")
+    if not 1 <= args.num_experts_per_tok <= args.num_local_experts:
+        raise CheckpointError(f"{source}: num_experts_per_tok must be between 1 and num_local_experts")
+    if args.dtype not in DTYPES:
+        raise CheckpointError(f"{source}: dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+    return args
+
+
+def resolve_dtype(args: MixtralArgs, override: str | None) -> torch.dtype:
+    """The compute dtype: the flag if given, else the checkpoint's own."""
+    name = override or args.dtype
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,54 @@
+"""Random-weight checkpoints in real Hugging Face format, written by transformers itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mixtral.config import DTYPES
+from mixtral.errors import UserError
+from mixtral.presets import preset
+from mixtral.tokenizer import write_mixtral_tokenizer
+
+
+def make_checkpoint(
+    out: str | Path,
+    *,
+    preset_name: str = "tiny",
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str = "50MB",
+    overrides: dict | None = None,
+) -> Path:
+    """Write a random MixtralForCausalLM with `save_pretrained` (sharded, with index) plus the tokenizer."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new directory")
+    fields = preset(preset_name) | (overrides or {})
+    rope_theta = fields.pop("rope_theta", 1e6)
+    config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = MixtralForCausalLM(config).to(DTYPES[dtype])
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+    write_mixtral_tokenizer(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)  # atomic: a half-written checkpoint never sits at `out`
+    return out
+
+
+def cached_preset_checkpoint(name: str, *, cache_dir: str | Path | None = None) -> Path:
+    """The preset's checkpoint in the cache, made on first use."""
+    root = Path(cache_dir or os.environ.get("MOE_CLUSTER_CACHE", Path.home() / ".cache" / "moe-cluster"))
+    path = root / "checkpoints" / name
+    if not (path / "config.json").is_file():
+        root.joinpath("checkpoints").mkdir(parents=True, exist_ok=True)
+        make_checkpoint(path, preset_name=name)
+    return path

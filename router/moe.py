@@ -1,0 +1,40 @@
+"""One MoE layer over a transport: route, dispatch, run experts in parallel, combine.
+
+    [Router]   plan = route(gate(x), k)                  # top-k of softmax, renormalised
+    [Dispatch] x_e = x[tokens of expert e]               # only busy experts, one call each
+    [Experts]  y_e = w2(silu(w1 x_e) * w3 x_e)           # on worker e, all at once
+    [Combine]  out[t] = sum_e weight[t, e] * y_e[t]      # back in token order
+
+Legend: T = tokens, D = hidden, A = top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from router.routing import RoutingPlan
+from router.transport import ExpertTransport
+
+
+def dispatch(plan: RoutingPlan, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per busy expert, its tokens [T_e, D] in a tensor of its own.
+
+    Each expert's gather is its own allocation, not a slice of one sorted buffer, because a
+    pickled view carries its whole storage: a slice would ship every token to every worker.
+    """
+    return {e: x[plan.token_index[start:stop]] for e, start, stop in plan.expert_slices()}
+
+
+def combine(plan: RoutingPlan, outputs: dict[int, torch.Tensor], *, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of expert outputs, scattered back to token order.  -> [T, D]"""
+    parts = [outputs[e] for e, _, _ in plan.expert_slices()]
+    sorted_y = torch.cat(parts, dim=0)  # [T*A, D], expert-sorted like plan.token_index
+    # Weights stay float32 (as the router computed them) and the product is cast back.
+    weighted = (sorted_y.float() * plan.pair_weight[:, None]).to(sorted_y.dtype)
+    out = torch.zeros(num_tokens, sorted_y.shape[-1], dtype=sorted_y.dtype, device=sorted_y.device)
+    return out.index_add_(0, plan.token_index, weighted)
+
+
+def moe_layer(layer: int, x: torch.Tensor, plan: RoutingPlan, transport: ExpertTransport) -> torch.Tensor:
+    outputs = transport.run(layer, dispatch(plan, x))
+    return combine(plan, outputs, num_tokens=x.shape[0])

@@ -1,0 +1,68 @@
+"""The expert worker: expert e of every layer, and nothing else.
+
+Stateless apart from weights: a restarted worker reloads its expert and the layer call is
+replayed by the caller, so losing one loses no request.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixtral import names
+from mixtral.checkpoint import CheckpointReader, ReadLog
+from mixtral.config import load_args, resolve_dtype
+from mixtral.layers import expert_ffn
+from workers.device import assigned_device, set_threads
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    expert: int
+    node_id: str
+    gpu_ids: list[str]
+    device: str
+    pid: int
+    threads: int
+
+
+class ExpertWorker:
+    def __init__(self, checkpoint: str | Path, expert: int, *, dtype: str | None = None, cpu_share: float = 1.0) -> None:
+        self.expert = expert
+        self.threads = set_threads(cpu_share)
+        self.device = assigned_device()
+        args = load_args(checkpoint)
+        self.dtype = resolve_dtype(args, dtype)
+        self.reader = CheckpointReader(checkpoint)
+        weights = dict(self.reader.read(names.expert_weights(args.num_hidden_layers, expert), dtype=self.dtype, device=self.device))
+        # weights[layer] = (w1 [I, D], w2 [D, I], w3 [I, D])
+        self.layers = [
+            tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3"))
+            for layer in range(args.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert FFN of `layer` on this expert's tokens: x [T_e, D] -> w2(silu(w1 x) * w3 x) [T_e, D]."""
+        w1, w2, w3 = self.layers[layer]
+        return expert_ffn(x.to(self.device), w1, w2, w3).cpu()
+
+    def info(self) -> WorkerInfo:
+        """Where this worker runs: node, the GPU ids Ray gave it, device, threads."""
+        import ray
+
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return WorkerInfo(
+            expert=self.expert,
+            node_id=ctx.get_node_id() if ctx else "local",
+            gpu_ids=[str(g) for g in ray.get_gpu_ids()] if ctx else [],
+            device=self.device,
+            pid=os.getpid(),
+            threads=self.threads,
+        )
+
+    def read_log(self) -> ReadLog:
+        return self.reader.log

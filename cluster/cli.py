@@ -14,6 +14,8 @@ import typer
 
 from mixtral.errors import UserError
 
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 app = typer.Typer(
     help="Expert-parallel Mixtral inference on Ray.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
 )
@@ -104,32 +106,37 @@ def generate(
 
 
 def prepare_generation(checkpoint: str, *, prompt: str | None, prompt_ids: str | None, **options: Any) -> dict[str, Any]:
-    """Check everything the user gave before any Ray process starts."""
-    from cluster.engine import check_request
-    from cluster.placement import PlacementOptions
-    from cluster.sampling import SamplingParams
-    from mixtral.checkpoint import CheckpointReader
-    from mixtral.config import load_args, resolve_dtype
-    from mixtral.tokenizer import load_tokenizer
+    """Check everything the user gave before any Ray process starts; cheap checks first."""
+    from mixtral.config import DTYPES, load_args
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    if options["strategy"] not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise UserError(f"--strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD; got {options['strategy']!r}")
+    if options["strategy"] not in STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {options['strategy']!r}")
+    if options["dtype"] is not None and options["dtype"] not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {options['dtype']!r}")
+    ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
     path = resolve_checkpoint(checkpoint)
     args = load_args(path)
-    resolve_dtype(args, options["dtype"])
-    CheckpointReader(path).verify()
-    tokenizer = load_tokenizer(path) if prompt is not None or _has_tokenizer(path) else None
-    ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else tokenizer(prompt).input_ids
+
+    from cluster.engine import check_request
+    from cluster.sampling import SamplingParams
+    from mixtral.checkpoint import CheckpointReader
+    from mixtral.tokenizer import load_tokenizer
+
     params = SamplingParams(
         max_tokens=options["max_tokens"], temperature=options["temperature"], top_p=options["top_p"],
         seed=options["seed"], ignore_eos=options["ignore_eos"],
     )
+    params.validate()
+    CheckpointReader(path).verify()
+    tokenizer = load_tokenizer(path) if prompt is not None or _has_tokenizer(path) else None
+    if ids is None:
+        ids = tokenizer(prompt).input_ids
     check_request(ids, params, max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size)
     return dict(
         checkpoint=path, args=args, tokenizer=tokenizer, prompt_ids=ids, params=params, dtype=options["dtype"],
-        placement=PlacementOptions(strategy=options["strategy"]),
+        strategy=options["strategy"],
     )
 
 
@@ -141,11 +148,12 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from cluster.coordinator_actor import EngineOptions
-    from cluster.placement import bring_up
+    from cluster.placement import PlacementOptions, bring_up
 
     start_ray()
     cluster = bring_up(
-        request["checkpoint"], request["args"], engine=EngineOptions(dtype=request["dtype"]), placement=request["placement"]
+        request["checkpoint"], request["args"], engine=EngineOptions(dtype=request["dtype"]),
+        placement=PlacementOptions(strategy=request["strategy"]),
     )
     try:
         [result] = ray.get(cluster.coordinator.generate.remote([request["prompt_ids"]], [request["params"]]))

@@ -22,6 +22,13 @@ class EngineOptions:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
 
 
+def engine_over(coordinator: Coordinator, options: EngineOptions) -> Engine:
+    return Engine(
+        coordinator, coordinator.cache, eos_token_ids=coordinator.args.eos_token_ids,
+        max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
+    )
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     token_ids: list[int]
@@ -36,10 +43,7 @@ class CoordinatorActor:
             checkpoint, RayActorTransport(workers), dtype=options.dtype, max_num_seqs=options.max_num_seqs,
             max_model_len=options.max_model_len, device=assigned_device(),
         )
-        self.engine = Engine(
-            self.coordinator, self.coordinator.cache, eos_token_ids=self.coordinator.args.eos_token_ids,
-            max_num_seqs=options.max_num_seqs, max_num_batched_tokens=options.max_num_batched_tokens,
-        )
+        self.engine = engine_over(self.coordinator, options)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
         """Run these requests to completion, batched together; results in request order."""

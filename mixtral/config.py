@@ -6,15 +6,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from mixtral.errors import CheckpointError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+if TYPE_CHECKING:
+    import torch
+
+# Kept as names so that checking a config (the CLI's first step) does not import torch.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,9 @@ def args_from_dict(raw: dict, *, source: str = "config") -> MixtralArgs:
 
 def resolve_dtype(args: MixtralArgs, override: str | None) -> torch.dtype:
     """The compute dtype: the flag if given, else the checkpoint's own."""
+    import torch
+
     name = override or args.dtype
     if name not in DTYPES:
         raise CheckpointError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, name)

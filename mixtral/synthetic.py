@@ -19,6 +19,7 @@ def make_checkpoint(
     dtype: str = "float32",
     max_shard_size: str = "50MB",
     overrides: dict | None = None,
+    tokenizer: bool = True,
 ) -> Path:
     """Write a random MixtralForCausalLM with `save_pretrained` (sharded, with index) plus the tokenizer."""
     import torch
@@ -34,13 +35,18 @@ def make_checkpoint(
     config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = MixtralForCausalLM(config).to(DTYPES[dtype])
+        model = MixtralForCausalLM(config).to(getattr(torch, dtype))
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
-    write_mixtral_tokenizer(tmp)
+    if tokenizer:
+        write_mixtral_tokenizer(tmp)
     if out.exists():
         out.rmdir()
-    tmp.rename(out)  # atomic: a half-written checkpoint never sits at `out`
+    try:
+        tmp.rename(out)  # atomic: a half-written checkpoint never sits at `out`
+    except OSError:
+        if not (out / "config.json").is_file():  # else another process made it first: use theirs
+            raise
     return out
 
 

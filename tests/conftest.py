@@ -1,0 +1,52 @@
+"""Shared fixtures: one Ray instance per session and small checkpoints made once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral.synthetic import make_checkpoint
+
+# A small shape so that a test checkpoint loads in well under a second; tests override fields.
+SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=512, max_position_embeddings=256,
+)
+
+torch.set_num_threads(1)  # the test process shares 2 cores with Ray's actors
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make_ckpt(tokenizer=False, seed=0, **config overrides) -> a checkpoint dir, made once per key."""
+    made: dict[tuple, Path] = {}
+
+    def make(*, tokenizer: bool = False, seed: int = 0, **overrides: object) -> Path:
+        key = (tokenizer, seed, tuple(sorted(overrides.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp("ckpt") / "model"
+            made[key] = make_checkpoint(
+                out, preset_name="tiny", seed=seed, overrides=SMALL | overrides, tokenizer=tokenizer, max_shard_size="300KB"
+            )
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    # Logical CPUs above the 2 physical ones: actors take fractional shares and sleep while waiting.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What CLI subprocesses get on top of this process's environment: a private preset cache."""
+    return {"MOE_CLUSTER_CACHE": str(tmp_path_factory.mktemp("cache"))}

@@ -1,0 +1,109 @@
+"""The moe-cluster command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.reference import hf_greedy, hf_model
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `moe-cluster` with this process's environment as it is now, plus `env`.
+
+    Read at call time: a Ray session in this process sets RAY_AUTH_MODE, which a CLI joining a
+    cluster started from here needs too. RAY_ADDRESS is dropped unless `env` sets it.
+    """
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moe-cluster: error: ")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def corrupt_checkpoints(make_ckpt, tmp_path_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    good = make_ckpt()
+    root = tmp_path_factory.mktemp("bad")
+    made = {}
+    for kind in ("truncated shard", "bad index", "not mixtral", "no weights"):
+        path = root / kind.replace(" ", "-")
+        shutil.copytree(good, path)
+        made[kind] = path
+    shard = sorted(made["truncated shard"].glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    (made["bad index"] / "model.safetensors.index.json").write_text("{not json")
+    config = json.loads((made["not mixtral"] / "config.json").read_text())
+    (made["not mixtral"] / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    for f in made["no weights"].glob("model*"):
+        f.unlink()
+    return made
+
+
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("missing", "not a directory"),
+        ("truncated shard", "corrupt"),
+        ("bad index", "corrupt"),
+        ("not mixtral", "not 'mixtral'"),
+        ("no weights", "safetensors"),
+    ],
+)
+def test_bad_checkpoint_is_one_clear_line(case: str, fragment: str, corrupt_checkpoints, tmp_path, cli_env) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "nowhere" if case == "missing" else corrupt_checkpoints[case]
+    proc = run_cli("generate", str(path), "--prompt-ids", "1,2,3", "--max-tokens", "4", env=cli_env)
+    assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--prompt-ids", "1,x,3", "--max-tokens", "4"], "--prompt-ids"),
+        (["--prompt-ids", "1,,3", "--max-tokens", "4"], "--prompt-ids"),
+        (["--prompt-ids", "1,2", "--max-tokens", "0"], "max_tokens"),
+        (["--prompt-ids", ",".join(["5"] * 300), "--max-tokens", "1"], "context of 256"),
+        (["--prompt-ids", "1,99999", "--max-tokens", "1"], "vocabulary"),
+        (["--max-tokens", "3"], "exactly one of"),
+        (["--prompt-ids", "1", "--max-tokens", "3", "--temperature", "-1"], "temperature"),
+        (["--prompt-ids", "1", "--max-tokens", "3", "--strategy", "ROUND"], "--strategy"),
+        (["--prompt-ids", "1", "--max-tokens", "3", "--dtype", "int8"], "dtype"),
+    ],
+)
+def test_bad_request_is_one_clear_line(args: list[str], fragment: str, make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("generate", str(make_ckpt()), *args, env=cli_env)
+    assert_one_line_error(proc, fragment)
+
+
+def test_make_checkpoint_refuses_a_full_directory(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli("make-checkpoint", str(make_ckpt()), env=cli_env), "not empty")
+
+
+def test_generate_json_matches_transformers(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = make_ckpt(tokenizer=True)
+    proc = run_cli("generate", str(checkpoint), "--prompt-ids", "1,17,230,5", "--max-tokens", "6", "--ignore-eos", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref_ids, ref_logprobs = hf_greedy(hf_model(checkpoint), [1, 17, 230, 5], 6)
+    assert out["token_ids"] == ref_ids
+    torch.testing.assert_close(torch.tensor(out["logprobs"]), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+    assert out["finish_reason"] == "length"
+    # 4 prompt tokens and 5 fed-back outputs, each routed to 2 experts, in every layer.
+    assert [sum(row) for row in out["expert_load"]] == [(4 + 5) * 2] * 2
+    assert isinstance(out["text"], str)

@@ -1,0 +1,81 @@
+"""The distributed path on a real local Ray: coordinator actor + one actor per expert."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from cluster.coordinator import non_expert_weights
+from cluster.coordinator_actor import EngineOptions
+from cluster.placement import ExpertCluster, PlacementOptions, bring_up
+from cluster.sampling import SamplingParams
+from mixtral import names
+from mixtral.checkpoint import INDEX_FILE
+from mixtral.config import load_args
+from tests.reference import hf_greedy, hf_model
+from tests.test_parity import random_prompts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
+    return make_ckpt(sliding_window=12)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, checkpoint: Path) -> Iterator[ExpertCluster]:  # type: ignore[no-untyped-def]
+    handle = bring_up(
+        checkpoint, load_args(checkpoint), engine=EngineOptions(max_num_batched_tokens=16), placement=PlacementOptions(),
+        progress=False,
+    )
+    yield handle
+    handle.shutdown()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+def test_ray_actors_match_transformers(cluster: ExpertCluster, checkpoint: Path) -> None:
+    prompts = random_prompts([5, 21, 2, 13], 512, seed=7)
+    max_tokens = [9, 4, 14, 6]
+    results = ray.get(cluster.coordinator.generate.remote(prompts, [greedy(n) for n in max_tokens]))
+    model = hf_model(checkpoint)
+    for result, prompt, n in zip(results, prompts, max_tokens):
+        ref_ids, ref_logprobs = hf_greedy(model, prompt, n)
+        assert result.token_ids == ref_ids
+        torch.testing.assert_close(torch.tensor(result.logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+
+
+def test_each_actor_reads_only_its_own_tensors(cluster: ExpertCluster, checkpoint: Path) -> None:
+    args = load_args(checkpoint)
+    weight_map = json.loads((checkpoint / INDEX_FILE).read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 3, "the test checkpoint must be sharded for this to mean anything"
+    for e, worker in enumerate(cluster.workers):
+        log = ray.get(worker.read_log.remote())
+        own = names.expert_weights(args.num_hidden_layers, e)
+        assert sorted(log.tensors_read) == sorted(own)
+        assert sorted(log.shards_opened) == sorted({weight_map[n] for n in own})
+    log = ray.get(cluster.coordinator.read_log.remote())
+    assert not [n for n in log.tensors_read if names.is_expert_weight(n)]
+    assert sorted(log.tensors_read) == sorted(non_expert_weights(args))
+    assert sorted(log.shards_opened) == sorted({weight_map[n] for n in non_expert_weights(args)})
+
+
+def test_workers_are_placed_one_per_bundle_on_cpu(cluster: ExpertCluster) -> None:
+    assert [w.expert for w in cluster.worker_info] == list(range(8))
+    assert all(w.device == "cpu" and w.gpu_ids == [] and w.threads == 1 for w in cluster.worker_info)
+    assert len({w.pid for w in cluster.worker_info}) == 8
+
+
+def test_a_lost_worker_loses_no_request(cluster: ExpertCluster) -> None:
+    prompt = random_prompts([6], 512, seed=11)
+    [before] = ray.get(cluster.coordinator.generate.remote(prompt, [greedy(8)]))
+    ray.kill(cluster.workers[3], no_restart=False)  # Ray restarts it; it reloads its expert
+    [after] = ray.get(cluster.coordinator.generate.remote(prompt, [greedy(8)]))
+    assert after.token_ids == before.token_ids
+    assert ray.get(cluster.workers[3].info.remote()).pid != cluster.worker_info[3].pid

@@ -31,17 +31,6 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """A checkpoint directory, or a preset name (tiny, mini) whose checkpoint is made on first use."""
-    from mixtral.presets import WRITABLE
-    from mixtral.synthetic import cached_preset_checkpoint
-
-    path = Path(checkpoint)
-    if not path.exists() and checkpoint in WRITABLE:
-        return cached_preset_checkpoint(checkpoint)
-    return path
-
-
 def parse_prompt_ids(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",")]
@@ -108,6 +97,7 @@ def generate(
 def prepare_generation(checkpoint: str, *, prompt: str | None, prompt_ids: str | None, **options: Any) -> dict[str, Any]:
     """Check everything the user gave before any Ray process starts; cheap checks first."""
     from mixtral.config import DTYPES, load_args
+    from mixtral.synthetic import resolve_checkpoint
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
@@ -171,6 +161,55 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
             {"expert": w.expert, "node_id": w.node_id, "gpu_ids": w.gpu_ids, "device": w.device} for w in cluster.worker_info
         ],
     }
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name made on first use.")] = "tiny",
+    host: Annotated[str, typer.Option(help="HTTP address to bind; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port (OpenAI-compatible API under /v1).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (moe.MoEService).")] = 9000,
+    model_name: Annotated[Optional[str], typer.Option(help="Name clients use in 'model'.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="Running sequences; more wait in a queue.")] = 64,
+    guardrail: Annotated[bool, typer.Option("--guardrail", help="Prepend the Mistral 7B guardrail system prompt to chats.")] = False,
+) -> None:
+    """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
+    import time
+
+    from pydantic import ValidationError
+
+    from cluster.serve_app import GRPC_SERVICER, ServeArgs, build_app
+    from mixtral.checkpoint import CheckpointReader
+    from mixtral.config import load_args
+    from mixtral.synthetic import resolve_checkpoint
+
+    with user_errors():
+        try:
+            serve_args = ServeArgs(checkpoint=checkpoint, model_name=model_name, dtype=dtype, max_num_seqs=max_num_seqs,  # type: ignore[arg-type]
+                                   guardrail=guardrail)
+        except ValidationError as e:
+            raise UserError(f"{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+        path = resolve_checkpoint(checkpoint)
+        load_args(path)
+        CheckpointReader(path).verify()
+        from ray import serve as ray_serve
+
+        start_ray()
+        ray_serve.start(
+            http_options={"host": host, "port": port},
+            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
+        ray_serve.run(build_app(serve_args), name="moe", route_prefix="/")
+    print(f"serving {serve_args.model_name or path.name} at http://{host}:{port}/v1 and gRPC on port {grpc_port}; Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        ray_serve.shutdown()
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ class Sequence:
     generator: torch.Generator | None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs
     slot: int = -1
     num_cached: int = 0  # tokens whose keys and values are in the cache
     finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -146,6 +147,9 @@ class Engine:
             token = sample(logits[row], seq.params, seq.generator)
             seq.output_ids.append(token)
             seq.logprobs.append(float(logprobs[row, token]))
+            if seq.params.logprobs:
+                top = torch.topk(logprobs[row], seq.params.logprobs)
+                seq.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
             self._check_finish(seq, token)
             updated.append(seq)
         return updated

@@ -52,16 +52,47 @@ def bundles(args: MixtralArgs, options: PlacementOptions, *, gpus: bool, coordin
     return [coordinator] + [dict(worker) for _ in range(args.num_local_experts)]
 
 
+def wants_gpus(args: MixtralArgs, placement: PlacementOptions) -> tuple[bool, bool]:
+    """(a GPU per worker, a GPU for the coordinator too) from the option or what the cluster has."""
+    available = ray.cluster_resources().get("GPU", 0)
+    gpus = placement.use_gpus if placement.use_gpus is not None else available >= args.num_local_experts
+    return gpus, gpus and available > args.num_local_experts
+
+
+def start_workers(
+    checkpoint: str | Path, args: MixtralArgs, pg: PlacementGroup, *, dtype: str | None, placement: PlacementOptions, gpus: bool
+) -> list[Any]:
+    """Expert worker e in bundle 1 + e of `pg`."""
+    worker_cls = ray.remote(ExpertWorker)
+    return [
+        worker_cls.options(
+            num_cpus=placement.worker_cpus, num_gpus=1 if gpus else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + e),
+            # Workers hold only weights: a restarted one reloads its expert and Ray replays the call.
+            max_restarts=3, max_task_retries=3,
+        ).remote(str(checkpoint), e, dtype=dtype, cpu_share=placement.worker_cpus)
+        for e in range(args.num_local_experts)
+    ]
+
+
+def wait_loaded(refs: list[Any], *, progress: bool) -> list[Any]:
+    """Wait for the actors' first calls (their weights are loaded by then), with a progress bar."""
+    pending = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    with tqdm(total=len(refs), desc="loading weights", unit="actor", disable=not progress) as bar:
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done)] = ray.get(done)  # raises for an actor that failed to load
+            bar.update(1)
+    return results
+
+
 def bring_up(
     checkpoint: str | Path, args: MixtralArgs, *, engine: EngineOptions, placement: PlacementOptions, progress: bool = True
 ) -> ExpertCluster:
     """Reserve the placement group, start the workers and the coordinator, wait for their weights."""
-    available_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = placement.use_gpus if placement.use_gpus is not None else available_gpus >= args.num_local_experts
-    pg = placement_group(
-        bundles(args, placement, gpus=gpus, coordinator_gpu=gpus and available_gpus > args.num_local_experts),
-        strategy=placement.strategy,
-    )
+    gpus, coordinator_gpu = wants_gpus(args, placement)
+    pg = placement_group(bundles(args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu), strategy=placement.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(pg)
@@ -69,28 +100,10 @@ def bring_up(
             f"the cluster cannot place 1 coordinator + {args.num_local_experts} workers with strategy "
             f"{placement.strategy} (resources: {ray.cluster_resources()}); add nodes or choose PACK"
         )
-
-    def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
-
-    worker_cls = ray.remote(ExpertWorker)
-    workers = [
-        worker_cls.options(
-            num_cpus=placement.worker_cpus, num_gpus=1 if gpus else 0, scheduling_strategy=in_bundle(1 + e),
-            # Workers hold only weights: a restarted one reloads its expert and Ray replays the call.
-            max_restarts=3, max_task_retries=3,
-        ).remote(str(checkpoint), e, dtype=engine.dtype, cpu_share=placement.worker_cpus)
-        for e in range(args.num_local_experts)
-    ]
-    info_refs = [w.info.remote() for w in workers]
+    workers = start_workers(checkpoint, args, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
     coordinator = ray.remote(CoordinatorActor).options(
-        num_cpus=placement.coordinator_cpus, scheduling_strategy=in_bundle(0)
+        num_cpus=placement.coordinator_cpus, num_gpus=1 if coordinator_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
     ).remote(str(checkpoint), workers, engine, cpu_share=placement.coordinator_cpus)
-    pending = {ref: i for i, ref in enumerate(info_refs)} | {coordinator.engine_steps.remote(): -1}
-    with tqdm(total=len(pending), desc="loading weights", unit="actor", disable=not progress) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ray.get(done[0])  # surfaces a worker that failed to load
-            pending.pop(done[0])
-            bar.update(1)
-    return ExpertCluster(pg, coordinator, workers, ray.get(info_refs))
+    loaded = wait_loaded([w.info.remote() for w in workers] + [coordinator.engine_steps.remote()], progress=progress)
+    return ExpertCluster(pg, coordinator, workers, loaded[:-1])

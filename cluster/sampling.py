@@ -9,6 +9,9 @@ import torch
 from mixtral.errors import UserError
 
 
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -19,6 +22,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the engine's caller with a tokenizer checks them
     ignore_eos: bool = False
+    logprobs: int | None = None  # also return this many most likely alternatives per token
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -29,6 +33,8 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
             raise UserError(f"top_k must be -1 (all tokens) or at least 1, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UserError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

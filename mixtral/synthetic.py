@@ -58,3 +58,13 @@ def cached_preset_checkpoint(name: str, *, cache_dir: str | Path | None = None) 
         root.joinpath("checkpoints").mkdir(parents=True, exist_ok=True)
         make_checkpoint(path, preset_name=name)
     return path
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """A checkpoint directory, or a preset name (tiny, mini) whose checkpoint is made on first use."""
+    from mixtral.presets import WRITABLE
+
+    path = Path(checkpoint)
+    if not path.exists() and checkpoint in WRITABLE:
+        return cached_preset_checkpoint(checkpoint)
+    return path

@@ -1,0 +1,119 @@
+"""The engine loop on its own thread, with an asyncio stream per request.
+
+Only the loop thread touches the Engine: requests and aborts reach it through an inbox, and its
+tokens go back to each request's asyncio queue with call_soon_threadsafe. The thread sleeps on
+an event while there is no work, so an idle server costs no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from cluster.engine import Engine, Sequence
+from cluster.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]  # empty unless the request asked for logprobs
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" on the last event
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
+        """Tokens of one request as they are made. Leaving early (a client gone) aborts it."""
+        self.engine.check_request(prompt_ids, params)  # a bad request fails here, before queueing
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._inbox.put(("add", request_id, prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting), "steps": self.engine.steps}
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                _, request_id, prompt_ids, params, sink = message
+                self._sinks[request_id] = sink
+                self.engine.add_request(prompt_ids, params, request_id=request_id)
+            else:
+                self._sinks.pop(message[1], None)
+                self.engine.abort(message[1])
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._wake.wait()
+            self._wake.clear()  # before draining: a request that arrives later sets it again
+            self._drain_inbox()
+            while self.engine.has_unfinished() and not self._stopped:
+                try:
+                    updated = self.engine.step()
+                except Exception:
+                    log.exception("engine step failed; failing the running requests")
+                    self._fail_all()
+                    break
+                for seq in updated:
+                    self._emit(seq)
+                self._drain_inbox()
+
+    def _emit(self, seq: Sequence) -> None:
+        sink = self._sinks.get(seq.request_id)
+        if sink is None:
+            return
+        top = seq.top_logprobs[-1] if seq.params.logprobs else []
+        sink(TokenEvent(seq.output_ids[-1], seq.logprobs[-1], top, seq.finish_reason))
+        if seq.finished:
+            del self._sinks[seq.request_id]
+
+    def _fail_all(self) -> None:
+        for seq in [*self.engine.running, *self.engine.waiting]:
+            self.engine.abort(seq.request_id)
+            sink = self._sinks.pop(seq.request_id, None)
+            if sink:
+                sink(TokenEvent(-1, 0.0, [], "error"))

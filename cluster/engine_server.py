@@ -1,0 +1,82 @@
+"""The engine deployment: a Serve replica that is the coordinator, with its expert workers.
+
+Serve reserves one placement group per replica (placement_group_bundles): the replica runs in
+bundle 0, and starts expert worker e in bundle 1 + e. The narrow interface the ingress uses:
+`generate` (streamed), `model_info`, `stats`, `check_health`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.async_engine import AsyncEngine
+from cluster.coordinator import Coordinator
+from cluster.coordinator_actor import EngineOptions, engine_over
+from cluster.detokenizer import Detokenizer
+from cluster.placement import PlacementOptions, start_workers, wait_loaded
+from cluster.sampling import SamplingParams
+from mixtral.config import load_args
+from mixtral.tokenizer import load_tokenizer
+from router.transport import RayActorTransport
+from workers.device import assigned_device, set_threads
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one engine step added to a request: new text and tokens; the last one has finish_reason."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str | None
+
+
+class EngineServer:
+    def __init__(self, checkpoint: str, engine: EngineOptions, placement: PlacementOptions, gpus: bool) -> None:
+        import ray
+
+        set_threads(placement.coordinator_cpus)
+        args = load_args(checkpoint)
+        pg = ray.util.get_current_placement_group()
+        workers = start_workers(checkpoint, args, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
+        wait_loaded([w.info.remote() for w in workers], progress=False)
+        self.coordinator = Coordinator(
+            checkpoint, RayActorTransport(workers), dtype=engine.dtype, max_num_seqs=engine.max_num_seqs,
+            max_model_len=engine.max_model_len, device=assigned_device(),
+        )
+        self.engine = AsyncEngine(engine_over(self.coordinator, engine))
+        self.tokenizer = load_tokenizer(checkpoint)
+        self.workers = workers
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        """Stream a request's output. Stop strings end it early; a cancelled stream aborts it."""
+        detokenizer = Detokenizer(self.tokenizer, params.stop)
+        stream = self.engine.stream(prompt_ids, params, request_id)
+        async with contextlib.aclosing(stream):  # closing an unfinished stream aborts the request
+            async for event in stream:
+                if event.finish_reason == "error":
+                    yield Delta(detokenizer.flush(), [], [], [], "error")
+                    return
+                text = detokenizer.add(event.token_id)
+                finish = event.finish_reason or ("stop" if detokenizer.stopped else None)
+                if finish:
+                    text += detokenizer.flush()
+                top = [event.top_logprobs] if params.logprobs else []
+                yield Delta(text, [event.token_id], [event.logprob], top, finish)
+                if finish:
+                    return
+
+    def model_info(self) -> dict[str, Any]:
+        return {"max_model_len": self.coordinator.max_model_len, "vocab_size": self.coordinator.vocab_size}
+
+    def stats(self) -> dict[str, Any]:
+        """Running and waiting sequences, engine steps so far, tokens per expert per layer."""
+        return self.engine.stats() | {"expert_load": self.coordinator.load.snapshot()}
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("the engine loop thread has stopped")

@@ -1,0 +1,284 @@
+"""The Ray Serve application, reached as users reach it: the openai client, raw HTTP, grpcio."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from ray import serve
+
+from cluster.chat import GUARDRAIL_PROMPT, ChatRenderer
+from cluster.local import local_engine
+from cluster.sampling import SamplingParams
+from cluster.serve_app import GRPC_SERVICER, ServeArgs, build_app
+from mixtral.tokenizer import load_tokenizer
+from protos import moe_pb2, moe_pb2_grpc
+from tests.test_cli import run_cli
+from tests.test_parity import random_prompts
+
+MODEL = "moe-small"
+CONTEXT = 256
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    checkpoint: Path
+    http_port: int
+    grpc_port: int
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.http_port}/v1", api_key="unused", max_retries=0)
+
+    def stats(self) -> dict[str, Any]:
+        return serve.get_deployment_handle("EngineServer", app_name="moe").stats.remote().result()
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, make_ckpt) -> Iterator[Server]:  # type: ignore[no-untyped-def]
+    checkpoint = make_ckpt(tokenizer=True, vocab_size=32000)
+    http_port, grpc_port = free_port(), free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
+    serve.run(build_app(ServeArgs(checkpoint=str(checkpoint), model_name=MODEL, max_num_seqs=32)), name="moe", route_prefix="/")
+    yield Server(checkpoint, http_port, grpc_port)
+    serve.shutdown()
+
+
+def solo_greedy(checkpoint: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    """Each prompt run alone, greedy, in a fresh in-process engine."""
+    out = []
+    for prompt, n in zip(prompts, max_tokens):
+        [seq] = local_engine(checkpoint).generate([prompt], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)])
+        out.append(seq.output_ids)
+    return out
+
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def test_models_list_names_the_model(server: Server) -> None:
+    assert [m.id for m in server.client.models.list()] == [MODEL]
+
+
+def test_completion_text_usage_and_stream(server: Server) -> None:
+    tokenizer = load_tokenizer(server.checkpoint)
+    prompt = [1, 415, 2936, 9060, 285]
+    [expected] = solo_greedy(server.checkpoint, [prompt], [7])
+    done = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=7, **GREEDY)
+    assert done.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert done.choices[0].finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (5, 7, 12)
+    chunks = list(server.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=7, stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    text_prompt = server.client.completions.create(model=MODEL, prompt="The experts", max_tokens=3, **GREEDY)
+    assert text_prompt.usage.prompt_tokens == len(tokenizer("The experts").input_ids)
+
+
+def test_max_tokens_and_stop_strings(server: Server) -> None:
+    full = server.client.completions.create(model=MODEL, prompt="Once upon", max_tokens=12, **GREEDY).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string in {full!r}"
+    stopped = server.client.completions.create(model=MODEL, prompt="Once upon", max_tokens=12, stop=[stop], **GREEDY)
+    assert stopped.choices[0].text == full[: full.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 12
+    short = server.client.completions.create(model=MODEL, prompt="Once upon", max_tokens=2, **GREEDY)
+    assert short.usage.completion_tokens == 2 and full.startswith(short.choices[0].text)
+
+
+def test_same_seed_same_text(server: Server) -> None:
+    def sample(seed: int) -> str:
+        r = server.client.completions.create(model=MODEL, prompt="Tell me", max_tokens=10, temperature=1.0, seed=seed,
+                                             extra_body={"ignore_eos": True})
+        return r.choices[0].text
+
+    assert sample(42) == sample(42)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_chat_in_mixtral_format_streaming_and_not(server: Server) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    prompt_ids = ChatRenderer(server.checkpoint).render(messages)
+    [expected] = solo_greedy(server.checkpoint, [prompt_ids], [6])
+    tokenizer = load_tokenizer(server.checkpoint)
+    done = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, **GREEDY)  # type: ignore[arg-type]
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(prompt_ids), 6)
+    chunks = list(server.client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}, **GREEDY  # type: ignore[arg-type]
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == len(prompt_ids) + 6
+
+
+def test_guardrail_prompt_is_rendered_first(server: Server) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = ChatRenderer(server.checkpoint).tokenizer.decode(ChatRenderer(server.checkpoint).render(messages))
+    guarded_ids = ChatRenderer(server.checkpoint, guardrail=True).render(messages)
+    guarded = ChatRenderer(server.checkpoint).tokenizer.decode(guarded_ids)
+    assert GUARDRAIL_PROMPT in guarded and GUARDRAIL_PROMPT not in plain
+    assert guarded.index(GUARDRAIL_PROMPT) < guarded.index("Hi")
+
+
+def test_greedy_over_http_and_grpc_equals_cli_generate(server: Server, cli_env) -> None:  # type: ignore[no-untyped-def]
+    prompt = [1, 99, 1042, 7, 311, 20]
+    proc = run_cli("generate", str(server.checkpoint), "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", "8",
+                   "--ignore-eos", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads(proc.stdout.strip().splitlines()[-1])
+    http_text = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **GREEDY).choices[0].text
+    assert http_text == cli["text"]
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        reply = moe_pb2_grpc.MoEServiceStub(channel).Generate(grpc_request(prompt, max_tokens=8, temperature=0.0))
+    assert list(reply.token_ids) == cli["token_ids"]
+
+
+def test_continuous_batching_16_concurrent_requests(server: Server) -> None:
+    prompts = random_prompts([3 + 2 * i for i in range(16)], 32000, seed=5)
+    lengths = [4 + i for i in range(16)]
+    steps_before = server.stats()["steps"]
+
+    async def run_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
+        replies = await asyncio.gather(*[
+            client.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY) for p, n in zip(prompts, lengths)
+        ])
+        return [r.choices[0].text for r in replies]
+
+    texts = asyncio.run(run_all())
+    steps = server.stats()["steps"] - steps_before
+    assert steps < sum(lengths) / 4, f"{steps} engine steps for {sum(lengths)} generated tokens"
+    tokenizer = load_tokenizer(server.checkpoint)
+    assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in solo_greedy(server.checkpoint, prompts, lengths)]
+
+
+def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"} | (headers or {}))
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+def completion(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4} | fields).encode()
+
+
+BAD_REQUESTS = {
+    "malformed JSON": ("/v1/completions", b'{"model": "moe-small", "prompt": '),
+    "not an object": ("/v1/completions", b"[1, 2]"),
+    "wrong type": ("/v1/completions", completion(max_tokens="many")),
+    "prompt of wrong type": ("/v1/completions", completion(prompt={"text": "hi"})),
+    "unknown model": ("/v1/completions", completion(model="gpt-4")),
+    "missing messages": ("/v1/chat/completions", json.dumps({"model": MODEL}).encode()),
+    "empty messages": ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode()),
+    "assistant first": ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}).encode()),
+    "max_tokens 0": ("/v1/completions", completion(max_tokens=0)),
+    "max_tokens negative": ("/v1/completions", completion(max_tokens=-3)),
+    "max_tokens above context": ("/v1/completions", completion(max_tokens=CONTEXT + 1)),
+    "prompt longer than context": ("/v1/completions", completion(prompt=[5] * (CONTEXT + 10))),
+    "token id outside vocabulary": ("/v1/completions", completion(prompt=[1, 10**6])),
+    "temperature negative": ("/v1/completions", completion(temperature=-0.5)),
+    "top_p zero": ("/v1/completions", completion(top_p=0)),
+    "top_p above one": ("/v1/completions", completion(top_p=1.5)),
+    "top_k zero": ("/v1/completions", completion(top_k=0)),
+    "n above one": ("/v1/completions", completion(n=2)),
+    "non-UTF-8 bytes": ("/v1/completions", b'{"model": "moe-small", "prompt": "\xff\xfe"}'),
+    "body over the size limit": ("/v1/completions", completion(prompt="x" * (2 << 20))),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_input_gets_openai_error_and_server_keeps_serving(server: Server, case: str) -> None:
+    path, body = BAD_REQUESTS[case]
+    status, payload = post(server, path, body)
+    assert 400 <= status < 500, payload
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["message"]
+    status, ok = post(server, "/v1/completions", completion(max_tokens=1))
+    assert status == 200 and ok["usage"]["completion_tokens"] == 1
+
+
+def test_unknown_model_is_404_and_context_errors_name_the_param(server: Server) -> None:
+    assert post(server, *BAD_REQUESTS["unknown model"])[0] == 404
+    assert post(server, *BAD_REQUESTS["body over the size limit"])[0] == 413
+    assert post(server, *BAD_REQUESTS["max_tokens above context"])[1]["error"]["param"] == "max_tokens"
+    assert post(server, *BAD_REQUESTS["temperature negative"])[1]["error"]["param"] == "temperature"
+
+
+def test_client_disconnect_mid_stream_frees_its_sequence(server: Server) -> None:
+    before = server.stats()
+    assert before["running"] == 0
+    max_tokens = CONTEXT - 16
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/v1/completions", body=completion(max_tokens=max_tokens, stream=True, ignore_eos=True),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.readline()  # the first SSE event: the sequence is running now
+    assert server.stats()["running"] == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 30
+    while server.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stats = server.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    # Freed by the abort, not by running to max_tokens (one sequence: one token per step).
+    assert stats["steps"] - before["steps"] < max_tokens // 2
+
+
+def grpc_request(prompt: list[int] | str, **params: Any) -> moe_pb2.GenerateRequest:
+    sampling = moe_pb2.SamplingParams(ignore_eos=True, **params)
+    if isinstance(prompt, str):
+        return moe_pb2.GenerateRequest(text=prompt, params=sampling)
+    return moe_pb2.GenerateRequest(token_ids=moe_pb2.TokenIds(ids=prompt), params=sampling)
+
+
+def test_grpc_unary_and_streaming(server: Server) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = moe_pb2_grpc.MoEServiceStub(channel)
+        reply = stub.Generate(grpc_request("Hello there", max_tokens=6, temperature=0.0))
+        chunks = list(stub.GenerateStream(grpc_request("Hello there", max_tokens=6, temperature=0.0)))
+    assert len(reply.token_ids) == 6 and reply.finish_reason == "length"
+    assert reply.usage.completion_tokens == 6 and reply.usage.total_tokens == reply.usage.prompt_tokens + 6
+    assert [t for c in chunks for t in c.token_ids] == list(reply.token_ids)
+    assert "".join(c.text for c in chunks) == reply.text
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize("params", [dict(max_tokens=0), dict(max_tokens=4, top_p=2.0), dict(max_tokens=4, temperature=-1.0)])
+def test_grpc_invalid_request_is_invalid_argument(server: Server, params: dict[str, Any]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = moe_pb2_grpc.MoEServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Generate(grpc_request([1, 2, 3], **params))
+        with pytest.raises(grpc.RpcError) as streaming:
+            list(stub.GenerateStream(grpc_request([1, 2, 3], **params)))
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT

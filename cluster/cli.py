@@ -175,7 +175,8 @@ def serve(
     guardrail: Annotated[bool, typer.Option("--guardrail", help="Prepend the Mistral 7B guardrail system prompt to chats.")] = False,
 ) -> None:
     """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
-    import time
+    import signal
+    import threading
 
     from pydantic import ValidationError
 
@@ -203,13 +204,14 @@ def serve(
         ray_serve.run(build_app(serve_args), name="moe", route_prefix="/")
     print(f"serving {serve_args.model_name or path.name} at http://{host}:{port}/v1 and gRPC on port {grpc_port}; Ctrl-C stops",
           flush=True)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
-    finally:
-        ray_serve.shutdown()
+    # Explicit handlers: a shell that starts us in the background sets SIGINT to ignored, and
+    # SIGTERM (systemd, Kubernetes) should stop us as cleanly as Ctrl-C.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("stopping", file=sys.stderr)
+    ray_serve.shutdown()
 
 
 def main() -> None:

@@ -282,3 +282,29 @@ def test_grpc_invalid_request_is_invalid_argument(server: Server, params: dict[s
             list(stub.GenerateStream(grpc_request([1, 2, 3], **params)))
     assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    http_port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port), "--grpc-port", str(grpc_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1"), line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -11,11 +11,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from cluster.engine import Engine, Sequence
 from cluster.sampling import SamplingParams
+from mixtral.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,9 @@ Sink = Callable[[TokenEvent], None]
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, telemetry: Telemetry | None = None) -> None:
         self.engine = engine
+        self.telemetry = telemetry or Telemetry("")
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()
@@ -48,15 +51,29 @@ class AsyncEngine:
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._inbox.put(("add", request_id, prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
         self._wake.set()
-        finished = False
+        finished, arrival, previous = False, time.perf_counter(), None
         try:
             while not finished:
                 event = await events.get()
                 finished = event.finish_reason is not None
+                previous = self._observe_token(arrival, previous, len(prompt_ids) if finished else None)
                 yield event
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def _observe_token(self, arrival: float, previous: float | None, prompt_tokens: int | None) -> float:
+        """Latency metrics of one request's token; prompt_tokens is given on its last token."""
+        now, t = time.perf_counter(), self.telemetry
+        if previous is None:
+            t.observe("moe_time_to_first_token_seconds", now - arrival)
+        else:
+            t.observe("moe_inter_token_latency_seconds", now - previous)
+        t.inc("moe_generation_tokens")
+        if prompt_tokens is not None:
+            t.observe("moe_e2e_request_latency_seconds", now - arrival)
+            t.inc("moe_prompt_tokens", prompt_tokens)
+        return now
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -101,6 +118,8 @@ class AsyncEngine:
                 for seq in updated:
                     self._emit(seq)
                 self._drain_inbox()
+                self.telemetry.set("moe_num_requests_running", len(self.engine.running))
+                self.telemetry.set("moe_num_requests_waiting", len(self.engine.waiting))
 
     def _emit(self, seq: Sequence) -> None:
         sink = self._sinks.get(seq.request_id)

@@ -13,6 +13,7 @@ Per step, for the whole running batch (T new tokens over B sequences):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from mixtral import names
 from mixtral.checkpoint import CheckpointReader, ReadLog
 from mixtral.config import MixtralArgs, load_args, resolve_dtype
 from mixtral.layers import rms_norm, rope_cos_sin
-from router.load import ExpertLoad
+from mixtral.telemetry import Telemetry
+from router.load import ExpertLoad, balancedness
 from router.moe import moe_layer
-from router.routing import route
+from router.routing import RoutingPlan, route
+from router.trace import TraceWriter
 from router.transport import ExpertTransport
 
 
@@ -58,6 +61,7 @@ class Coordinator:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         device: str = "cpu",
+        trace: TraceWriter | None = None,
     ) -> None:
         self.args = args = load_args(checkpoint)
         self.dtype = resolve_dtype(args, dtype)
@@ -76,7 +80,9 @@ class Coordinator:
             num_layers=args.num_hidden_layers, num_slots=max_num_seqs, num_kv_heads=args.num_key_value_heads,
             head_dim=args.head_dim, max_capacity=capacity, dtype=self.dtype, device=device,
         )
-        self.load = ExpertLoad(args.num_hidden_layers, args.num_local_experts)
+        self.load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
+        self.telemetry = Telemetry(Path(checkpoint).name)  # the same model label as the workers'.
+        self.trace = trace
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], layer: int) -> LayerWeights:
@@ -114,10 +120,24 @@ class Coordinator:
             )
             m = rms_norm(h, lw.post_attention_norm, args.rms_norm_eps)
             plan = route(F.linear(m, lw.gate), args.num_experts_per_tok)  # gate logits [T, E]
-            self.load.record(i, plan.counts)
+            start = time.perf_counter()
             x = h + moe_layer(i, m, plan, self.transport)
+            self._record_routing(i, plan, time.perf_counter() - start)
+        if self.trace:
+            self.trace.end_step()
         last = rms_norm(x[layout.last_token], self.final_norm, args.rms_norm_eps)  # [B, D]
         return F.linear(last, self.lm_head).float()
+
+    def _record_routing(self, layer: int, plan: RoutingPlan, seconds: float) -> None:
+        self.load.record(layer, plan.counts, entropy_sum=plan.entropy_sum, dispatch_seconds=seconds)
+        if self.trace:
+            self.trace.record(layer, plan.topk_ids)
+        t = self.telemetry
+        for expert, count in enumerate(plan.counts):
+            t.inc("moe_expert_tokens", count, layer=layer, expert=expert)
+        t.observe("moe_dispatch_round_trip_seconds", seconds, layer=layer)
+        t.set("moe_expert_balancedness", balancedness(self.load.total[layer]), layer=layer)
+        t.set("moe_router_entropy", self.load.entropy_sum[layer] / max(1, self.load.tokens[layer]), layer=layer)
 
     def read_log(self) -> ReadLog:
         return self.reader.log

@@ -1,16 +1,25 @@
-"""The coordinator as a Ray actor: the model's non-expert part, the KV cache and the engine loop."""
+"""The coordinator as a plain Ray actor (CLI and benchmark): non-expert weights, KV cache, engine loop.
+
+The engine loop runs on its own thread (AsyncEngine), so concurrent requests join the running
+batch exactly as they do behind the Serve endpoint.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.async_engine import AsyncEngine
 from cluster.coordinator import Coordinator
 from cluster.engine import Engine
 from cluster.sampling import SamplingParams
 from mixtral.checkpoint import ReadLog
-from router.transport import RayActorTransport
+from router.trace import TraceWriter
+from router.transport import ExpertTransport, RayActorTransport
 from workers.device import assigned_device, set_threads
 
 
@@ -20,6 +29,23 @@ class EngineOptions:
     max_num_seqs: int = 64  # cap on running sequences; more wait in a queue
     max_num_batched_tokens: int = 2048  # per-step token budget (decode tokens + prefill chunks)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    trace_path: str | None = None  # record each token's chosen experts here (msgpack), opt-in
+    trace_max_bytes: int = 64 << 20  # recording stops when the trace file reaches this size
+
+
+def make_coordinator(checkpoint: str | Path, transport: ExpertTransport, options: EngineOptions, *, device: str = "cpu") -> Coordinator:
+    """The coordinator for these options, with a routing trace when one was asked for."""
+    from mixtral.config import load_args
+
+    trace = None
+    if options.trace_path:
+        args = load_args(checkpoint)
+        trace = TraceWriter(options.trace_path, layers=args.num_hidden_layers, experts=args.num_local_experts,
+                            top_k=args.num_experts_per_tok, max_bytes=options.trace_max_bytes)
+    return Coordinator(
+        checkpoint, transport, dtype=options.dtype, max_num_seqs=options.max_num_seqs,
+        max_model_len=options.max_model_len, device=device, trace=trace,
+    )
 
 
 def engine_over(coordinator: Coordinator, options: EngineOptions) -> Engine:
@@ -36,26 +62,46 @@ class GenerationResult:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class TimedToken:
+    token_id: int
+    time: float  # time.time() on the coordinator when the token reached the stream
+    finish_reason: str | None
+
+
 class CoordinatorActor:
     def __init__(self, checkpoint: str | Path, workers: list[Any], options: EngineOptions, *, cpu_share: float = 1.0) -> None:
         set_threads(cpu_share)
-        self.coordinator = Coordinator(
-            checkpoint, RayActorTransport(workers), dtype=options.dtype, max_num_seqs=options.max_num_seqs,
-            max_model_len=options.max_model_len, device=assigned_device(),
-        )
-        self.engine = engine_over(self.coordinator, options)
+        self.coordinator = make_coordinator(checkpoint, RayActorTransport(workers), options, device=assigned_device())
+        self.engine = AsyncEngine(engine_over(self.coordinator, options), self.coordinator.telemetry)
+        self._ids = 0
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
+    def _request_id(self) -> str:
+        self._ids += 1
+        return f"actor-{self._ids}"
+
+    async def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[GenerationResult]:
         """Run these requests to completion, batched together; results in request order."""
-        seqs = self.engine.generate(prompts, params)
-        return [GenerationResult(s.output_ids, s.logprobs, s.finish_reason or "length") for s in seqs]
+        for prompt, p in zip(prompts, params, strict=True):
+            self.engine.engine.check_request(prompt, p)  # all or nothing: no request starts if one is bad
+
+        async def one(prompt: list[int], p: SamplingParams) -> GenerationResult:
+            events = [e async for e in self.engine.stream(prompt, p, self._request_id())]
+            return GenerationResult([e.token_id for e in events], [e.logprob for e in events], events[-1].finish_reason or "length")
+
+        return list(await asyncio.gather(*(one(prompt, p) for prompt, p in zip(prompts, params))))
+
+    async def generate_stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[TimedToken]:
+        """One request's tokens as they are made, timestamped (a Ray streaming generator method)."""
+        async for event in self.engine.stream(prompt, params, self._request_id()):
+            yield TimedToken(event.token_id, time.time(), event.finish_reason)
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert, per layer, since start: [L][E]."""
         return self.coordinator.load.snapshot()
 
     def engine_steps(self) -> int:
-        return self.engine.steps
+        return self.engine.engine.steps
 
     def read_log(self) -> ReadLog:
         return self.coordinator.read_log()

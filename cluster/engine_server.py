@@ -7,14 +7,14 @@ bundle 0, and starts expert worker e in bundle 1 + e. The narrow interface the i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.async_engine import AsyncEngine
-from cluster.coordinator import Coordinator
-from cluster.coordinator_actor import EngineOptions, engine_over
+from cluster.coordinator_actor import EngineOptions, engine_over, make_coordinator
 from cluster.detokenizer import Detokenizer
 from cluster.placement import PlacementOptions, start_workers, wait_loaded
 from cluster.sampling import SamplingParams
@@ -44,11 +44,8 @@ class EngineServer:
         pg = ray.util.get_current_placement_group()
         workers = start_workers(checkpoint, args, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
         wait_loaded([w.info.remote() for w in workers], progress=False)
-        self.coordinator = Coordinator(
-            checkpoint, RayActorTransport(workers), dtype=engine.dtype, max_num_seqs=engine.max_num_seqs,
-            max_model_len=engine.max_model_len, device=assigned_device(),
-        )
-        self.engine = AsyncEngine(engine_over(self.coordinator, engine))
+        self.coordinator = make_coordinator(checkpoint, RayActorTransport(workers), engine, device=assigned_device())
+        self.engine = AsyncEngine(engine_over(self.coordinator, engine), self.coordinator.telemetry)
         self.tokenizer = load_tokenizer(checkpoint)
         self.workers = workers
 
@@ -74,8 +71,16 @@ class EngineServer:
         return {"max_model_len": self.coordinator.max_model_len, "vocab_size": self.coordinator.vocab_size}
 
     def stats(self) -> dict[str, Any]:
-        """Running and waiting sequences, engine steps so far, tokens per expert per layer."""
-        return self.engine.stats() | {"expert_load": self.coordinator.load.snapshot()}
+        """Running and waiting sequences and engine steps so far."""
+        return self.engine.stats()
+
+    async def expert_load(self) -> dict[str, Any]:
+        """Load-balancing report since start: per layer and expert, and per worker."""
+        workers = await asyncio.gather(*(w.worker_stats.remote() for w in self.workers))
+        return self.coordinator.load.report() | {"workers": [
+            {"expert": w.expert, "calls": w.calls, "forward_ms": 1e3 * w.forward_seconds, "bytes_in": w.bytes_in,
+             "bytes_out": w.bytes_out} for w in workers
+        ]}
 
     def check_health(self) -> None:
         if not self.engine.is_alive():

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.coordinator import Coordinator
-from cluster.coordinator_actor import EngineOptions, engine_over
+from cluster.coordinator_actor import EngineOptions, engine_over, make_coordinator
 from cluster.engine import Engine
 from mixtral.config import load_args
 from router.transport import LocalTransport
@@ -14,8 +13,5 @@ from workers.expert_worker import ExpertWorker
 
 def local_engine(checkpoint: str | Path, options: EngineOptions = EngineOptions()) -> Engine:
     experts = [ExpertWorker(checkpoint, e, dtype=options.dtype) for e in range(load_args(checkpoint).num_local_experts)]
-    coordinator = Coordinator(
-        checkpoint, LocalTransport(experts), dtype=options.dtype, max_num_seqs=options.max_num_seqs,
-        max_model_len=options.max_model_len,
-    )
+    coordinator = make_coordinator(checkpoint, LocalTransport(experts), options)
     return engine_over(coordinator, options)

@@ -97,6 +97,11 @@ class OpenAIServer:
                 "max_model_len": info["max_model_len"]}
         return {"object": "list", "data": [card]}
 
+    @api.get("/v1/experts/load")
+    async def experts_load(self) -> dict[str, Any]:
+        """Tokens per expert per layer since start, with share, balancedness, entropy and worker stats."""
+        return {"model": self.model_name} | await self.engine.expert_load.remote()
+
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = parse_body(await self._read(request), CompletionRequest)

@@ -34,6 +34,7 @@ class ServeArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="Context length; default: max_position_embeddings.")
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Placement strategy.")
     guardrail: bool = Field(False, description="Prepend the Mistral 7B paper's guardrail system prompt to chats.")
+    trace_path: str | None = Field(None, description="Record each token's chosen experts to this msgpack file.")
 
 
 def build_app(args: ServeArgs) -> Application:
@@ -41,7 +42,7 @@ def build_app(args: ServeArgs) -> Application:
     model_args = load_args(checkpoint)
     engine = EngineOptions(
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, trace_path=args.trace_path,
     )
     placement = PlacementOptions(strategy=args.strategy)
     gpus, coordinator_gpu = wants_gpus(model_args, placement)

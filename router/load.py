@@ -1,20 +1,56 @@
-"""Tokens per expert per layer: the seed of the load-balancing metrics."""
+"""Load-balancing metrics: how tokens spread over the experts, layer by layer.
+
+Per layer and expert: tokens routed. Per layer: balancedness = mean / max tokens per expert (1 is
+perfectly even; vLLM and SGLang define it so), router entropy (mean over tokens, nats), and the
+dispatch round trip of the MoE layer.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ExpertLoad:
-    """Counts (token, expert) assignments per layer, since start and for the latest step."""
-
-    def __init__(self, num_layers: int, num_experts: int) -> None:
+    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.total = [[0] * num_experts for _ in range(num_layers)]
-        self.last_step = [[0] * num_experts for _ in range(num_layers)]
+        self.entropy_sum = [0.0] * num_layers
+        self.tokens = [0] * num_layers  # tokens routed per layer (each to top_k experts)
+        self.dispatch_seconds = [0.0] * num_layers
+        self.dispatch_calls = [0] * num_layers
 
-    def record(self, layer: int, counts: list[int]) -> None:
-        self.last_step[layer] = list(counts)
+    def record(self, layer: int, counts: list[int], *, entropy_sum: float, dispatch_seconds: float) -> None:
         row = self.total[layer]
         for e, c in enumerate(counts):
             row[e] += c
+        self.tokens[layer] += sum(counts) // self.top_k
+        self.entropy_sum[layer] += entropy_sum
+        self.dispatch_seconds[layer] += dispatch_seconds
+        self.dispatch_calls[layer] += 1
 
     def snapshot(self) -> list[list[int]]:
         return [list(row) for row in self.total]
+
+    def report(self) -> dict[str, Any]:
+        """The JSON of GET /v1/experts/load (without the model name and worker stats)."""
+        return {
+            "layers": self.num_layers,
+            "experts": self.num_experts,
+            "top_k": self.top_k,
+            "tokens": self.snapshot(),
+            "share": [share(row) for row in self.total],
+            "balancedness": [balancedness(row) for row in self.total],
+            "router_entropy": [s / n if n else 0.0 for s, n in zip(self.entropy_sum, self.tokens)],
+            "dispatch_ms": [1e3 * s / n if n else 0.0 for s, n in zip(self.dispatch_seconds, self.dispatch_calls)],
+        }
+
+
+def share(row: list[int]) -> list[float]:
+    total = sum(row)
+    return [c / total if total else 0.0 for c in row]
+
+
+def balancedness(row: list[int]) -> float:
+    """mean / max tokens per expert: 1.0 when even, 1/E when one expert takes everything."""
+    peak = max(row)
+    return (sum(row) / len(row)) / peak if peak else 1.0

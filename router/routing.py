@@ -17,6 +17,7 @@ class RoutingPlan:
     token_index: torch.Tensor  # [T*A] token of each (token, expert) pair, sorted by expert
     pair_weight: torch.Tensor  # [T*A] routing weight of each sorted pair
     counts: list[int]  # [E] tokens sent to each expert
+    entropy_sum: float  # sum over tokens of the router's entropy, -sum_e p_e log p_e (nats)
 
     def expert_slices(self) -> list[tuple[int, int, int]]:
         """(expert, start, stop) into the expert-sorted pairs, for busy experts only."""
@@ -37,10 +38,12 @@ def route(router_logits: torch.Tensor, top_k: int) -> RoutingPlan:
     flat_ids = topk_ids.flatten()  # [T*A]
     order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert, token order kept within
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
     return RoutingPlan(
         topk_ids=topk_ids,
         topk_weights=topk_weights,
         token_index=order // top_k,
         pair_weight=topk_weights.flatten()[order],
         counts=counts,
+        entropy_sum=float(entropy),
     )

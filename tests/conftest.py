@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,11 +38,22 @@ def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def metrics_port() -> int:
+    """Where Ray's metrics export serves Prometheus text (/metrics) for the session's Ray."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session(metrics_port: int) -> Iterator[None]:
     import ray
 
     # Logical CPUs above the 2 physical ones: actors take fractional shares and sleep while waiting.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+        _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500},
+    )
     yield
     ray.shutdown()
 

@@ -66,3 +66,28 @@ def test_expert_load_counts_every_routed_token(make_ckpt) -> None:  # type: igno
     # Every prompt token and every generated token but the last is fed once; each picks top-2 experts.
     fed = sum(len(p) + 5 - 1 for p in prompts)
     assert [sum(row) for row in load] == [fed * 2] * 2
+
+
+def test_routing_trace_reads_back_the_live_counts(make_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from router.trace import read_trace
+
+    checkpoint = make_ckpt()
+    engine = local_engine(checkpoint, EngineOptions(trace_path=str(tmp_path / "routes.msgpack")))
+    engine.generate(random_prompts([9, 3, 14], 512, seed=4), [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 3)
+    engine.model.trace.close()  # type: ignore[attr-defined]
+    trace = read_trace(tmp_path / "routes.msgpack")
+    assert trace.counts == engine.model.load.snapshot()  # type: ignore[attr-defined]
+    assert (trace.layers, trace.experts, trace.top_k, trace.truncated) == (2, 8, 2, False)
+    assert trace.steps == engine.steps
+
+
+def test_routing_trace_stops_at_its_size_bound(make_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from router.trace import read_trace
+
+    path = tmp_path / "small.msgpack"
+    engine = local_engine(make_ckpt(), EngineOptions(trace_path=str(path), trace_max_bytes=400))
+    engine.generate(random_prompts([30], 512, seed=4), [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)])
+    engine.model.trace.close()  # type: ignore[attr-defined]
+    assert path.stat().st_size <= 400
+    trace = read_trace(path)
+    assert trace.truncated and 0 < sum(map(sum, trace.counts)) < sum(map(sum, engine.model.load.snapshot()))  # type: ignore[attr-defined]

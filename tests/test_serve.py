@@ -308,3 +308,52 @@ def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def get_json(server: Server, path: str) -> dict[str, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("GET", path)
+    payload = json.loads(conn.getresponse().read())
+    conn.close()
+    return payload
+
+
+def test_expert_counters_sum_to_routed_tokens_and_table_agrees(server: Server, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    before = get_json(server, "/v1/experts/load")
+    prompts, lengths = random_prompts([5, 9, 2], 32000, seed=8), [4, 6, 3]
+    for prompt, n in zip(prompts, lengths):
+        server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, **GREEDY)
+    after = get_json(server, "/v1/experts/load")
+    # Each request feeds its prompt and every generated token but the last; each picks top_k experts.
+    fed = sum(len(p) + n - 1 for p, n in zip(prompts, lengths))
+    routed = [sum(a) - sum(b) for a, b in zip(after["tokens"], before["tokens"])]
+    assert routed == [fed * after["top_k"]] * after["layers"]
+    assert after["model"] == MODEL and after["experts"] == 8
+    assert all(0 < b <= 1 for b in after["balancedness"]) and all(e > 0 for e in after["router_entropy"])
+    assert sum(w["calls"] for w in after["workers"]) > sum(w["calls"] for w in before["workers"])
+
+    proc = run_cli("stats", f"http://127.0.0.1:{server.http_port}", "--plot", str(tmp_path / "load.png"), env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2 : 2 + after["layers"]]]
+    assert [[int(c) for c in row[1 : 1 + after["experts"]]] for row in rows] == after["tokens"]
+    assert [float(row[-3]) for row in rows] == [round(b, 3) for b in after["balancedness"]]
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prometheus_exposes_moe_series(server: Server, metrics_port: int) -> None:
+    server.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, **GREEDY)
+    wanted = ["ray_moe_expert_tokens_total", "ray_moe_dispatch_round_trip_seconds", "ray_moe_worker_forward_seconds",
+              "ray_moe_time_to_first_token_seconds", "ray_moe_generation_tokens_total", "ray_moe_num_requests_running"]
+    deadline, text = time.monotonic() + 30, ""
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(1)
+    missing = [name for name in wanted if name not in text]
+    assert not missing
+    expert_lines = [line for line in text.splitlines() if line.startswith("ray_moe_expert_tokens_total{")]
+    assert any(f'model="{server.checkpoint.name}"' in line and 'layer="0"' in line for line in expert_lines)

@@ -7,6 +7,7 @@ replayed by the caller, so losing one loses no request.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,17 @@ from mixtral import names
 from mixtral.checkpoint import CheckpointReader, ReadLog
 from mixtral.config import load_args, resolve_dtype
 from mixtral.layers import expert_ffn
+from mixtral.telemetry import Telemetry
 from workers.device import assigned_device, set_threads
+
+
+@dataclass
+class WorkerStats:
+    expert: int
+    calls: int = 0
+    forward_seconds: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,12 +54,30 @@ class ExpertWorker:
             tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3"))
             for layer in range(args.num_hidden_layers)
         ]
+        self.stats = WorkerStats(expert)
+        self.telemetry = Telemetry(Path(checkpoint).name)
 
     @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Expert FFN of `layer` on this expert's tokens: x [T_e, D] -> w2(silu(w1 x) * w3 x) [T_e, D]."""
+        start = time.perf_counter()
         w1, w2, w3 = self.layers[layer]
-        return expert_ffn(x.to(self.device), w1, w2, w3).cpu()
+        y = expert_ffn(x.to(self.device), w1, w2, w3).cpu()
+        self._account(time.perf_counter() - start, x.nbytes, y.nbytes)
+        return y
+
+    def _account(self, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        self.stats.calls += 1
+        self.stats.forward_seconds += seconds
+        self.stats.bytes_in += bytes_in
+        self.stats.bytes_out += bytes_out
+        self.telemetry.observe("moe_worker_forward_seconds", seconds, expert=self.expert)
+        self.telemetry.inc("moe_worker_bytes_in", bytes_in, expert=self.expert)
+        self.telemetry.inc("moe_worker_bytes_out", bytes_out, expert=self.expert)
+
+    def worker_stats(self) -> WorkerStats:
+        """Calls, forward time and activation bytes in and out, since start."""
+        return self.stats
 
     def info(self) -> WorkerInfo:
         """Where this worker runs: node, the GPU ids Ray gave it, device, threads."""

@@ -1,0 +1,60 @@
+"""The expert-load report for people: a terminal table and a layer x expert heat map."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from mixtral.errors import UserError
+
+
+def fetch_load(url: str) -> dict[str, Any]:
+    endpoint = url.rstrip("/") + "/v1/experts/load"
+    try:
+        with urllib.request.urlopen(endpoint, timeout=30) as response:
+            return json.loads(response.read())
+    except OSError as e:
+        raise UserError(f"cannot read {endpoint} ({e}); is `moe-cluster serve` running there?") from None
+
+
+def load_table(report: dict[str, Any]) -> str:
+    experts = report["experts"]
+    head = ["layer", *[f"e{e}" for e in range(experts)], "tokens", "balanced", "entropy", "dispatch_ms"]
+    rows = [head]
+    for layer, counts in enumerate(report["tokens"]):
+        rows.append([
+            str(layer), *[str(c) for c in counts], str(sum(counts)), f"{report['balancedness'][layer]:.3f}",
+            f"{report['router_entropy'][layer]:.3f}", f"{report['dispatch_ms'][layer]:.2f}",
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"model {report.get('model', '?')}: {report['layers']} layers, {experts} experts, top-{report['top_k']}"]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    if report.get("workers"):
+        lines.append("")
+        lines.append("expert  calls  forward_ms  MB_in  MB_out")
+        for w in report["workers"]:
+            lines.append(f"{w['expert']:>6}  {w['calls']:>5}  {w['forward_ms']:>10.1f}  {w['bytes_in'] / 1e6:>5.1f}  {w['bytes_out'] / 1e6:>6.1f}")
+    return "\n".join(lines)
+
+
+def plot_heatmap(report: dict[str, Any], out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share = report["share"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * report["experts"], 1.0 + 0.4 * report["layers"]))
+    image = ax.imshow(share, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(report["experts"]))
+    ax.set_yticks(range(report["layers"]))
+    ax.set_title(f"{report.get('model', '')}: share of routed tokens")
+    fig.colorbar(image, ax=ax, label="share")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

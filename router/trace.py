@@ -1,0 +1,87 @@
+"""Routing traces: each token's chosen experts, per layer, per step, in a compact msgpack file.
+
+Opt-in and bounded: recording stops (and the header-less tail says so) once the file reaches
+`max_bytes`. The file is a stream of msgpack objects: first a header
+{"version", "layers", "experts", "top_k"}, then one record per MoE layer call
+{"step", "layer", "ids": bytes} where ids is the [T, k] uint8 array of chosen experts, row-major.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import msgpack
+import torch
+
+VERSION = 1
+
+
+class TraceWriter:
+    def __init__(self, path: str | Path, *, layers: int, experts: int, top_k: int, max_bytes: int = 64 << 20) -> None:
+        if experts > 256:
+            raise ValueError("routing traces store expert ids as uint8: at most 256 experts")
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.truncated = False
+        self._file: BinaryIO = self.path.open("wb")
+        self._write({"version": VERSION, "layers": layers, "experts": experts, "top_k": top_k})
+        self._step = 0
+
+    def _write(self, obj: dict) -> None:
+        self._file.write(msgpack.packb(obj, use_bin_type=True))
+
+    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
+        """topk_ids [T, k] of one MoE layer call."""
+        if self.truncated:
+            return
+        ids = topk_ids.to(torch.uint8).contiguous().numpy().tobytes()
+        if self._file.tell() + len(ids) + 64 > self.max_bytes:  # room for the record and the end marker
+            self.truncated = True
+            self._write({"truncated": True})
+            self._file.flush()
+            return
+        self._write({"step": self._step, "layer": layer, "ids": ids})
+
+    def end_step(self) -> None:
+        self._step += 1
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class Trace:
+    layers: int
+    experts: int
+    top_k: int
+    counts: list[list[int]]  # [L][E] tokens per expert per layer
+    steps: int
+    truncated: bool
+
+    def skew(self) -> float:
+        """Expert load max/mean, averaged over layers (1.0 is perfectly even)."""
+        ratios = [max(row) / (sum(row) / len(row)) for row in self.counts if sum(row)]
+        return sum(ratios) / len(ratios) if ratios else 1.0
+
+
+def read_trace(path: str | Path) -> Trace:
+    with Path(path).open("rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False)
+        header = next(unpacker)
+        if header.get("version") != VERSION:
+            raise ValueError(f"{path}: not a moe-cluster routing trace (version {header.get('version')!r})")
+        layers, experts, top_k = header["layers"], header["experts"], header["top_k"]
+        counts = [[0] * experts for _ in range(layers)]
+        steps, truncated = 0, False
+        for record in unpacker:
+            if record.get("truncated"):
+                truncated = True
+                break
+            ids = torch.frombuffer(bytearray(record["ids"]), dtype=torch.uint8).long()
+            for e, c in enumerate(torch.bincount(ids, minlength=experts).tolist()):
+                counts[record["layer"]][e] += c
+            steps = max(steps, record["step"] + 1)
+    return Trace(layers, experts, top_k, counts, steps, truncated)

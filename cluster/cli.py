@@ -230,5 +230,128 @@ def stats(
         print(f"heat map: {plot_heatmap(report, plot)}", file=sys.stderr)
 
 
+@app.command()
+def bench(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name (tiny, mini) made on first use.")],
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,8,64",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
+    output_len: Annotated[int, typer.Option(help="Generated tokens per request (EOS ignored).")] = 64,
+    baseline: Annotated[Optional[str], typer.Option(help="'hf': also run transformers' generate, same run.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for bench.json and bench.png.")] = Path("bench-out"),
+    as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object with the results.")] = False,
+) -> None:
+    """Measure output tokens/s, TTFT and TPOT per concurrency, against transformers in the same run."""
+    from cluster.bench.run import BenchSpec, run_bench, summary
+    from mixtral.checkpoint import CheckpointReader
+    from mixtral.config import DTYPES, load_args
+    from mixtral.synthetic import resolve_checkpoint
+
+    with user_errors():
+        try:
+            levels = [int(c) for c in concurrency.split(",")]
+        except ValueError:
+            raise UserError(f"--concurrency must be comma-separated integers such as 1,8,64; got {concurrency!r}") from None
+        if any(c < 1 for c in levels):
+            raise UserError("--concurrency levels must be at least 1")
+        if baseline not in (None, "hf"):
+            raise UserError(f"--baseline must be 'hf'; got {baseline!r}")
+        if prompt_len < 1 or output_len < 2:
+            raise UserError("--prompt-len must be at least 1 and --output-len at least 2")
+        path = resolve_checkpoint(checkpoint)
+        args = load_args(path)
+        if dtype is not None and dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        if prompt_len + output_len > args.max_position_embeddings:
+            raise UserError(f"--prompt-len + --output-len exceeds the model's context of {args.max_position_embeddings}")
+        CheckpointReader(path).verify()
+        start_ray()
+        report = run_bench(BenchSpec(
+            checkpoint=path, args=args, dtype=dtype or args.dtype, concurrency=levels, prompt_len=prompt_len,
+            output_len=output_len, baseline=baseline == "hf", out=out,
+        ))
+    print(summary(report))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"results": report["results"], "machine": report["machine"]}))
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="A named shape (mixtral-8x7b, mini, tiny) or a checkpoint directory.")] = "mixtral-8x7b",
+    gpu: Annotated[str, typer.Option(help="GPU type from the table (see --gpus-file to add your own).")] = "L4",
+    gpus_file: Annotated[Optional[Path], typer.Option(help="JSON list of extra GPU types.")] = None,
+    interconnect: Annotated[str, typer.Option(help="pcie4, nvlink, ethernet-25g or ethernet-100g.")] = "pcie4",
+    requests_per_s: Annotated[float, typer.Option(help="Workload: requests per second.")] = 1.0,
+    prompt_len: Annotated[int, typer.Option(help="Workload: prompt tokens per request.")] = 512,
+    output_len: Annotated[int, typer.Option(help="Workload: output tokens per request.")] = 256,
+    ttft_ms: Annotated[float, typer.Option(help="Target time to first token.")] = 2000.0,
+    tpot_ms: Annotated[float, typer.Option(help="Target time per output token.")] = 100.0,
+    skew: Annotated[float, typer.Option(help="Expert load max/mean (Mixtral paper: ~1.2 on text, ~1.5 on maths).")] = 1.2,
+    trace: Annotated[Optional[Path], typer.Option(help="A routing trace: its measured skew replaces --skew.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    profile: Annotated[Optional[Path], typer.Option(help="A bench profile.json: predict bench on that machine instead.")] = None,
+    concurrency: Annotated[str, typer.Option(help="With --profile: concurrency levels to predict.")] = "1,8,64",
+    plot: Annotated[Optional[Path], typer.Option(help="Write a cost plot PNG here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = False,
+) -> None:
+    """Plan GPUs, latency and cost for a workload; or, with --profile, predict bench on the profiled machine."""
+    from cluster.planning import hardware
+    from cluster.planning.planner import Workload, model_args
+    from cluster.planning.planner import plan as make_plan
+    from cluster.planning.report import plan_table, plot_costs
+    from mixtral.config import load_args
+
+    with user_errors():
+        args = load_args(model) if Path(model).is_dir() else model_args(model)
+        if profile is not None:
+            return predict_cmd(args, profile, concurrency, prompt_len, output_len, skew, as_json)
+        if min(requests_per_s, ttft_ms, tpot_ms) <= 0 or min(prompt_len, output_len) < 1 or skew < 1:
+            raise UserError("requests-per-s, ttft-ms and tpot-ms must be positive, lengths at least 1, skew at least 1")
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise UserError(f"--dtype must be bfloat16, float16 or float32; got {dtype!r}")
+        if trace is not None:
+            from router.trace import read_trace
+
+            skew = read_trace(trace).skew()
+        plans = make_plan(
+            args, hardware.gpu(gpu, hardware.load_gpus(gpus_file)), hardware.interconnect(interconnect),
+            Workload(requests_per_s, prompt_len, output_len, ttft_ms, tpot_ms),
+            bytes_per_param=4 if dtype == "float32" else 2, skew=skew, name=Path(model).name,
+        )
+    print(plan_table(plans))
+    if plot:
+        print(f"cost plot: {plot_costs(plans, plot)}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"skew": skew, "plans": [p.to_dict() for p in plans]}))
+
+
+def predict_cmd(args: Any, profile_path: Path, concurrency: str, prompt_len: int, output_len: int, skew: float,
+                as_json: bool) -> None:
+    """Predicted bench tokens/s on the profiled machine, beside what bench measured there if bench.json is with it."""
+    from cluster.planning.local import predict_bench_tok_s
+    from cluster.planning.profile import Profile
+
+    if not profile_path.is_file():
+        raise UserError(f"--profile {profile_path} does not exist; `moe-cluster bench` writes one into its --out directory")
+    prof = Profile.load(profile_path)
+    measured = {}
+    bench_file = profile_path.with_name("bench.json")
+    if bench_file.is_file():
+        report = json.loads(bench_file.read_text())
+        if (report["prompt_len"], report["output_len"]) == (prompt_len, output_len):
+            measured = {r["concurrency"]: r["tok_s"] for r in report["results"]}
+    rows = []
+    for c in (int(x) for x in concurrency.split(",")):
+        predicted = predict_bench_tok_s(args, prof, concurrency=c, prompt_len=prompt_len, output_len=output_len, skew=skew)
+        rows.append({"concurrency": c, "predicted_tok_s": predicted, "measured_tok_s": measured.get(c)})
+    for r in rows:
+        m = r["measured_tok_s"]
+        extra = f", measured {m:.1f} ({100 * (r['predicted_tok_s'] / m - 1):+.0f}%)" if m else ""
+        print(f"concurrency {r['concurrency']}: predicted {r['predicted_tok_s']:.1f} tok/s{extra}")
+    if as_json:
+        print(json.dumps({"predictions": rows}))
+
+
 def main() -> None:
     app()

@@ -1,0 +1,86 @@
+"""This machine's ceilings, measured: memory bandwidth and matmul rate, and a model's decode floor."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mixtral.config import MixtralArgs
+
+
+@dataclass(frozen=True)
+class Machine:
+    cores: int
+    bandwidth_gbs: float  # bytes read + written per second by a large copy, GB/s
+    matmul_gflops: dict[str, float]  # by dtype name, a large square matmul
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_seconds(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> Machine:
+    """Uses every core, as the whole machine's ceiling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        src = torch.ones(64 << 20)  # 256 MB of float32: far past the caches
+        dst = torch.empty_like(src)
+        copy_s = _median_seconds(lambda: dst.copy_(src), 5)
+        rates = {}
+        for name in dtypes:
+            a = torch.randn(2048, 2048).to(getattr(torch, name))
+            rates[name] = 2 * 2048**3 / _median_seconds(lambda: a @ a, 5) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    return Machine(cores=os.cpu_count() or 1, bandwidth_gbs=2 * src.nbytes / copy_s / 1e9, matmul_gflops=rates)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Parameters a decode step touches and multiplies, from the model's shape."""
+
+    attention_params: int  # per layer: q, k, v, o
+    expert_params: int  # per layer and expert: w1, w2, w3
+    gate_params: int  # per layer
+    head_params: int  # lm_head (the embedding lookup reads only T rows)
+
+    @staticmethod
+    def of(args: MixtralArgs) -> ModelCost:
+        d, h, g, dh = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        return ModelCost(
+            attention_params=d * dh * (2 * h + 2 * g), expert_params=3 * d * args.intermediate_size,
+            gate_params=d * args.num_local_experts, head_params=args.vocab_size * d,
+        )
+
+
+def busy_experts(tokens: int, experts: int, top_k: int) -> float:
+    """Expected experts with at least one of `tokens` tokens, under uniform routing."""
+    return experts * (1 - (1 - top_k / experts) ** tokens)
+
+
+def decode_floor_seconds(args: MixtralArgs, machine: Machine, *, batch: int, dtype: str) -> float:
+    """The least time one decode step of `batch` tokens can take here: weights read once, FLOPs at peak."""
+    cost = ModelCost.of(args)
+    layers = args.num_hidden_layers
+    per_layer = cost.attention_params + cost.gate_params
+    touched = layers * (per_layer + busy_experts(batch, args.num_local_experts, args.num_experts_per_tok) * cost.expert_params)
+    touched += cost.head_params
+    multiplied = layers * (per_layer + args.num_experts_per_tok * cost.expert_params) + cost.head_params
+    bytes_per_param = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    # The copy benchmark counts read + write; a step only reads the weights.
+    memory_s = touched * bytes_per_param / (machine.bandwidth_gbs / 2 * 1e9)
+    compute_s = 2 * batch * multiplied / (machine.matmul_gflops[dtype] * 1e9)
+    return max(memory_s, compute_s)

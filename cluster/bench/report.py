@@ -1,0 +1,75 @@
+"""Benchmark results for people (a table and a plot) and for machines (JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cluster.bench.runs import RunResult, percentile
+
+
+def result_row(c: int, cluster: RunResult, baseline: RunResult | None, floor_s: float) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "concurrency": c,
+        "tok_s": cluster.tok_s,
+        "ttft_p50_ms": 1e3 * percentile(cluster.ttft_s, 50),
+        "ttft_p99_ms": 1e3 * percentile(cluster.ttft_s, 99),
+        "tpot_p50_ms": 1e3 * percentile(cluster.tpot_s, 50),
+        "tpot_p99_ms": 1e3 * percentile(cluster.tpot_s, 99),
+        "floor_step_ms": 1e3 * floor_s,
+        # The fraction of this machine's decode floor reached: floor step time over measured TPOT.
+        "floor_fraction": floor_s / percentile(cluster.tpot_s, 50) if percentile(cluster.tpot_s, 50) else 0.0,
+    }
+    if baseline is not None:
+        row |= {
+            "baseline_tok_s": baseline.tok_s,
+            "baseline_ttft_p50_ms": 1e3 * percentile(baseline.ttft_s, 50),
+            "baseline_tpot_p50_ms": 1e3 * percentile(baseline.tpot_s, 50),
+            "ratio": cluster.tok_s / baseline.tok_s,
+        }
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    has_baseline = "baseline_tok_s" in rows[0]
+    head = ["concurrency", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "floor", "of floor"]
+    if has_baseline:
+        head += ["hf tok/s", "hf TTFT", "hf TPOT", "ratio"]
+    lines = [head]
+    for r in rows:
+        line = [str(r["concurrency"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} ms", f"{r['ttft_p99_ms']:.0f} ms",
+                f"{r['tpot_p50_ms']:.1f} ms", f"{r['tpot_p99_ms']:.1f} ms", f"{r['floor_step_ms']:.1f} ms",
+                f"{100 * r['floor_fraction']:.0f}%"]
+        if has_baseline:
+            line += [f"{r['baseline_tok_s']:.1f}", f"{r['baseline_ttft_p50_ms']:.0f} ms", f"{r['baseline_tpot_p50_ms']:.1f} ms",
+                     f"{r['ratio']:.2f}x"]
+        lines.append(line)
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)
+
+
+def plot(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [r["concurrency"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(c, [r["tok_s"] for r in rows], "o-", label="moe-cluster")
+    right.plot(c, [r["tpot_p50_ms"] for r in rows], "o-", label="moe-cluster")
+    if "baseline_tok_s" in rows[0]:
+        left.plot(c, [r["baseline_tok_s"] for r in rows], "s--", label="transformers generate")
+        right.plot(c, [r["baseline_tpot_p50_ms"] for r in rows], "s--", label="transformers generate")
+    right.plot(c, [r["floor_step_ms"] for r in rows], ":", color="gray", label="machine floor")
+    for ax, label in ((left, "output tokens/s"), (right, "TPOT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

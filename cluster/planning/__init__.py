@@ -1,0 +1,1 @@
+"""Capacity planning: how many GPUs of which kind, at what latency and cost, for a load."""

@@ -1,0 +1,110 @@
+"""Memory and step time of the expert-parallel layout, from a model's shape and the hardware.
+
+Layout: one coordinator GPU (embeddings, attention, routers, KV cache, lm_head) and the experts
+spread over expert GPUs (an expert's every layer together). A decode step of batch c runs, per
+layer, attention on the coordinator, then dispatch, the busiest expert GPU, and combine, in
+sequence; then the lm_head. Each part costs the larger of its bytes over bandwidth and its FLOPs
+over compute (a roofline), at the efficiencies below.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cluster.bench.machine import ModelCost, busy_experts
+from cluster.planning.hardware import Gpu, Interconnect
+from mixtral.config import MixtralArgs
+
+BANDWIDTH_EFFICIENCY = 0.8  # of spec-sheet memory bandwidth reached by weight reads
+COMPUTE_EFFICIENCY = 0.5  # of spec-sheet tensor FLOP/s reached by these GEMMs
+RUNTIME_RESERVE_GB = 1.5  # CUDA context, allocator slack, framework buffers
+
+
+@dataclass(frozen=True)
+class MemorySplit:
+    """GB on one GPU."""
+
+    expert_weights: float
+    attention_weights: float  # everything non-expert: attention, norms, gates, embeddings, lm_head
+    kv_cache: float
+    activations: float
+    reserve: float
+    total: float
+
+    @property
+    def headroom(self) -> float:
+        return self.total - self.expert_weights - self.attention_weights - self.kv_cache - self.activations - self.reserve
+
+
+def kv_bytes_per_token(args: MixtralArgs, bytes_per_param: int) -> int:
+    return args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * bytes_per_param
+
+
+def non_expert_params(args: MixtralArgs) -> int:
+    cost = ModelCost.of(args)
+    embed = args.vocab_size * args.hidden_size
+    return args.num_hidden_layers * (cost.attention_params + cost.gate_params + 2 * args.hidden_size) + embed + cost.head_params
+
+
+def expert_params_all_layers(args: MixtralArgs) -> int:
+    return args.num_hidden_layers * ModelCost.of(args).expert_params
+
+
+@dataclass(frozen=True)
+class Layout:
+    experts_per_gpu: int  # experts sharing one expert GPU (>= 1)
+    gpus_per_expert: int  # expert GPUs one expert is split over (>= 1; > 1 only when experts_per_gpu == 1)
+    expert_gpus: int
+
+    @property
+    def gpus(self) -> int:
+        return 1 + self.expert_gpus
+
+
+def layout_for(args: MixtralArgs, gpu: Gpu, bytes_per_param: int, *, activation_gb: float) -> Layout:
+    usable = gpu.memory_gb - RUNTIME_RESERVE_GB - activation_gb
+    expert_gb = expert_params_all_layers(args) * bytes_per_param / 1e9
+    if expert_gb <= usable:
+        per_gpu = min(args.num_local_experts, max(1, int(usable // expert_gb)))
+        return Layout(per_gpu, 1, math.ceil(args.num_local_experts / per_gpu))
+    split = math.ceil(expert_gb / usable)
+    return Layout(1, split, split * args.num_local_experts)
+
+
+def memory_splits(args: MixtralArgs, gpu: Gpu, layout: Layout, bytes_per_param: int, *, kv_tokens: int,
+                  activation_gb: float) -> tuple[MemorySplit, MemorySplit]:
+    """(coordinator GPU, one expert GPU)."""
+    coordinator = MemorySplit(
+        expert_weights=0.0, attention_weights=non_expert_params(args) * bytes_per_param / 1e9,
+        kv_cache=kv_tokens * kv_bytes_per_token(args, bytes_per_param) / 1e9, activations=activation_gb,
+        reserve=RUNTIME_RESERVE_GB, total=gpu.memory_gb,
+    )
+    expert_gb = expert_params_all_layers(args) * bytes_per_param / 1e9 * layout.experts_per_gpu / layout.gpus_per_expert
+    worker = MemorySplit(expert_weights=expert_gb, attention_weights=0.0, kv_cache=0.0, activations=activation_gb,
+                         reserve=RUNTIME_RESERVE_GB, total=gpu.memory_gb)
+    return coordinator, worker
+
+
+def _roofline(bytes_read: float, flops: float, gpu: Gpu) -> float:
+    return max(bytes_read / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY), flops / (gpu.tflops * 1e12 * COMPUTE_EFFICIENCY))
+
+
+def step_seconds(args: MixtralArgs, gpu: Gpu, link: Interconnect | None, layout: Layout, *, tokens: int, sequences: int,
+                 context: int, bytes_per_param: int, skew: float) -> float:
+    """One engine step feeding `tokens` tokens of `sequences` sequences of `context` tokens (decode: tokens == sequences)."""
+    cost = ModelCost.of(args)
+    b, k, e, d = bytes_per_param, args.num_experts_per_tok, args.num_local_experts, args.hidden_size
+    attention = _roofline((cost.attention_params + cost.gate_params) * b + sequences * context * kv_bytes_per_token(args, b)
+                          / args.num_hidden_layers, 2 * tokens * (cost.attention_params + cost.gate_params), gpu)
+    mean_tokens = tokens * k / e
+    hot = min(tokens, skew * mean_tokens)  # the busiest expert's tokens this layer
+    gpu_tokens = hot * layout.experts_per_gpu if layout.experts_per_gpu > 1 else hot
+    busy_on_gpu = min(layout.experts_per_gpu, busy_experts(tokens, e, k) / max(1, layout.expert_gpus) * layout.gpus_per_expert)
+    experts = _roofline(busy_on_gpu * cost.expert_params * b / layout.gpus_per_expert,
+                        2 * gpu_tokens * cost.expert_params / layout.gpus_per_expert, gpu)
+    dispatch = 0.0
+    if link is not None:  # send the hot GPU's tokens out and back, after one message latency each way
+        dispatch = 2 * link.latency_us * 1e-6 + 2 * gpu_tokens * d * b / (link.bandwidth_gbs * 1e9)
+    head = _roofline(cost.head_params * b, 2 * sequences * cost.head_params, gpu)
+    return args.num_hidden_layers * (attention + dispatch + experts) + head

@@ -1,0 +1,55 @@
+"""Predictions for the machine a profile was measured on, composed from its measured parts.
+
+A step of T tokens over S sequences: per layer, the coordinator's projections for T tokens, the
+dispatch round trip to the busy workers, and the experts; then the lm_head for S sequences. The
+workers share the machine's cores, so expert time is the larger of the busiest expert and all
+experts' work spread over the cores. The attention scores themselves (QK^T over the cache) are
+left out: at the contexts benchmarked they cost well under the projections.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+from cluster.bench.machine import busy_experts
+from cluster.planning.profile import Profile
+from mixtral.config import MixtralArgs
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise linear through measured points (nan entries skipped), extended linearly past the last."""
+    points = [(a, b) for a, b in zip(xs, ys) if not math.isnan(b)]
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if x <= xs[0]:
+        return ys[0]
+    i = min(bisect.bisect_left(xs, x), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
+    k, e = args.num_experts_per_tok, args.num_local_experts
+    busy = busy_experts(tokens, e, k)
+    per_busy = tokens * k / busy
+    hot = min(tokens, skew * per_busy)
+    experts = max(interpolate(profile.tokens, profile.expert_ms, hot),
+                  busy * interpolate(profile.tokens, profile.expert_ms, per_busy) / profile.cores)
+    dispatch_points = sorted((int(n), ms) for n, ms in profile.dispatch_ms.items())
+    dispatch = interpolate([n for n, _ in dispatch_points], [ms for _, ms in dispatch_points], busy)
+    coordinator = interpolate(profile.tokens, profile.coordinator_layer_ms, tokens)
+    head = interpolate(profile.tokens, profile.head_ms, sequences)
+    return args.num_hidden_layers * (coordinator + dispatch + experts) + head
+
+
+def predict_bench_tok_s(args: MixtralArgs, profile: Profile, *, concurrency: int, prompt_len: int, output_len: int,
+                        skew: float = 1.0) -> float:
+    """Output tokens/s of `bench` at one concurrency: chunked prefill of every prompt, then decode steps."""
+    budget = profile.max_num_batched_tokens
+    remaining, prefill = concurrency * prompt_len, 0.0
+    while remaining > 0:
+        chunk = min(budget, remaining)
+        prefill += step_ms(args, profile, tokens=chunk, sequences=max(1, math.ceil(chunk / prompt_len)), skew=skew)
+        remaining -= chunk
+    decode = (output_len - 1) * step_ms(args, profile, tokens=concurrency, sequences=concurrency, skew=skew)
+    return concurrency * output_len / ((prefill + decode) / 1e3)

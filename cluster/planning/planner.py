@@ -1,0 +1,150 @@
+"""The capacity plan: does it fit, how many GPUs, at what latency and cost; with a dense tier beside it.
+
+For one replica (a coordinator GPU plus expert GPUs) the planner picks the largest decode batch
+whose predicted TPOT meets the target and whose KV cache fits, then adds replicas until the
+workload's output tokens/s are served. Monthly costs assume GPUs rented around the clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from cluster.planning.cost_model import (
+    Layout,
+    MemorySplit,
+    expert_params_all_layers,
+    kv_bytes_per_token,
+    layout_for,
+    memory_splits,
+    step_seconds,
+)
+from cluster.planning.hardware import Gpu, Interconnect
+from mixtral.config import MixtralArgs, args_from_dict
+from mixtral.presets import preset
+
+HOURS_PER_MONTH = 730
+MONTHLY_VOLUMES = (1_000_000, 10_000_000, 100_000_000)
+MAX_BATCH = 256
+ACTIVATION_GB = 1.0
+
+# Mistral 7B (arXiv 2310.06825) as a one-expert model: the same equations, one GPU, no dispatch.
+MISTRAL_7B = dict(
+    model_type="mixtral", hidden_size=4096, num_hidden_layers=32, num_local_experts=1, num_experts_per_tok=1,
+    intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+    max_position_embeddings=32768,
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests_per_s: float
+    prompt_len: int
+    output_len: int
+    ttft_ms: float  # target
+    tpot_ms: float  # target
+
+
+@dataclass
+class TierPlan:
+    tier: str
+    gpu: str
+    fits: bool
+    reason: str
+    gpus_per_replica: int
+    memory_gb: dict[str, dict[str, float]]  # "coordinator" and "expert" GPUs (or the one dense "gpu") -> split
+    batch: int  # decode batch per replica
+    tpot_ms: float
+    ttft_ms: float
+    replica_tok_s: float  # output tokens/s one replica sustains at that batch
+    replicas: int
+    gpus: int
+    meets_targets: bool
+    usd_per_hour: float
+    usd_per_million_tokens: float  # at the workload's load
+    monthly: list[dict[str, float]] = field(default_factory=list)  # per volume: tokens, gpus, usd, usd_per_million
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_args(name_or_config: str | dict) -> MixtralArgs:
+    """A named shape (mixtral-8x7b, mini, tiny, mistral-7b) or a checkpoint's config dict."""
+    if isinstance(name_or_config, dict):
+        return args_from_dict(name_or_config)
+    if name_or_config == "mistral-7b":
+        return args_from_dict(MISTRAL_7B)
+    fields = preset(name_or_config)
+    rope_theta = fields.pop("rope_theta")
+    return args_from_dict({"model_type": "mixtral", "rope_theta": rope_theta} | fields)
+
+
+def _split_dict(split: MemorySplit) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in asdict(split).items()} | {"headroom": round(split.headroom, 2)}
+
+
+def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None, workload: Workload, *,
+              bytes_per_param: int, skew: float) -> TierPlan:
+    dense = args.num_local_experts == 1
+    context = workload.prompt_len + workload.output_len
+    if dense:
+        layout = Layout(1, 1, 0)
+        weights_gb = (expert_params_all_layers(args) + _non_expert(args)) * bytes_per_param / 1e9
+    else:
+        layout = layout_for(args, gpu, bytes_per_param, activation_gb=ACTIVATION_GB)
+    coordinator, worker = memory_splits(args, gpu, layout, bytes_per_param, kv_tokens=0, activation_gb=ACTIVATION_GB)
+    if dense:
+        coordinator = replace(coordinator, attention_weights=weights_gb)
+    kv_per_seq_gb = context * kv_bytes_per_token(args, bytes_per_param) / 1e9
+    max_batch_by_kv = int(coordinator.headroom // kv_per_seq_gb) if kv_per_seq_gb else MAX_BATCH
+    fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0)
+    reason = "fits" if fits else (
+        "the coordinator GPU cannot hold the non-expert weights and one sequence's KV cache" if coordinator.headroom <= kv_per_seq_gb
+        else "an expert GPU cannot hold its expert weights")
+
+    def step(tokens: int, sequences: int) -> float:
+        return step_seconds(args, gpu, None if dense else link, layout, tokens=tokens, sequences=sequences, context=context,
+                            bytes_per_param=bytes_per_param, skew=skew)
+
+    prefill_s = step(workload.prompt_len, 1)
+    batch = 1
+    for candidate in (2**i for i in range(int(math.log2(MAX_BATCH)) + 1)):
+        if candidate <= max(1, max_batch_by_kv) and 1e3 * step(candidate, candidate) <= workload.tpot_ms:
+            batch = candidate
+    tpot_s = step(batch, batch)
+    replica_tok_s = batch * workload.output_len / (workload.output_len * tpot_s + batch * prefill_s)
+    ttft_s = prefill_s + tpot_s
+    demand = workload.requests_per_s * workload.output_len
+    replicas = max(1, math.ceil(demand / replica_tok_s))
+    usd_per_hour = replicas * layout.gpus * gpu.price_per_hour
+    coordinator = replace(coordinator, kv_cache=batch * kv_per_seq_gb)
+    memory = {"gpu": _split_dict(coordinator)} if dense else {"coordinator": _split_dict(coordinator), "expert": _split_dict(worker)}
+    plan = TierPlan(
+        tier=tier, gpu=gpu.name, fits=fits, reason=reason, gpus_per_replica=layout.gpus, memory_gb=memory, batch=batch,
+        tpot_ms=1e3 * tpot_s, ttft_ms=1e3 * ttft_s, replica_tok_s=replica_tok_s, replicas=replicas,
+        gpus=replicas * layout.gpus, meets_targets=fits and 1e3 * tpot_s <= workload.tpot_ms and 1e3 * ttft_s <= workload.ttft_ms,
+        usd_per_hour=usd_per_hour, usd_per_million_tokens=usd_per_hour / (demand * 3600 / 1e6) if demand else float("inf"),
+    )
+    for volume in MONTHLY_VOLUMES:
+        rate = volume / (HOURS_PER_MONTH * 3600)
+        n = max(1, math.ceil(rate / replica_tok_s))
+        usd = n * layout.gpus * gpu.price_per_hour * HOURS_PER_MONTH
+        plan.monthly.append({"tokens": volume, "gpus": n * layout.gpus, "usd": usd, "usd_per_million": usd / (volume / 1e6)})
+    return plan
+
+
+def _non_expert(args: MixtralArgs) -> int:
+    from cluster.planning.cost_model import non_expert_params
+
+    return non_expert_params(args)
+
+
+def plan(args: MixtralArgs, gpu: Gpu, link: Interconnect, workload: Workload, *, bytes_per_param: int = 2,
+         skew: float = 1.2, name: str = "model") -> list[TierPlan]:
+    """The MoE model on expert-parallel GPUs, and dense Mistral 7B on the same GPU type, side by side."""
+    return [
+        plan_tier(f"{name} (expert parallel)", args, gpu, link, workload, bytes_per_param=bytes_per_param, skew=skew),
+        plan_tier("mistral-7b (dense)", model_args("mistral-7b"), gpu, None, workload, bytes_per_param=bytes_per_param,
+                  skew=1.0),
+    ]

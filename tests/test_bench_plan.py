@@ -1,0 +1,90 @@
+"""The benchmark (against transformers, same run) and the capacity planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.planning.cost_model import kv_bytes_per_token
+from cluster.planning.planner import model_args
+from router.trace import read_trace
+from tests.test_cli import assert_one_line_error, run_cli
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench"
+    proc = run_cli("bench", str(make_ckpt()), "--concurrency", "1,4", "--prompt-len", "8", "--output-len", "4",
+                   "--baseline", "hf", "--out", str(out), "--json", env=cli_env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = last_json(proc.stdout)["results"]
+    assert [r["concurrency"] for r in results] == [1, 4]
+    for r in results:
+        assert r["tok_s"] > 0 and r["baseline_tok_s"] > 0
+        assert r["ratio"] == pytest.approx(r["tok_s"] / r["baseline_tok_s"])
+        assert 0 < r["floor_fraction"] <= 1.5 and r["tpot_p50_ms"] <= r["tpot_p99_ms"]
+    assert "hf tok/s" in proc.stdout and "ratio" in proc.stdout
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "bench.json").read_text())["results"] == results
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["cores"] >= 1 and len(profile["expert_ms"]) == len(profile["tokens"])
+
+
+def test_plan_mixtral_8x7b_bf16_fits_on_eight_24gb_gpus_plus_a_coordinator(cli_env) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("plan", "--model", "mixtral-8x7b", "--gpu", "L4", "--dtype", "bfloat16", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    moe, dense = last_json(proc.stdout)["plans"]
+    assert moe["fits"] and moe["gpus_per_replica"] == 9
+    # One expert over all 32 layers is 5.6B parameters: 11.3 GB in bf16 (DESIGN.md).
+    assert moe["memory_gb"]["expert"]["expert_weights"] == pytest.approx(11.27, abs=0.01)
+    assert moe["memory_gb"]["expert"]["headroom"] > 0 and moe["memory_gb"]["coordinator"]["headroom"] > 0
+    assert [m["tokens"] for m in moe["monthly"]] == [1_000_000, 10_000_000, 100_000_000]
+    assert dense["tier"].startswith("mistral-7b") and dense["gpus_per_replica"] == 1
+    assert "per month" in proc.stdout
+
+
+def test_kv_cache_per_token_is_128_kib_for_mixtral() -> None:
+    assert kv_bytes_per_token(model_args("mixtral-8x7b"), 2) == 128 * 1024
+
+
+def test_plan_takes_skew_from_a_routing_trace(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cluster.coordinator_actor import EngineOptions
+    from cluster.local import local_engine
+    from cluster.sampling import SamplingParams
+
+    path = tmp_path / "trace.msgpack"
+    engine = local_engine(make_ckpt(), EngineOptions(trace_path=str(path)))
+    engine.generate([[1, 5, 9, 30, 31]], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)])
+    engine.model.trace.close()  # type: ignore[attr-defined]
+    proc = run_cli("plan", "--trace", str(path), "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert last_json(proc.stdout)["skew"] == pytest.approx(read_trace(path).skew())
+    assert read_trace(path).skew() > 1
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--gpu", "Z80"], "unknown GPU"),
+    (["--interconnect", "carrier-pigeon"], "unknown interconnect"),
+    (["--model", "gpt-5"], "unknown preset"),
+    (["--tpot-ms", "0"], "positive"),
+    (["--profile", "/nonexistent/profile.json"], "does not exist"),
+])
+def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli("plan", *args, env=cli_env), fragment)
+
+
+def test_planner_calibrated_by_bench_predicts_mini_within_25_percent(cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "mini"
+    proc = run_cli("bench", "mini", "--concurrency", "1,8", "--prompt-len", "32", "--output-len", "12", "--out", str(out),
+                   "--json", env=cli_env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("plan", "--model", "mini", "--profile", str(out / "profile.json"), "--concurrency", "1,8",
+                   "--prompt-len", "32", "--output-len", "12", "--skew", "1.0", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    for row in last_json(proc.stdout)["predictions"]:
+        assert row["predicted_tok_s"] == pytest.approx(row["measured_tok_s"], rel=0.25), row

@@ -46,15 +46,19 @@ def attention(
     past = slice(0, layout.cached)
     keys = torch.cat([cache_k[layout.slots, past], k[layout.q_index]], dim=1)  # [B, K, G, Dh]
     values = torch.cat([cache_v[layout.slots, past], v[layout.q_index]], dim=1)
-    # Query head h uses kv head h // R (transformers' repeat_kv), so split H as (G, R).
-    queries = q[layout.q_index].view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, G, R, Q, Dh]
-    keys = keys.permute(0, 2, 1, 3).unsqueeze(2)  # [B, G, 1, K, Dh]
-    values = values.permute(0, 2, 1, 3).unsqueeze(2)
+    # Query head h uses kv head h // R (transformers' repeat_kv). The R heads of one kv head are
+    # folded into the rows of one GEMM per (sequence, kv head): [R*Q, Dh] @ [Dh, K], so the keys
+    # are neither repeated nor broadcast (a broadcast over R runs B*G*R tiny GEMVs instead).
+    queries = q[layout.q_index].view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    queries = queries.reshape(batch, num_kv_heads, group * q_len, head_dim)  # [B, G, R*Q, Dh]
+    keys = keys.permute(0, 2, 3, 1)  # [B, G, Dh, K]
+    values = values.permute(0, 2, 1, 3)  # [B, G, K, Dh]
 
-    scores = torch.matmul(queries, keys.transpose(-1, -2)) * head_dim**-0.5 + layout.bias  # [B, G, R, Q, K]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
-    out = torch.matmul(probs, values)  # [B, G, R, Q, Dh]
-    out = out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
+    scores = torch.matmul(queries, keys).view(batch, num_kv_heads, group, q_len, -1) * head_dim**-0.5 + layout.bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)  # [B, G, R, Q, K]
+    out = torch.matmul(probs.view(batch, num_kv_heads, group * q_len, -1), values)  # [B, G, R*Q, Dh]
+    out = out.view(batch, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
 
     cache_k[layout.write_slot, layout.write_col] = k[layout.write_token]
     cache_v[layout.write_slot, layout.write_col] = v[layout.write_token]

@@ -13,6 +13,7 @@ Per step, for the whole running batch (T new tokens over B sequences):
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +23,28 @@ import torch.nn.functional as F
 
 from cluster.attention import AttentionWeights, attention
 from cluster.kv_cache import KVCache
-from cluster.layout import build_layout
+from cluster.layout import StepLayout, build_layout
 from mixtral import names
 from mixtral.checkpoint import CheckpointReader, ReadLog
 from mixtral.config import MixtralArgs, load_args, resolve_dtype
 from mixtral.layers import rms_norm, rope_cos_sin
 from mixtral.telemetry import Telemetry
 from router.load import ExpertLoad, balancedness
-from router.moe import moe_layer
+from router.moe import MoeCall, finish_moe, start_moe
 from router.routing import RoutingPlan, route
 from router.trace import TraceWriter
 from router.transport import ExpertTransport
+
+
+@dataclass
+class MicroBatch:
+    """Part of a step's sequences, carried through the layers together."""
+
+    layout: StepLayout
+    rope: tuple[torch.Tensor, torch.Tensor]
+    x: torch.Tensor  # [T, D] residual stream
+    h: torch.Tensor | None = None  # [T, D] after this layer's attention
+    call: MoeCall | None = None  # this layer's MoE in flight
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class Coordinator:
         max_model_len: int | None = None,
         device: str = "cpu",
         trace: TraceWriter | None = None,
+        overlap_min_tokens: int | None = None,
     ) -> None:
         self.args = args = load_args(checkpoint)
         self.dtype = resolve_dtype(args, dtype)
@@ -83,6 +96,7 @@ class Coordinator:
         self.load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
         self.telemetry = Telemetry(Path(checkpoint).name)  # the same model label as the workers'.
         self.trace = trace
+        self.overlap_min_tokens = overlap_min_tokens  # None, or steps with fewer tokens: one micro-batch
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], layer: int) -> LayerWeights:
@@ -103,30 +117,54 @@ class Coordinator:
 
         Returns float32 logits [B, V] of each sequence's last new token.
         """
-        args = self.args
         lengths = [len(t) for t in tokens]
         self.cache.reserve(max(s + n for s, n in zip(starts, lengths)))
+        batches = [self._micro_batch(tokens[part], slots[part], starts[part]) for part in self._split(lengths)]
+        # Two micro-batches in flight (two-batch overlap): while the experts run one micro-batch's
+        # layer, the coordinator runs the other's attention. One micro-batch is the plain loop.
+        for mb in batches:
+            mb.call = self._attention_and_dispatch(0, mb)
+        for layer in range(self.args.num_hidden_layers):
+            for mb in batches:
+                mb.x = mb.h + finish_moe(mb.call, self.transport)
+                self._record_routing(layer, mb.call.plan, time.perf_counter() - mb.call.started)
+                if layer + 1 < self.args.num_hidden_layers:
+                    mb.call = self._attention_and_dispatch(layer + 1, mb)
+        if self.trace:
+            self.trace.end_step()
+        last = torch.cat([mb.x[mb.layout.last_token] for mb in batches])  # [B, D], in request order
+        return F.linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
+
+    def _split(self, lengths: list[int]) -> list[slice]:
+        """Two halves of about equal tokens when the step is big enough to pay for a second round of calls."""
+        total = sum(lengths)
+        if self.overlap_min_tokens is None or len(lengths) < 2 or total < self.overlap_min_tokens:
+            return [slice(0, len(lengths))]
+        cut = next(i for i, acc in enumerate(itertools.accumulate(lengths), 1) if acc >= total / 2)
+        cut = min(max(cut, 1), len(lengths) - 1)
+        return [slice(0, cut), slice(cut, len(lengths))]
+
+    def _micro_batch(self, tokens: list[list[int]], slots: list[int], starts: list[int]) -> MicroBatch:
+        args = self.args
         layout = build_layout(
-            slots=slots, starts=starts, lengths=lengths, capacity=self.cache.capacity,
+            slots=slots, starts=starts, lengths=[len(t) for t in tokens], capacity=self.cache.capacity,
             window=args.sliding_window, dtype=self.dtype,
         )
         rope = rope_cos_sin(layout.positions, head_dim=args.head_dim, theta=args.rope_theta, dtype=self.dtype)
         flat = torch.tensor([t for seq in tokens for t in seq], device=self.device)
-        x = self.embed[flat]  # [T, D]
-        for i, lw in enumerate(self.layers):
-            h = x + attention(
-                rms_norm(x, lw.input_norm, args.rms_norm_eps), lw.attn, layout, self.cache.k[i], self.cache.v[i], rope,
-                num_heads=args.num_attention_heads, num_kv_heads=args.num_key_value_heads, head_dim=args.head_dim,
-            )
-            m = rms_norm(h, lw.post_attention_norm, args.rms_norm_eps)
-            plan = route(F.linear(m, lw.gate), args.num_experts_per_tok)  # gate logits [T, E]
-            start = time.perf_counter()
-            x = h + moe_layer(i, m, plan, self.transport)
-            self._record_routing(i, plan, time.perf_counter() - start)
-        if self.trace:
-            self.trace.end_step()
-        last = rms_norm(x[layout.last_token], self.final_norm, args.rms_norm_eps)  # [B, D]
-        return F.linear(last, self.lm_head).float()
+        return MicroBatch(layout=layout, rope=rope, x=self.embed[flat])  # x [T, D]
+
+    def _attention_and_dispatch(self, layer: int, mb: MicroBatch) -> MoeCall:
+        """h = x + attention(norm(x)); route norm2(h); send each busy expert its tokens (not waiting)."""
+        args, lw = self.args, self.layers[layer]
+        mb.h = mb.x + attention(
+            rms_norm(mb.x, lw.input_norm, args.rms_norm_eps), lw.attn, mb.layout, self.cache.k[layer],
+            self.cache.v[layer], mb.rope, num_heads=args.num_attention_heads, num_kv_heads=args.num_key_value_heads,
+            head_dim=args.head_dim,
+        )
+        m = rms_norm(mb.h, lw.post_attention_norm, args.rms_norm_eps)
+        plan = route(F.linear(m, lw.gate), args.num_experts_per_tok)  # gate logits [T, E]
+        return start_moe(layer, m, plan, self.transport)
 
     def _record_routing(self, layer: int, plan: RoutingPlan, seconds: float) -> None:
         self.load.record(layer, plan.counts, entropy_sum=plan.entropy_sum, dispatch_seconds=seconds)

@@ -10,6 +10,10 @@ Legend: T = tokens, D = hidden, A = top-k.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from router.routing import RoutingPlan
@@ -35,6 +39,23 @@ def combine(plan: RoutingPlan, outputs: dict[int, torch.Tensor], *, num_tokens: 
     return out.index_add_(0, plan.token_index, weighted)
 
 
+@dataclass(frozen=True)
+class MoeCall:
+    """One MoE layer in flight: its plan, the transport's pending calls, and when it started."""
+
+    plan: RoutingPlan
+    pending: Any
+    num_tokens: int
+    started: float
+
+
+def start_moe(layer: int, x: torch.Tensor, plan: RoutingPlan, transport: ExpertTransport) -> MoeCall:
+    return MoeCall(plan, transport.submit(layer, dispatch(plan, x)), x.shape[0], time.perf_counter())
+
+
+def finish_moe(call: MoeCall, transport: ExpertTransport) -> torch.Tensor:
+    return combine(call.plan, transport.gather(call.pending), num_tokens=call.num_tokens)
+
+
 def moe_layer(layer: int, x: torch.Tensor, plan: RoutingPlan, transport: ExpertTransport) -> torch.Tensor:
-    outputs = transport.run(layer, dispatch(plan, x))
-    return combine(plan, outputs, num_tokens=x.shape[0])
+    return finish_moe(start_moe(layer, x, plan, transport), transport)

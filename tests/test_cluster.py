@@ -29,7 +29,7 @@ def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def cluster(ray_session, checkpoint: Path) -> Iterator[ExpertCluster]:  # type: ignore[no-untyped-def]
     handle = bring_up(
-        checkpoint, load_args(checkpoint), engine=EngineOptions(max_num_batched_tokens=16), placement=PlacementOptions(),
+        checkpoint, load_args(checkpoint), engine=EngineOptions(max_num_batched_tokens=16, overlap_min_tokens=2), placement=PlacementOptions(),
         progress=False,
     )
     yield handle

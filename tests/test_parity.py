@@ -57,6 +57,13 @@ def test_batch_of_different_lengths_with_chunked_prefill(make_ckpt) -> None:  # 
     assert_matches_hf(checkpoint, prompts, [12, 6, 9, 4, 20], EngineOptions(max_num_batched_tokens=8, max_num_seqs=3))
 
 
+def test_two_micro_batches_in_flight_match_transformers(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = make_ckpt(sliding_window=16)
+    prompts = random_prompts([3, 9, 17, 30, 1, 6], 512, seed=9)
+    # Every step of two or more sequences is split in two micro-batches, prefill and decode alike.
+    assert_matches_hf(checkpoint, prompts, [12, 6, 9, 4, 20, 7], EngineOptions(overlap_min_tokens=2, max_num_batched_tokens=24))
+
+
 def test_expert_load_counts_every_routed_token(make_ckpt) -> None:  # type: ignore[no-untyped-def]
     checkpoint = make_ckpt()
     engine = local_engine(checkpoint)

@@ -30,9 +30,9 @@ class CountingTransport(LocalTransport):
         super().__init__(experts)
         self.calls: list[tuple[int, dict[int, int]]] = []
 
-    def run(self, layer, inputs):  # type: ignore[no-untyped-def]
+    def submit(self, layer, inputs):  # type: ignore[no-untyped-def]
         self.calls.append((layer, {e: x.shape[0] for e, x in inputs.items()}))
-        return super().run(layer, inputs)
+        return super().submit(layer, inputs)
 
 
 def random_experts(num_experts: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

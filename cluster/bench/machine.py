@@ -14,7 +14,7 @@ from mixtral.config import MixtralArgs
 @dataclass(frozen=True)
 class Machine:
     cores: int
-    bandwidth_gbs: float  # bytes read + written per second by a large copy, GB/s
+    bandwidth_gbs: float  # bytes read per second by a reduction over a large tensor, GB/s
     matmul_gflops: dict[str, float]  # by dtype name, a large square matmul
 
     def to_dict(self) -> dict:
@@ -36,16 +36,15 @@ def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> Machin
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        src = torch.ones(64 << 20)  # 256 MB of float32: far past the caches
-        dst = torch.empty_like(src)
-        copy_s = _median_seconds(lambda: dst.copy_(src), 5)
+        weights = torch.ones(64 << 20)  # 256 MB of float32: far past the caches
+        read_s = _median_seconds(lambda: weights.sum(), 5)
         rates = {}
         for name in dtypes:
             a = torch.randn(2048, 2048).to(getattr(torch, name))
             rates[name] = 2 * 2048**3 / _median_seconds(lambda: a @ a, 5) / 1e9
     finally:
         torch.set_num_threads(threads)
-    return Machine(cores=os.cpu_count() or 1, bandwidth_gbs=2 * src.nbytes / copy_s / 1e9, matmul_gflops=rates)
+    return Machine(cores=os.cpu_count() or 1, bandwidth_gbs=weights.nbytes / read_s / 1e9, matmul_gflops=rates)
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,6 @@ def decode_floor_seconds(args: MixtralArgs, machine: Machine, *, batch: int, dty
     touched += cost.head_params
     multiplied = layers * (per_layer + args.num_experts_per_tok * cost.expert_params) + cost.head_params
     bytes_per_param = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-    # The copy benchmark counts read + write; a step only reads the weights.
-    memory_s = touched * bytes_per_param / (machine.bandwidth_gbs / 2 * 1e9)
+    memory_s = touched * bytes_per_param / (machine.bandwidth_gbs * 1e9)  # a step only reads the weights
     compute_s = 2 * batch * multiplied / (machine.matmul_gflops[dtype] * 1e9)
     return max(memory_s, compute_s)

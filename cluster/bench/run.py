@@ -96,7 +96,7 @@ def summary(report: dict[str, Any]) -> str:
     m = report["machine"]
     rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["matmul_gflops"].items())
     return (
-        f"machine: {m['cores']} cores ({m['cpu']}), copy {m['bandwidth_gbs']:.1f} GB/s, matmul {rates}\n"
+        f"machine: {m['cores']} cores ({m['cpu']}), memory read {m['bandwidth_gbs']:.1f} GB/s, matmul {rates}\n"
         f"{report['checkpoint']} in {report['dtype']}, prompt {report['prompt_len']}, output {report['output_len']}\n"
         + table(report["results"])
     )

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from cluster.bench.machine import decode_floor_seconds, measure_machine
 from cluster.bench.report import plot, result_row, table
-from cluster.bench.runs import RunResult, load_hf, run_cluster, run_hf
+from cluster.bench.runs import RunResult, load_hf, percentile, run_cluster, run_hf
 from cluster.coordinator_actor import EngineOptions
-from cluster.planning.profile import TOKEN_COUNTS, Profile, measure_dispatch, measure_parts
+from cluster.planning.profile import CALIBRATION_BATCH, TOKEN_COUNTS, Profile, measure_dispatch, measure_parts
 from cluster.placement import PlacementOptions, bring_up
 from mixtral.config import MixtralArgs
 
@@ -55,6 +55,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     try:
         run_cluster(cluster.coordinator, prompts_for(spec, 1), 2)  # warm-up: first calls pay for imports
         dispatch = measure_dispatch(cluster.workers, spec.args.hidden_size, spec.dtype)
+        calibration = run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH)[:CALIBRATION_BATCH], 16)
         for c in tqdm(spec.concurrency, desc="moe-cluster", unit="level"):
             ours[c] = run_cluster(cluster.coordinator, prompts_for(spec, c), spec.output_len)
         load = ray.get(cluster.coordinator.expert_load.remote())
@@ -62,7 +63,10 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         cluster.shutdown()
     profile = Profile(
         cores=machine.cores, dtype=spec.dtype, tokens=list(TOKEN_COUNTS), dispatch_ms=dispatch,
-        max_num_batched_tokens=EngineOptions().max_num_batched_tokens, **measure_parts(spec.args, spec.dtype),
+        max_num_batched_tokens=EngineOptions().max_num_batched_tokens,
+        calibration_tpot_ms=1e3 * percentile(calibration.tpot_s, 50),
+        calibration_ttft_ms=1e3 * percentile(calibration.ttft_s, 50), calibration_prompt_len=spec.prompt_len,
+        **measure_parts(spec.args, spec.dtype, context=spec.prompt_len + spec.output_len // 2),
     )
     theirs: dict[int, RunResult] = {}
     if spec.baseline:

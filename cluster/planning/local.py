@@ -1,10 +1,9 @@
 """Predictions for the machine a profile was measured on, composed from its measured parts.
 
-A step of T tokens over S sequences: per layer, the coordinator's projections for T tokens, the
-dispatch round trip to the busy workers, and the experts; then the lm_head for S sequences. The
-workers share the machine's cores, so expert time is the larger of the busiest expert and all
-experts' work spread over the cores. The attention scores themselves (QK^T over the cache) are
-left out: at the contexts benchmarked they cost well under the projections.
+A step of T tokens over S sequences: per layer, the coordinator's attention and gate for T tokens
+(measured at the benchmark's context), the dispatch round trip to the busy workers, and the
+experts; then the lm_head and sampling for S sequences. The workers share the machine's cores,
+so expert time is the larger of the busiest expert and all experts' work spread over the cores.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import bisect
 import math
 
 from cluster.bench.machine import busy_experts
-from cluster.planning.profile import Profile
+from cluster.planning.profile import CALIBRATION_BATCH, Profile
 from mixtral.config import MixtralArgs
 
 
@@ -28,7 +27,7 @@ def interpolate(xs: list[float], ys: list[float], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
+def composed_step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
     k, e = args.num_experts_per_tok, args.num_local_experts
     busy = busy_experts(tokens, e, k)
     per_busy = tokens * k / busy
@@ -42,14 +41,34 @@ def step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int,
     return args.num_hidden_layers * (coordinator + dispatch + experts) + head
 
 
+def step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
+    """The composed step, scaled by the profile's one end-to-end calibration point."""
+    composed_at_calibration = composed_step_ms(args, profile, tokens=CALIBRATION_BATCH, sequences=CALIBRATION_BATCH)
+    scale = profile.calibration_tpot_ms / composed_at_calibration
+    return scale * composed_step_ms(args, profile, tokens=tokens, sequences=sequences, skew=skew)
+
+
+def prefill_ms(args: MixtralArgs, profile: Profile, *, prompts: int, prompt_len: int, skew: float = 1.0) -> float:
+    """Chunked prefill of `prompts` prompts, scaled by the calibration run's measured TTFT."""
+
+    def composed(count: int, length: int) -> float:
+        # Requests sent together reach the engine one by one: its thread wakes on the first and
+        # prefills it alone; the others arrive during that step and are prefilled in chunks after.
+        total = composed_step_ms(args, profile, tokens=length, sequences=1, skew=skew)
+        budget, remaining = profile.max_num_batched_tokens, (count - 1) * length
+        while remaining > 0:
+            chunk = min(budget, remaining)
+            total += composed_step_ms(args, profile, tokens=chunk, sequences=max(1, math.ceil(chunk / length)), skew=skew)
+            remaining -= chunk
+        return total
+
+    scale = profile.calibration_ttft_ms / composed(CALIBRATION_BATCH, profile.calibration_prompt_len)
+    return scale * composed(prompts, prompt_len)
+
+
 def predict_bench_tok_s(args: MixtralArgs, profile: Profile, *, concurrency: int, prompt_len: int, output_len: int,
                         skew: float = 1.0) -> float:
     """Output tokens/s of `bench` at one concurrency: chunked prefill of every prompt, then decode steps."""
-    budget = profile.max_num_batched_tokens
-    remaining, prefill = concurrency * prompt_len, 0.0
-    while remaining > 0:
-        chunk = min(budget, remaining)
-        prefill += step_ms(args, profile, tokens=chunk, sequences=max(1, math.ceil(chunk / prompt_len)), skew=skew)
-        remaining -= chunk
+    prefill = prefill_ms(args, profile, prompts=concurrency, prompt_len=prompt_len, skew=skew)
     decode = (output_len - 1) * step_ms(args, profile, tokens=concurrency, sequences=concurrency, skew=skew)
     return concurrency * output_len / ((prefill + decode) / 1e3)

@@ -19,6 +19,7 @@ from mixtral.config import MixtralArgs
 from mixtral.layers import expert_ffn
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+CALIBRATION_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,18 @@ class Profile:
     dtype: str
     tokens: list[int]  # the token counts the times below were measured at
     expert_ms: list[float]  # one expert FFN call of T tokens, one thread
-    coordinator_layer_ms: list[float]  # q, k, v, o projections and the gate for T tokens, one thread
-    head_ms: list[float]  # lm_head for T sequences, one thread
+    coordinator_layer_ms: list[float]  # the real attention (decode at `context`) and the gate for T tokens, one thread
+    head_ms: list[float]  # lm_head, log-softmax and sampling for T sequences, one thread
+    context: int  # the KV length the attention above was measured at
     dispatch_ms: dict[str, float]  # round trip of one MoE layer's calls with tiny inputs, by busy experts
     max_num_batched_tokens: int
+    # End to end, on the live cluster: median TPOT of a short decode-only run at CALIBRATION_BATCH.
+    # The parts above miss what only the whole system shows (Ray's per-call work with real tensors,
+    # the engine thread's hand-offs, nine processes sharing the cores); the planner scales its
+    # composed step by measured over composed at this one point, and nowhere else uses a measurement.
+    calibration_tpot_ms: float
+    calibration_ttft_ms: float  # the same run's median TTFT: its prompts' prefill (and first step)
+    calibration_prompt_len: int
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -50,28 +59,73 @@ def _ms(fn: Any, repeats: int = 5) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def measure_parts(args: MixtralArgs, dtype: str) -> dict[str, list[float]]:
-    """Times of the model's parts on one thread, with random weights of the model's shapes."""
+def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, Any]:
+    """Times of the model's parts on one thread, with random weights of the model's shapes and the
+    engine's own functions: attention over a KV cache of `context` tokens per sequence, routing,
+    the expert FFN, the lm_head and sampling."""
+    from cluster.attention import AttentionWeights
+    from cluster.sampling import SamplingParams, sample
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dt = getattr(torch, dtype)
     d, i = args.hidden_size, args.intermediate_size
-    q_out = args.num_attention_heads * args.head_dim
-    kv_out = args.num_key_value_heads * args.head_dim
+    q_out, kv_out = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     w1, w3, w2 = torch.randn(i, d, dtype=dt), torch.randn(i, d, dtype=dt), torch.randn(d, i, dtype=dt)
-    wq, wk, wv, wo = (torch.randn(n, d, dtype=dt) for n in (q_out, kv_out, kv_out, d))
+    attn = AttentionWeights(*(torch.randn(n, d, dtype=dt) / d**0.5 for n in (q_out, kv_out, kv_out)),
+                            wo=torch.randn(d, q_out, dtype=dt) / q_out**0.5)
     gate, head = torch.randn(args.num_local_experts, d, dtype=dt), torch.randn(args.vocab_size, d, dtype=dt)
-    parts: dict[str, list[float]] = {"expert_ms": [], "coordinator_layer_ms": [], "head_ms": []}
+    greedy = SamplingParams(temperature=0)
+    parts: dict[str, Any] = {"expert_ms": [], "coordinator_layer_ms": [], "head_ms": [], "context": context}
     try:
         for t in TOKEN_COUNTS:
             x = torch.randn(t, d, dtype=dt)
             repeats = 5 if t <= 256 else 2
             parts["expert_ms"].append(_ms(lambda: expert_ffn(x, w1, w2, w3), repeats))
-            parts["coordinator_layer_ms"].append(_ms(lambda: [F.linear(x, w) for w in (wq, wk, wv, wo, gate)], repeats))
-            parts["head_ms"].append(_ms(lambda: F.linear(x, head), repeats) if t <= 256 else float("nan"))
+            parts["coordinator_layer_ms"].append(_ms(_attention_step(args, attn, gate, x, context, dt), repeats))
+            if t <= 256:
+                def tail() -> None:
+                    logits = F.linear(x, head).float()
+                    torch.log_softmax(logits, dim=-1)
+                    for row in logits:
+                        sample(row, greedy, None)
+
+                parts["head_ms"].append(_ms(tail, repeats))
+            else:
+                parts["head_ms"].append(float("nan"))
     finally:
         torch.set_num_threads(threads)
     return parts
+
+
+def _attention_step(args: MixtralArgs, attn: Any, gate: torch.Tensor, x: torch.Tensor, context: int, dt: torch.dtype) -> Any:
+    """One layer of the coordinator for T tokens: decode of T sequences at `context`, or (T > 256)
+    prefill chunks of `context` tokens from position 0."""
+    from cluster.attention import attention
+    from cluster.kv_cache import KVCache
+    from cluster.layout import build_layout
+    from mixtral.layers import rope_cos_sin
+
+    t = x.shape[0]
+    if t <= 256:
+        sequences, starts, lengths = t, [context] * t, [1] * t
+    else:
+        sequences = max(1, t // context)
+        starts, lengths = [0] * sequences, [t // sequences] * sequences
+        lengths[-1] += t - sum(lengths)
+    cache = KVCache(num_layers=1, num_slots=sequences, num_kv_heads=args.num_key_value_heads, head_dim=args.head_dim,
+                    max_capacity=context + max(lengths), dtype=dt)
+    cache.reserve(max(s + n for s, n in zip(starts, lengths)))
+    layout = build_layout(slots=list(range(sequences)), starts=starts, lengths=lengths, capacity=cache.capacity,
+                          window=None, dtype=dt)
+    rope = rope_cos_sin(layout.positions, head_dim=args.head_dim, theta=args.rope_theta, dtype=dt)
+
+    def step() -> None:
+        h = x + attention(x, attn, layout, cache.k[0], cache.v[0], rope, num_heads=args.num_attention_heads,
+                          num_kv_heads=args.num_key_value_heads, head_dim=args.head_dim)
+        F.linear(h, gate)
+
+    return step
 
 
 def measure_dispatch(workers: list[Any], hidden: int, dtype: str) -> dict[str, float]:

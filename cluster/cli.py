@@ -238,7 +238,8 @@ def bench(
     output_len: Annotated[int, typer.Option(help="Generated tokens per request (EOS ignored).")] = 64,
     baseline: Annotated[Optional[str], typer.Option(help="'hf': also run transformers' generate, same run.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
-    out: Annotated[Path, typer.Option(help="Directory for bench.json and bench.png.")] = Path("bench-out"),
+    out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and profile.json.")] = Path("bench-out"),
+    repeats: Annotated[int, typer.Option(help="Runs per level; the median run is reported.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object with the results.")] = False,
 ) -> None:
     """Measure output tokens/s, TTFT and TPOT per concurrency, against transformers in the same run."""
@@ -256,8 +257,8 @@ def bench(
             raise UserError("--concurrency levels must be at least 1")
         if baseline not in (None, "hf"):
             raise UserError(f"--baseline must be 'hf'; got {baseline!r}")
-        if prompt_len < 1 or output_len < 2:
-            raise UserError("--prompt-len must be at least 1 and --output-len at least 2")
+        if prompt_len < 1 or output_len < 2 or repeats < 1:
+            raise UserError("--prompt-len and --repeats must be at least 1 and --output-len at least 2")
         path = resolve_checkpoint(checkpoint)
         args = load_args(path)
         if dtype is not None and dtype not in DTYPES:
@@ -268,7 +269,7 @@ def bench(
         start_ray()
         report = run_bench(BenchSpec(
             checkpoint=path, args=args, dtype=dtype or args.dtype, concurrency=levels, prompt_len=prompt_len,
-            output_len=output_len, baseline=baseline == "hf", out=out,
+            output_len=output_len, baseline=baseline == "hf", out=out, repeats=repeats,
         ))
     print(summary(report))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}", file=sys.stderr)

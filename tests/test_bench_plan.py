@@ -81,7 +81,7 @@ def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_en
 def test_planner_calibrated_by_bench_predicts_mini_within_25_percent(cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "mini"
     proc = run_cli("bench", "mini", "--concurrency", "1,8", "--prompt-len", "32", "--output-len", "12", "--out", str(out),
-                   "--json", env=cli_env, timeout=900)
+                   "--repeats", "3", "--json", env=cli_env, timeout=900)
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("plan", "--model", "mini", "--profile", str(out / "profile.json"), "--concurrency", "1,8",
                    "--prompt-len", "32", "--output-len", "12", "--skew", "1.0", "--json", env=cli_env)

@@ -36,11 +36,16 @@ class BenchSpec:
     baseline: bool
     out: Path
     seed: int = 0
+    repeats: int = 1  # runs per level; the run with the median tokens/s is reported
 
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(spec.seed + count)
     return [[1] + torch.randint(3, spec.args.vocab_size, (spec.prompt_len - 1,), generator=g).tolist() for _ in range(count)]
+
+
+def median_run(runs: list[RunResult]) -> RunResult:
+    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
@@ -57,7 +62,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         dispatch = measure_dispatch(cluster.workers, spec.args.hidden_size, spec.dtype)
         calibration = run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH)[:CALIBRATION_BATCH], 16)
         for c in tqdm(spec.concurrency, desc="moe-cluster", unit="level"):
-            ours[c] = run_cluster(cluster.coordinator, prompts_for(spec, c), spec.output_len)
+            ours[c] = median_run([run_cluster(cluster.coordinator, prompts_for(spec, c), spec.output_len)
+                                  for _ in range(spec.repeats)])
         load = ray.get(cluster.coordinator.expert_load.remote())
     finally:
         cluster.shutdown()
@@ -74,7 +80,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         torch.set_num_threads(machine.cores)
         run_hf(model, prompts_for(spec, 1), 2)
         for c in tqdm(spec.concurrency, desc="transformers", unit="level"):
-            theirs[c] = run_hf(model, prompts_for(spec, c), spec.output_len)
+            theirs[c] = median_run([run_hf(model, prompts_for(spec, c), spec.output_len) for _ in range(spec.repeats)])
         del model
     rows = [
         result_row(c, ours[c], theirs.get(c), decode_floor_seconds(spec.args, machine, batch=c, dtype=spec.dtype))
@@ -86,6 +92,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "dtype": spec.dtype,
         "prompt_len": spec.prompt_len,
         "output_len": spec.output_len,
+        "repeats": spec.repeats,
         "results": rows,
         "expert_load": load,
     }

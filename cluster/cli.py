@@ -327,6 +327,42 @@ def plan(
         print(json.dumps({"skew": skew, "plans": [p.to_dict() for p in plans]}))
 
 
+@app.command()
+def experiments(
+    model: Annotated[str, typer.Option(help="A named shape or a checkpoint directory.")] = "mixtral-8x7b",
+    gpus: Annotated[str, typer.Option(help="Comma-separated GPU types.")] = "L4,A10G,RTX4090,A100-80GB,H100-80GB",
+    skews: Annotated[str, typer.Option(help="Comma-separated expert load skews (max/mean).")] = "1.0,1.2,1.5",
+    batches: Annotated[str, typer.Option(help="Comma-separated decode batches.")] = "1,8,32,128",
+    context: Annotated[int, typer.Option(help="Tokens per sequence (prompt + output).")] = 768,
+    interconnect: Annotated[str, typer.Option(help="pcie4, nvlink, ethernet-25g or ethernet-100g.")] = "pcie4",
+    out: Annotated[Path, typer.Option(help="Directory for experiments.md and experiments.png.")] = Path("experiments-out"),
+) -> None:
+    """Sweep plans over GPU types x skew x batch; write a Markdown table and a plot."""
+    from cluster.planning import hardware
+    from cluster.planning.experiments import markdown, sweep
+    from cluster.planning.experiments import plot as plot_sweep
+    from cluster.planning.planner import model_args
+    from mixtral.config import load_args
+
+    with user_errors():
+        try:
+            skew_list, batch_list = [float(x) for x in skews.split(",")], [int(x) for x in batches.split(",")]
+        except ValueError:
+            raise UserError("--skews takes numbers like 1.0,1.2 and --batches integers like 1,8,32") from None
+        if min(skew_list) < 1 or min(batch_list) < 1:
+            raise UserError("skews must be at least 1 and batches at least 1")
+        table = hardware.load_gpus(None)
+        args = load_args(model) if Path(model).is_dir() else model_args(model)
+        points = sweep(args, [hardware.gpu(g, table) for g in gpus.split(",")], hardware.interconnect(interconnect),
+                       skews=skew_list, batches=batch_list, context=context)
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(points)
+    (out / "experiments.md").write_text(text + "\n")
+    plot_sweep(points, out / "experiments.png", f"{Path(model).name}, bf16, {interconnect}, context {context}")
+    print(text)
+    print(f"wrote {out / 'experiments.md'} and {out / 'experiments.png'}", file=sys.stderr)
+
+
 def predict_cmd(args: Any, profile_path: Path, concurrency: str, prompt_len: int, output_len: int, skew: float,
                 as_json: bool) -> None:
     """Predicted bench tokens/s on the profiled machine, beside what bench measured there if bench.json is with it."""

@@ -88,3 +88,14 @@ def test_planner_calibrated_by_bench_predicts_mini_within_25_percent(cli_env, tm
     assert proc.returncode == 0, proc.stderr
     for row in last_json(proc.stdout)["predictions"]:
         assert row["predicted_tok_s"] == pytest.approx(row["measured_tok_s"], rel=0.25), row
+
+
+def test_experiments_sweep_writes_table_and_plot(cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("experiments", "--gpus", "L4,H100-80GB", "--skews", "1.0,1.5", "--batches", "1,64", "--out", str(tmp_path),
+                   env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in (tmp_path / "experiments.md").read_text().splitlines() if line.startswith("| L4") or line.startswith("| H100")]
+    assert len(rows) == 2 * 2 * 2
+    cost = {(r.split("|")[1].strip(), r.split("|")[3].strip()): float(r.split("|")[7]) for r in rows if "| 1.0 |" in r}
+    assert cost[("L4", "64")] < cost[("L4", "1")]  # a fuller batch spreads the same GPUs over more tokens
+    assert (tmp_path / "experiments.png").read_bytes()[:4] == b"\x89PNG"

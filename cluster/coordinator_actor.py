@@ -109,9 +109,6 @@ class CoordinatorActor:
         """Tokens routed to each expert, per layer, since start: [L][E]."""
         return self.coordinator.load.snapshot()
 
-    def load_report(self) -> dict:
-        return self.coordinator.load.report()
-
     def engine_steps(self) -> int:
         return self.engine.engine.steps
 

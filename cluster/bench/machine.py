@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,7 +22,8 @@ class Machine:
         return asdict(self)
 
 
-def _median_seconds(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -37,11 +39,11 @@ def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> Machin
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         weights = torch.ones(64 << 20)  # 256 MB of float32: far past the caches
-        read_s = _median_seconds(lambda: weights.sum(), 5)
+        read_s = median_seconds(lambda: weights.sum(), 5)
         rates = {}
         for name in dtypes:
             a = torch.randn(2048, 2048).to(getattr(torch, name))
-            rates[name] = 2 * 2048**3 / _median_seconds(lambda: a @ a, 5) / 1e9
+            rates[name] = 2 * 2048**3 / median_seconds(lambda: a @ a, 5) / 1e9
     finally:
         torch.set_num_threads(threads)
     return Machine(cores=os.cpu_count() or 1, bandwidth_gbs=weights.nbytes / read_s / 1e9, matmul_gflops=rates)

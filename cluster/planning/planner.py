@@ -18,6 +18,7 @@ from cluster.planning.cost_model import (
     kv_bytes_per_token,
     layout_for,
     memory_splits,
+    non_expert_params,
     step_seconds,
 )
 from cluster.planning.hardware import Gpu, Interconnect
@@ -90,7 +91,7 @@ def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None,
     context = workload.prompt_len + workload.output_len
     if dense:
         layout = Layout(1, 1, 0)
-        weights_gb = (expert_params_all_layers(args) + _non_expert(args)) * bytes_per_param / 1e9
+        weights_gb = (expert_params_all_layers(args) + non_expert_params(args)) * bytes_per_param / 1e9
     else:
         layout = layout_for(args, gpu, bytes_per_param, activation_gb=ACTIVATION_GB)
     coordinator, worker = memory_splits(args, gpu, layout, bytes_per_param, kv_tokens=0, activation_gb=ACTIVATION_GB)
@@ -132,12 +133,6 @@ def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None,
         usd = n * layout.gpus * gpu.price_per_hour * HOURS_PER_MONTH
         plan.monthly.append({"tokens": volume, "gpus": n * layout.gpus, "usd": usd, "usd_per_million": usd / (volume / 1e6)})
     return plan
-
-
-def _non_expert(args: MixtralArgs) -> int:
-    from cluster.planning.cost_model import non_expert_params
-
-    return non_expert_params(args)
 
 
 def plan(args: MixtralArgs, gpu: Gpu, link: Interconnect, workload: Workload, *, bytes_per_param: int = 2,

@@ -7,7 +7,6 @@ benchmark's end-to-end measurement on the same machine is how the model is check
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cluster.bench.machine import median_seconds
 from mixtral.config import MixtralArgs
 from mixtral.layers import expert_ffn
 
@@ -50,13 +50,7 @@ class Profile:
 
 
 def _ms(fn: Any, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * median_seconds(fn, repeats)
 
 
 def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, Any]:

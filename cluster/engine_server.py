@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.async_engine import AsyncEngine
-from cluster.coordinator_actor import EngineOptions, engine_over, make_coordinator
+from cluster.coordinator_actor import EngineOptions, channel_transport, engine_over, make_coordinator
 from cluster.detokenizer import Detokenizer
 from cluster.placement import PlacementOptions, start_workers, wait_loaded
 from cluster.sampling import SamplingParams
 from mixtral.config import load_args
 from mixtral.tokenizer import load_tokenizer
-from router.transport import RayActorTransport
-from workers.device import assigned_device, set_threads
+from workers.device import assigned_device, set_coordinator_threads
 
 
 @dataclass(frozen=True)
@@ -39,12 +38,12 @@ class EngineServer:
     def __init__(self, checkpoint: str, engine: EngineOptions, placement: PlacementOptions, gpus: bool) -> None:
         import ray
 
-        set_threads(placement.coordinator_cpus)
+        set_coordinator_threads(placement.coordinator_threads)
         args = load_args(checkpoint)
         pg = ray.util.get_current_placement_group()
         workers = start_workers(checkpoint, args, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
         wait_loaded([w.info.remote() for w in workers], progress=False)
-        self.coordinator = make_coordinator(checkpoint, RayActorTransport(workers), engine, device=assigned_device())
+        self.coordinator = make_coordinator(checkpoint, channel_transport(workers), engine, device=assigned_device())
         self.engine = AsyncEngine(engine_over(self.coordinator, engine), self.coordinator.telemetry)
         self.tokenizer = load_tokenizer(checkpoint)
         self.workers = workers

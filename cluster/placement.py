@@ -30,6 +30,7 @@ class PlacementOptions:
     strategy: Strategy = "PACK"
     coordinator_cpus: float = 0.5
     worker_cpus: float = 0.125  # 8 workers share one core on a CPU-only machine
+    coordinator_threads: int | None = None  # None: every core of its node (workers.device.set_coordinator_threads)
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough GPUs
 
 
@@ -104,6 +105,6 @@ def bring_up(
     coordinator = ray.remote(CoordinatorActor).options(
         num_cpus=placement.coordinator_cpus, num_gpus=1 if coordinator_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
-    ).remote(str(checkpoint), workers, engine, cpu_share=placement.coordinator_cpus)
+    ).remote(str(checkpoint), workers, engine, threads=placement.coordinator_threads)
     loaded = wait_loaded([w.info.remote() for w in workers] + [coordinator.engine_steps.remote()], progress=progress)
     return ExpertCluster(pg, coordinator, workers, loaded[:-1])

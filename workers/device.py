@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -19,5 +21,17 @@ def assigned_device() -> str:
 def set_threads(cpu_share: float) -> int:
     """One torch thread per whole CPU of the actor's share (at least one): no oversubscription."""
     threads = max(1, int(cpu_share))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def set_coordinator_threads(requested: int | None) -> int:
+    """The coordinator's torch threads: `requested`, or every core this process may run on.
+
+    The coordinator and the experts take turns within a layer (attention and routing, then the
+    experts, then combine), so the cores the experts use are idle during the coordinator's turn.
+    Its logical CPU share in the placement group stays small so that it fits beside them.
+    """
+    threads = requested or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     return threads

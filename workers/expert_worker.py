@@ -18,6 +18,7 @@ from mixtral.checkpoint import CheckpointReader, ReadLog
 from mixtral.config import load_args, resolve_dtype
 from mixtral.layers import expert_ffn
 from mixtral.telemetry import Telemetry
+from workers.channel_server import ChannelAddress, ChannelServer
 from workers.device import assigned_device, set_threads
 
 
@@ -56,6 +57,7 @@ class ExpertWorker:
         ]
         self.stats = WorkerStats(expert)
         self.telemetry = Telemetry(Path(checkpoint).name)
+        self.channel = ChannelServer(self.forward)
 
     @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,14 @@ class ExpertWorker:
         y = expert_ffn(x.to(self.device), w1, w2, w3).cpu()
         self._account(time.perf_counter() - start, x.nbytes, y.nbytes)
         return y
+
+    def open_channel(self, coordinator_node: str) -> ChannelAddress:
+        """Where the coordinator on node `coordinator_node` sends this worker its tokens (router.wire)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else coordinator_node
+        node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return self.channel.open(same_node=node == coordinator_node, node_ip=node_ip)
 
     def _account(self, seconds: float, bytes_in: int, bytes_out: int) -> None:
         self.stats.calls += 1

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from cluster.bench.machine import median_seconds
 from mixtral.config import MixtralArgs
 from mixtral.layers import expert_ffn
+from workers.device import set_coordinator_threads
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 CALIBRATION_BATCH = 4
@@ -28,14 +29,14 @@ class Profile:
     dtype: str
     tokens: list[int]  # the token counts the times below were measured at
     expert_ms: list[float]  # one expert FFN call of T tokens, one thread
-    coordinator_layer_ms: list[float]  # the real attention (decode at `context`) and the gate for T tokens, one thread
-    head_ms: list[float]  # lm_head, log-softmax and sampling for T sequences, one thread
+    coordinator_layer_ms: list[float]  # the real attention (decode at `context`) and the gate for T tokens, all cores
+    head_ms: list[float]  # lm_head, log-softmax and sampling for T sequences, all cores
     context: int  # the KV length the attention above was measured at
     dispatch_ms: dict[str, float]  # round trip of one MoE layer's calls with tiny inputs, by busy experts
     max_num_batched_tokens: int
     # End to end, on the live cluster: median TPOT of a short decode-only run at CALIBRATION_BATCH.
-    # The parts above miss what only the whole system shows (Ray's per-call work with real tensors,
-    # the engine thread's hand-offs, nine processes sharing the cores); the planner scales its
+    # The parts above miss what only the whole system shows (the channels' per-call work with real
+    # tensors, the engine thread's hand-offs, nine processes sharing the cores); the planner scales its
     # composed step by measured over composed at this one point, and nowhere else uses a measurement.
     calibration_tpot_ms: float
     calibration_ttft_ms: float  # the same run's median TTFT: its prompts' prefill (and first step)
@@ -54,14 +55,14 @@ def _ms(fn: Any, repeats: int = 5) -> float:
 
 
 def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, Any]:
-    """Times of the model's parts on one thread, with random weights of the model's shapes and the
-    engine's own functions: attention over a KV cache of `context` tokens per sequence, routing,
-    the expert FFN, the lm_head and sampling."""
+    """Times of the model's parts, with random weights of the model's shapes and the engine's own
+    functions: attention over a KV cache of `context` tokens per sequence, routing, the expert FFN
+    (on one thread, as a worker runs it), the lm_head and sampling (on every core, as the
+    coordinator runs them: workers.device.set_coordinator_threads)."""
     from cluster.attention import AttentionWeights
     from cluster.sampling import SamplingParams, sample
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     dt = getattr(torch, dtype)
     d, i = args.hidden_size, args.intermediate_size
     q_out, kv_out = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
@@ -75,7 +76,9 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
         for t in TOKEN_COUNTS:
             x = torch.randn(t, d, dtype=dt)
             repeats = 5 if t <= 256 else 2
+            torch.set_num_threads(1)
             parts["expert_ms"].append(_ms(lambda: expert_ffn(x, w1, w2, w3), repeats))
+            set_coordinator_threads(None)
             parts["coordinator_layer_ms"].append(_ms(_attention_step(args, attn, gate, x, context, dt), repeats))
             if t <= 256:
                 def tail() -> None:
@@ -123,11 +126,16 @@ def _attention_step(args: MixtralArgs, attn: Any, gate: torch.Tensor, x: torch.T
 
 
 def measure_dispatch(workers: list[Any], hidden: int, dtype: str) -> dict[str, float]:
-    """Median round trip of one MoE layer's calls to `busy` workers with one token each."""
-    import ray
+    """Median round trip of one MoE layer's calls to `busy` workers with one token each, through
+    the engine's own transport."""
+    from cluster.coordinator_actor import channel_transport
 
+    transport = channel_transport(workers)
     x = torch.zeros(1, hidden, dtype=getattr(torch, dtype))
     out = {}
-    for busy in sorted({1, 2, len(workers)}):
-        out[str(busy)] = _ms(lambda: ray.get([w.forward.remote(0, x) for w in workers[:busy]]), 15)
+    try:
+        for busy in sorted({1, 2, len(workers)}):
+            out[str(busy)] = _ms(lambda: transport.gather(transport.submit(0, {e: x for e in range(busy)})), 15)
+    finally:
+        transport.close()
     return out

@@ -1,0 +1,87 @@
+"""The worker's end of the expert channel: a listening socket served on threads.
+
+Ray places, starts, restarts and asks the worker about itself; the per-layer activations come
+over this socket instead (router.wire frames), because a Ray actor call costs about 1.5 ms of
+CPU on each side on a small machine, and a decode step of mini makes 64 of them. The threads
+block in recv: an idle worker uses no CPU.
+
+On the coordinator's node the socket is a Unix socket (no network at all); from another node it
+is TCP on the node's address, the one Ray itself uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+
+import torch
+
+from router.wire import OK, ChannelAddress, ChannelClosed, recv_tensor, send_error, send_tensor
+
+Forward = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class ChannelServer:
+    def __init__(self, forward: Forward) -> None:
+        self.forward = forward
+        self.addresses: dict[bool, ChannelAddress] = {}  # keyed by "same node as the caller"
+        self._dir: str | None = None
+
+    def open(self, *, same_node: bool, node_ip: str) -> ChannelAddress:
+        """Listen (once per kind) and return where to connect."""
+        if same_node not in self.addresses:
+            if same_node:
+                self._dir = self._dir or tempfile.mkdtemp(prefix="moe-expert-")
+                path = os.path.join(self._dir, "channel")
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(path)
+                address = ChannelAddress(path=path)
+            else:
+                listener = socket.create_server((node_ip, 0))
+                address = ChannelAddress(host=node_ip, port=listener.getsockname()[1])
+            listener.listen()
+            threading.Thread(target=self._accept, args=(listener,), daemon=True, name="expert-channel").start()
+            self.addresses[same_node] = address
+        return self.addresses[same_node]
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            conn, _ = listener.accept()
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # One thread per connection: a coordinator that reconnects after a failure of its own
+            # is served even while its old connection has not yet been noticed as gone.
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="expert-channel-conn").start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        """Read requests here and answer them on a second thread, in order.
+
+        Reading never waits for a reply to be taken: with two micro-batches in flight the
+        coordinator sends the next request before it reads the last reply, and a worker blocked
+        sending a large reply while the coordinator is blocked sending it a request would be a
+        deadlock.
+        """
+        requests: queue.SimpleQueue[tuple[int, torch.Tensor] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._answer, args=(conn, requests), daemon=True, name="expert-channel-answer").start()
+        try:
+            with contextlib.suppress(ChannelClosed, OSError):
+                while True:
+                    requests.put(recv_tensor(conn))
+        finally:
+            requests.put(None)
+
+    def _answer(self, conn: socket.socket, requests: queue.SimpleQueue[tuple[int, torch.Tensor] | None]) -> None:
+        with contextlib.closing(conn), contextlib.suppress(OSError):
+            while (request := requests.get()) is not None:
+                layer, x = request
+                try:
+                    y = self.forward(layer, x)
+                except Exception as exc:  # the coordinator raises it; this worker keeps serving
+                    send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}")
+                    continue
+                send_tensor(conn, OK, y)

@@ -36,12 +36,21 @@ from router.trace import TraceWriter
 from router.transport import ExpertTransport
 
 
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Consecutive sequences of a micro-batch that share one padded attention grid."""
+
+    tokens: slice  # their new tokens, within the micro-batch's flat [T]
+    layout: StepLayout
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class MicroBatch:
     """Part of a step's sequences, carried through the layers together."""
 
-    layout: StepLayout
-    rope: tuple[torch.Tensor, torch.Tensor]
+    groups: list[AttentionGroup]
+    last_token: torch.Tensor  # [B] flat index of each sequence's last new token
     x: torch.Tensor  # [T, D] residual stream
     h: torch.Tensor | None = None  # [T, D] after this layer's attention
     call: MoeCall | None = None  # this layer's MoE in flight
@@ -61,6 +70,23 @@ def non_expert_weights(args: MixtralArgs) -> list[str]:
         names.layer_weight(layer, suffix) for layer in range(args.num_hidden_layers) for suffix in per_layer
     ]
     return tensors if args.tie_word_embeddings else tensors + [names.LM_HEAD]
+
+
+def attention_groups(lengths: list[int], starts: list[int]) -> list[slice]:
+    """Runs of consecutive sequences of one kind: decoding (one new token), starting a prompt
+    (nothing cached), or continuing one.
+
+    One padded grid for a whole mixed step would pad every decode to the longest prompt chunk
+    and give every fresh prompt the cache columns of the longest cached sequence: on mini at 64
+    sequences that made attention most of a prefill step.
+    """
+    kinds = [(n == 1, s == 0) for n, s in zip(lengths, starts)]
+    runs, begin = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[begin]:
+            runs.append(slice(begin, i))
+            begin = i
+    return runs
 
 
 class Coordinator:
@@ -132,7 +158,7 @@ class Coordinator:
                     mb.call = self._attention_and_dispatch(layer + 1, mb)
         if self.trace:
             self.trace.end_step()
-        last = torch.cat([mb.x[mb.layout.last_token] for mb in batches])  # [B, D], in request order
+        last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
         return F.linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
 
     def _split(self, lengths: list[int]) -> list[slice]:
@@ -145,23 +171,37 @@ class Coordinator:
         return [slice(0, cut), slice(cut, len(lengths))]
 
     def _micro_batch(self, tokens: list[list[int]], slots: list[int], starts: list[int]) -> MicroBatch:
+        lengths = [len(t) for t in tokens]
+        offsets = [0, *itertools.accumulate(lengths)]
+        groups = [
+            self._group(slots[part], starts[part], lengths[part], slice(offsets[part.start], offsets[part.stop]))
+            for part in attention_groups(lengths, starts)
+        ]
+        flat = torch.tensor([t for seq in tokens for t in seq], device=self.device)
+        last_token = torch.tensor(offsets[1:], device=self.device) - 1
+        return MicroBatch(groups=groups, last_token=last_token, x=self.embed[flat])  # x [T, D]
+
+    def _group(self, slots: list[int], starts: list[int], lengths: list[int], tokens: slice) -> AttentionGroup:
         args = self.args
         layout = build_layout(
-            slots=slots, starts=starts, lengths=[len(t) for t in tokens], capacity=self.cache.capacity,
-            window=args.sliding_window, dtype=self.dtype,
+            slots=slots, starts=starts, lengths=lengths, capacity=self.cache.capacity, window=args.sliding_window,
+            dtype=self.dtype,
         )
         rope = rope_cos_sin(layout.positions, head_dim=args.head_dim, theta=args.rope_theta, dtype=self.dtype)
-        flat = torch.tensor([t for seq in tokens for t in seq], device=self.device)
-        return MicroBatch(layout=layout, rope=rope, x=self.embed[flat])  # x [T, D]
+        return AttentionGroup(tokens, layout, rope)
 
     def _attention_and_dispatch(self, layer: int, mb: MicroBatch) -> MoeCall:
         """h = x + attention(norm(x)); route norm2(h); send each busy expert its tokens (not waiting)."""
         args, lw = self.args, self.layers[layer]
-        mb.h = mb.x + attention(
-            rms_norm(mb.x, lw.input_norm, args.rms_norm_eps), lw.attn, mb.layout, self.cache.k[layer],
-            self.cache.v[layer], mb.rope, num_heads=args.num_attention_heads, num_kv_heads=args.num_key_value_heads,
-            head_dim=args.head_dim,
-        )
+        normed = rms_norm(mb.x, lw.input_norm, args.rms_norm_eps)
+        outputs = [
+            attention(
+                normed[g.tokens], lw.attn, g.layout, self.cache.k[layer], self.cache.v[layer], g.rope,
+                num_heads=args.num_attention_heads, num_kv_heads=args.num_key_value_heads, head_dim=args.head_dim,
+            )
+            for g in mb.groups
+        ]
+        mb.h = mb.x + (outputs[0] if len(outputs) == 1 else torch.cat(outputs))
         m = rms_norm(mb.h, lw.post_attention_norm, args.rms_norm_eps)
         plan = route(F.linear(m, lw.gate), args.num_experts_per_tok)  # gate logits [T, E]
         return start_moe(layer, m, plan, self.transport)

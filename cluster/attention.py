@@ -35,7 +35,7 @@ def attention(
     num_kv_heads: int,
     head_dim: int,
 ) -> torch.Tensor:
-    """x [T, D] -> [T, D]. Reads the cache before writing this step's keys into it."""
+    """x [T, D] -> [T, D], writing this step's keys and values into the cache (see StepLayout.write_first)."""
     num_tokens = x.shape[0]
     q = apply_rope(F.linear(x, w.wq).view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
     k = apply_rope(F.linear(x, w.wk).view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
@@ -44,22 +44,31 @@ def attention(
     batch, q_len = layout.q_index.shape
     group = num_heads // num_kv_heads
     past = slice(0, layout.cached)
-    keys = torch.cat([cache_k[layout.slots, past], k[layout.q_index]], dim=1)  # [B, K, G, Dh]
-    values = torch.cat([cache_v[layout.slots, past], v[layout.q_index]], dim=1)
+    if layout.write_first:
+        _write(cache_k, cache_v, k, v, layout)
+        keys, values = cache_k[layout.slots, :, past], cache_v[layout.slots, :, past]  # [B, G, K, Dh]
+    else:  # read the cache before this step's keys overwrite any of it, then append them
+        keys = torch.cat([cache_k[layout.slots, :, past], k[layout.q_index].transpose(1, 2)], dim=2)
+        values = torch.cat([cache_v[layout.slots, :, past], v[layout.q_index].transpose(1, 2)], dim=2)
     # Query head h uses kv head h // R (transformers' repeat_kv). The R heads of one kv head are
     # folded into the rows of one GEMM per (sequence, kv head): [R*Q, Dh] @ [Dh, K], so the keys
     # are neither repeated nor broadcast (a broadcast over R runs B*G*R tiny GEMVs instead).
     queries = q[layout.q_index].view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     queries = queries.reshape(batch, num_kv_heads, group * q_len, head_dim)  # [B, G, R*Q, Dh]
-    keys = keys.permute(0, 2, 3, 1)  # [B, G, Dh, K]
-    values = values.permute(0, 2, 1, 3)  # [B, G, K, Dh]
 
-    scores = torch.matmul(queries, keys).view(batch, num_kv_heads, group, q_len, -1) * head_dim**-0.5 + layout.bias
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).view(batch, num_kv_heads, group, q_len, -1)
+    scores = scores * head_dim**-0.5 + layout.bias
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)  # [B, G, R, Q, K]
     out = torch.matmul(probs.view(batch, num_kv_heads, group * q_len, -1), values)  # [B, G, R*Q, Dh]
     out = out.view(batch, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     out = out.reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
 
-    cache_k[layout.write_slot, layout.write_col] = k[layout.write_token]
-    cache_v[layout.write_slot, layout.write_col] = v[layout.write_token]
+    if not layout.write_first:
+        _write(cache_k, cache_v, k, v, layout)
     return F.linear(out, w.wo)
+
+
+def _write(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: StepLayout) -> None:
+    """This step's keys and values [T, G, Dh] into their slots' columns of the [S, G, C, Dh] cache."""
+    cache_k[layout.write_slot, :, layout.write_col] = k[layout.write_token]
+    cache_v[layout.write_slot, :, layout.write_col] = v[layout.write_token]

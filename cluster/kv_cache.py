@@ -1,7 +1,8 @@
 """A KV cache for many sequences of different lengths, one slot each.
 
-Per layer, k and v are [S, C, G, Dh] (S slots, C columns, G kv heads). The key of position p
-lives in column p mod C: with a sliding window W, C = W and this is the rolling-buffer cache of
+Per layer, k and v are [S, G, C, Dh] (S slots, G kv heads, C columns): a slot's keys for one kv
+head are one [C, Dh] matrix, which attention multiplies without copying it into shape. The key
+of position p lives in column p mod C: with a sliding window W, C = W and this is the rolling-buffer cache of
 the Mistral 7B paper, so memory stops growing past W. Without a window C grows (doubling) with
 the longest sequence, up to max_model_len; it only grows while no sequence has wrapped, so a
 position's column never changes on growth.
@@ -29,7 +30,7 @@ class KVCache:
         self.num_slots = num_slots
         self.max_capacity = max_capacity
         self.capacity = min(MIN_CAPACITY, max_capacity)
-        shape = (num_slots, self.capacity, num_kv_heads, head_dim)
+        shape = (num_slots, num_kv_heads, self.capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = list(range(num_slots - 1, -1, -1))
@@ -62,6 +63,7 @@ class KVCache:
 
 
 def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    grown = torch.zeros((t.shape[0], capacity, *t.shape[2:]), dtype=t.dtype, device=t.device)
-    grown[:, : t.shape[1]] = t
+    slots, heads, columns, head_dim = t.shape
+    grown = torch.zeros((slots, heads, capacity, head_dim), dtype=t.dtype, device=t.device)
+    grown[:, :, :columns] = t
     return grown

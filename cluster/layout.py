@@ -18,7 +18,12 @@ class StepLayout:
     q_index: torch.Tensor  # [B, Q] flat token index of each padded query (0 where padding)
     q_valid: torch.Tensor  # [B, Q] True for real tokens
     cached: int  # Kc, cache columns each sequence reads
-    bias: torch.Tensor  # [B, 1, 1, Q, Kc + Q] additive mask: 0 allowed, dtype-min not
+    # Decode (one new token each): keys are written into the cache first and read back from it
+    # with the rest, so attention needs no concatenation. Safe because the column a new key takes
+    # held position p - C, which no query of this step can see (outside the window, or never
+    # written: the cache is reserved to hold every sequence whole until the window caps it).
+    write_first: bool
+    bias: torch.Tensor  # [B, 1, 1, Q, K] additive mask, 0 allowed, dtype-min not; K = Kc (+ Q unless write_first)
     write_slot: torch.Tensor  # [W] cache writes: slot,
     write_col: torch.Tensor  # [W] column,
     write_token: torch.Tensor  # [W] and which new token's k/v goes there
@@ -38,12 +43,17 @@ def build_layout(
     first_token = torch.cumsum(length, 0) - length  # [B, 1]
     q_index = torch.where(q_valid, first_token + offset, 0)
 
-    cached = min(capacity, max(starts))
+    write_first = q_len == 1
+    newest = start if write_first else start - 1  # the newest position in the cache when it is read
+    cached = min(capacity, max(starts) + (1 if write_first else 0))
     col = torch.arange(cached)[None, :]  # [1, Kc]
-    # The newest position p < start with p = col (mod capacity); negative when never written.
-    cache_pos = (start - 1) - torch.remainder(start - 1 - col, capacity)  # [B, Kc]
-    key_pos = torch.cat([cache_pos, q_pos], dim=1)  # [B, Kc + Q]
-    key_valid = torch.cat([cache_pos >= 0, q_valid], dim=1)
+    # The newest position p <= newest with p = col (mod capacity); negative when never written.
+    cache_pos = newest - torch.remainder(newest - col, capacity)  # [B, Kc]
+    if write_first:
+        key_pos, key_valid = cache_pos, cache_pos >= 0
+    else:
+        key_pos = torch.cat([cache_pos, q_pos], dim=1)  # [B, Kc + Q]
+        key_valid = torch.cat([cache_pos >= 0, q_valid], dim=1)
 
     allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [B, Q, Kc + Q]
     if window is not None:
@@ -58,6 +68,7 @@ def build_layout(
         q_index=q_index,
         q_valid=q_valid,
         cached=cached,
+        write_first=write_first,
         bias=bias[:, None, None],
         write_slot=torch.tensor(slots)[:, None].expand(num_seqs, q_len)[keep],
         write_col=torch.remainder(q_pos, capacity)[keep],

@@ -9,7 +9,9 @@ micro-batch while the experts work on the other.
 from __future__ import annotations
 
 import socket
+from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -42,18 +44,26 @@ class LocalTransport:
         return pending
 
 
+@dataclass(frozen=True)
+class PendingLayer:
+    experts: list[int]  # busy experts, each owing one reply
+    device: torch.device  # where the outputs go (the coordinator's)
+
+
 class ChannelTransport:
     """Experts as Ray actors, each reached over its own socket (workers.channel_server).
 
-    All busy workers get their tokens before any reply is read, so they compute in parallel. A
-    worker that dies is restarted by Ray (it reloads its expert); its layer call is then sent
-    again on a new connection, so no request is lost.
+    All busy workers get their tokens before any reply is read, so they compute in parallel.
+    Replies on a socket come in the order of its requests. A worker that dies is restarted by Ray
+    (it reloads its expert); every request it still owed is sent again on a new connection, in
+    order, so no request is lost, with one or two micro-batches in flight.
     """
 
     def __init__(self, workers: Sequence[Any], coordinator_node: str) -> None:
         self.workers = workers
         self.coordinator_node = coordinator_node
         self.sockets = [self._connect(e) for e in range(len(workers))]
+        self.owed: list[deque[tuple[int, torch.Tensor]]] = [deque() for _ in workers]  # (layer, tokens) sent, not answered
 
     def _connect(self, expert: int) -> socket.socket:
         import ray
@@ -61,37 +71,45 @@ class ChannelTransport:
         # Waits for Ray to restart the worker if it is down.
         return ray.get(self.workers[expert].open_channel.remote(self.coordinator_node)).connect()
 
-    def _send(self, expert: int, layer: int, x: torch.Tensor) -> None:
-        try:
-            send_tensor(self.sockets[expert], layer, x)
-        except OSError:
-            self._reconnect(expert)
-            send_tensor(self.sockets[expert], layer, x)
-
-    def _reconnect(self, expert: int) -> None:
+    def _resend(self, expert: int) -> None:
+        """A new connection to `expert`, and everything it owed sent again."""
         self.sockets[expert].close()
         self.sockets[expert] = self._connect(expert)
+        for layer, x in self.owed[expert]:
+            send_tensor(self.sockets[expert], layer, x)
 
-    def submit(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> tuple[int, dict[int, torch.Tensor]]:
-        cpu = {e: x.cpu() for e, x in inputs.items()}
-        for e, x in cpu.items():
-            self._send(e, layer, x)
-        return layer, cpu
+    def submit(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> PendingLayer:
+        device = next(iter(inputs.values())).device
+        for e, x in inputs.items():
+            self.owed[e].append((layer, x.cpu()))
+            try:
+                send_tensor(self.sockets[e], layer, self.owed[e][-1][1])
+            except OSError:
+                self._resend(e)
+        return PendingLayer(list(inputs), device)
 
-    def gather(self, pending: tuple[int, dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
-        layer, inputs = pending
-        device = next(iter(inputs.values())).device if inputs else None
-        return {e: self._receive(e, layer, x).to(device) for e, x in inputs.items()}
+    def gather(self, pending: PendingLayer) -> dict[int, torch.Tensor]:
+        try:
+            return {e: self._receive(e).to(pending.device) for e in pending.experts}
+        except Exception:
+            self._abandon()  # the step fails; no reply of it may be read as a later step's
+            raise
 
-    def _receive(self, expert: int, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def _abandon(self) -> None:
+        for e in range(len(self.workers)):
+            self.owed[e].clear()
+            self._resend(e)
+
+    def _receive(self, expert: int) -> torch.Tensor:
         for attempt in range(MAX_RESENDS + 1):
             try:
-                return recv_tensor(self.sockets[expert])[1]
+                _, y = recv_tensor(self.sockets[expert])
+                self.owed[expert].popleft()
+                return y
             except OSError:  # ChannelClosed included: the worker died with our tokens
                 if attempt == MAX_RESENDS:
                     raise
-                self._reconnect(expert)
-                send_tensor(self.sockets[expert], layer, x)
+                self._resend(expert)
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -1,16 +1,22 @@
-"""The expert channel on its own: frames over a real socket to a real ChannelServer."""
+"""The expert channel on its own: frames over a real socket to a real ChannelServer, and the
+coordinator's ChannelTransport over real Ray actors that die and come back."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 
 import pytest
+import ray
 import torch
 
+from router.transport import ChannelTransport
 from router.wire import OK, ChannelAddress, RemoteError, recv_tensor, send_tensor
 from workers.channel_server import ChannelServer
 
-WEIGHTS = [torch.randn(64, 64, dtype=torch.float64) for _ in range(3)]  # one [D, D] matrix per "layer"
+# One [D, D] matrix per "layer"; seeded, since the Ray actors below import this module afresh.
+WEIGHTS = [torch.randn(64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(layer)) for layer in range(3)]
 
 
 def fake_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -57,3 +63,55 @@ def test_requests_sent_before_replies_are_read_do_not_deadlock(sock) -> None:  #
         send_tensor(sock, layer, x)
     for layer, x in enumerate(xs):
         assert torch.equal(recv_tensor(sock)[1], fake_expert(layer, x))
+
+
+def slow_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.5)  # long enough that a kill right after sending lands mid-call
+    return fake_expert(layer, x)
+
+
+@ray.remote(num_cpus=0.01, max_restarts=2, max_task_retries=2)  # as cluster.placement starts workers
+class FakeWorker:
+    """An expert worker reduced to its channel: what ChannelTransport talks to."""
+
+    def __init__(self, layers: int = len(WEIGHTS)) -> None:
+        self.layers = layers
+        self.server = ChannelServer(self.forward)
+
+    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer >= self.layers:
+            raise IndexError(f"this worker has {self.layers} layers")
+        return slow_expert(layer, x)
+
+    def open_channel(self, coordinator_node: str) -> ChannelAddress:
+        return self.server.open(same_node=True, node_ip="127.0.0.1")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> None:  # type: ignore[no-untyped-def]
+    worker = FakeWorker.remote()
+    transport = ChannelTransport([worker], coordinator_node="")
+    first_pid = ray.get(worker.pid.remote())
+    xs = [torch.randn(4, 64) for _ in range(2)]
+    pending = [transport.submit(layer, {0: x}) for layer, x in enumerate(xs)]  # two micro-batches
+    ray.kill(worker, no_restart=False)
+    for layer, (p, x) in enumerate(zip(pending, xs)):
+        assert torch.equal(transport.gather(p)[0], fake_expert(layer, x))
+    assert ray.get(worker.pid.remote()) != first_pid  # it was restarted and answered both again
+    transport.close()
+    ray.kill(worker)
+
+
+def test_a_failed_layer_leaves_no_stale_reply_behind(ray_session) -> None:  # type: ignore[no-untyped-def]
+    workers = [FakeWorker.remote(layers=2), FakeWorker.remote()]
+    transport = ChannelTransport(workers, coordinator_node="")
+    x = torch.randn(3, 64)
+    with pytest.raises(RemoteError, match="layer 2: IndexError"):
+        transport.gather(transport.submit(2, {0: x, 1: x}))  # worker 0 has no layer 2; worker 1 answers
+    out = transport.gather(transport.submit(1, {0: x, 1: x}))  # not worker 1's reply for layer 2
+    assert torch.equal(out[0], fake_expert(1, x)) and torch.equal(out[1], fake_expert(1, x))
+    transport.close()
+    for w in workers:
+        ray.kill(w)

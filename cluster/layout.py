@@ -14,7 +14,7 @@ import torch
 @dataclass(frozen=True)
 class StepLayout:
     positions: torch.Tensor  # [T] absolute position of each new token
-    slots: torch.Tensor  # [B] cache slot of each sequence
+    slots: torch.Tensor | slice  # [B] cache slot of each sequence; a slice when they are consecutive
     q_index: torch.Tensor  # [B, Q] flat token index of each padded query (0 where padding)
     q_valid: torch.Tensor  # [B, Q] True for real tokens
     cached: int  # Kc, cache columns each sequence reads
@@ -64,7 +64,7 @@ def build_layout(
     keep = q_valid & (offset >= length - capacity)
     return StepLayout(
         positions=q_pos[q_valid],
-        slots=torch.tensor(slots),
+        slots=_slot_index(slots),
         q_index=q_index,
         q_valid=q_valid,
         cached=cached,
@@ -75,3 +75,10 @@ def build_layout(
         write_token=q_index[keep],
         last_token=(first_token + length - 1).flatten(),
     )
+
+
+def _slot_index(slots: list[int]) -> torch.Tensor | slice:
+    """Consecutive slots (the usual case: sequences admitted together keep their order) index the
+    cache as a slice, which reads keys in place; a list of slots gathers a copy of every key."""
+    first = slots[0]
+    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else torch.tensor(slots)

@@ -15,8 +15,10 @@ import contextlib
 import os
 import queue
 import socket
+import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 
 import torch
@@ -26,18 +28,24 @@ from router.wire import OK, ChannelAddress, ChannelClosed, recv_tensor, send_err
 Forward = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def _unix_socket_path() -> str:
+    # On Linux an abstract socket (leading NUL): no file, gone with the process, which Ray may
+    # kill without running any clean-up. Elsewhere a file in a fresh temporary directory.
+    if sys.platform.startswith("linux"):
+        return f"\0moe-expert-{uuid.uuid4().hex}"
+    return os.path.join(tempfile.mkdtemp(prefix="moe-expert-"), "channel")
+
+
 class ChannelServer:
     def __init__(self, forward: Forward) -> None:
         self.forward = forward
         self.addresses: dict[bool, ChannelAddress] = {}  # keyed by "same node as the caller"
-        self._dir: str | None = None
 
     def open(self, *, same_node: bool, node_ip: str) -> ChannelAddress:
         """Listen (once per kind) and return where to connect."""
         if same_node not in self.addresses:
             if same_node:
-                self._dir = self._dir or tempfile.mkdtemp(prefix="moe-expert-")
-                path = os.path.join(self._dir, "channel")
+                path = _unix_socket_path()
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 listener.bind(path)
                 address = ChannelAddress(path=path)

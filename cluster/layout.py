@@ -27,7 +27,6 @@ class StepLayout:
     write_slot: torch.Tensor  # [W] cache writes: slot,
     write_col: torch.Tensor  # [W] column,
     write_token: torch.Tensor  # [W] and which new token's k/v goes there
-    last_token: torch.Tensor  # [B] flat index of each sequence's last new token
 
 
 def build_layout(
@@ -73,7 +72,6 @@ def build_layout(
         write_slot=torch.tensor(slots)[:, None].expand(num_seqs, q_len)[keep],
         write_col=torch.remainder(q_pos, capacity)[keep],
         write_token=q_index[keep],
-        last_token=(first_token + length - 1).flatten(),
     )
 
 

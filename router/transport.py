@@ -60,9 +60,13 @@ class ChannelTransport:
     """
 
     def __init__(self, workers: Sequence[Any], coordinator_node: str) -> None:
+        import ray
+
         self.workers = workers
         self.coordinator_node = coordinator_node
-        self.sockets = [self._connect(e) for e in range(len(workers))]
+        # All workers open their channels at once: one round of Ray calls, not one per worker.
+        addresses = ray.get([w.open_channel.remote(coordinator_node) for w in workers])
+        self.sockets = [address.connect() for address in addresses]
         self.owed: list[deque[tuple[int, torch.Tensor]]] = [deque() for _ in workers]  # (layer, tokens) sent, not answered
 
     def _connect(self, expert: int) -> socket.socket:

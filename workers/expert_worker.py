@@ -72,9 +72,8 @@ class ExpertWorker:
         """Where the coordinator on node `coordinator_node` sends this worker its tokens (router.wire)."""
         import ray
 
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else coordinator_node
-        node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-        return self.channel.open(same_node=node == coordinator_node, node_ip=node_ip)
+        same_node = ray.get_runtime_context().get_node_id() == coordinator_node
+        return self.channel.open(same_node=same_node, node_ip=ray.util.get_node_ip_address())
 
     def _account(self, seconds: float, bytes_in: int, bytes_out: int) -> None:
         self.stats.calls += 1

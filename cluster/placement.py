@@ -19,6 +19,7 @@ from tqdm import tqdm
 from cluster.coordinator_actor import CoordinatorActor, EngineOptions
 from mixtral.config import MixtralArgs
 from mixtral.errors import UserError
+from workers.device import HUGE_PAGES_ENV
 from workers.expert_worker import ExpertWorker, WorkerInfo
 
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
@@ -71,6 +72,7 @@ def start_workers(
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + e),
             # Workers hold only weights: a restarted one reloads its expert and Ray replays the call.
             max_restarts=3, max_task_retries=3,
+            runtime_env={"env_vars": HUGE_PAGES_ENV},
         ).remote(str(checkpoint), e, dtype=dtype, cpu_share=placement.worker_cpus)
         for e in range(args.num_local_experts)
     ]
@@ -105,6 +107,7 @@ def bring_up(
     coordinator = ray.remote(CoordinatorActor).options(
         num_cpus=placement.coordinator_cpus, num_gpus=1 if coordinator_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
+        runtime_env={"env_vars": HUGE_PAGES_ENV},
     ).remote(str(checkpoint), workers, engine, threads=placement.coordinator_threads)
     loaded = wait_loaded([w.info.remote() for w in workers] + [coordinator.engine_steps.remote()], progress=progress)
     return ExpertCluster(pg, coordinator, workers, loaded[:-1])

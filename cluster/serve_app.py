@@ -17,6 +17,7 @@ from cluster.coordinator_actor import EngineOptions
 from cluster.engine_server import EngineServer
 from cluster.openai_server import OpenAIServer
 from cluster.placement import PlacementOptions, bundles, wants_gpus
+from workers.device import HUGE_PAGES_ENV
 from mixtral.config import load_args
 from mixtral.synthetic import resolve_checkpoint
 
@@ -49,7 +50,10 @@ def build_app(args: ServeArgs) -> Application:
     engine_server = serve.deployment(EngineServer).options(
         placement_group_bundles=bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu),
         placement_group_strategy=args.strategy,
-        ray_actor_options={"num_cpus": placement.coordinator_cpus, "num_gpus": 1 if coordinator_gpu else 0},
+        ray_actor_options={
+            "num_cpus": placement.coordinator_cpus, "num_gpus": 1 if coordinator_gpu else 0,
+            "runtime_env": {"env_vars": HUGE_PAGES_ENV},
+        },
         max_ongoing_requests=1024,
         health_check_period_s=10,
     )

@@ -73,7 +73,10 @@ class CheckpointReader:
                     for name in shard_names:
                         tensor = f.get_tensor(name)
                         self.log.tensors_read.append(name)
-                        yield name, tensor.to(device=device, dtype=dtype)
+                        # A copy, always: safetensors hands out views of a private file mapping. Those
+                        # change if the file is rewritten in place, and sit in 4 KiB page-cache pages; a
+                        # copy is torch's own memory (huge pages under workers.device.HUGE_PAGES_ENV).
+                        yield name, tensor.to(device=device, dtype=dtype, copy=True)
             except (SafetensorError, OSError) as e:
                 raise CheckpointError(f"{path} is corrupt or unreadable ({e}); re-download or re-create it") from None
 

@@ -69,6 +69,7 @@ def test_each_actor_reads_only_its_own_tensors(cluster: ExpertCluster, checkpoin
 def test_workers_are_placed_one_per_bundle_on_cpu(cluster: ExpertCluster) -> None:
     assert [w.expert for w in cluster.worker_info] == list(range(8))
     assert all(w.device == "cpu" and w.gpu_ids == [] and w.threads == 1 for w in cluster.worker_info)
+    assert all(w.huge_pages for w in cluster.worker_info)
     assert len({w.pid for w in cluster.worker_info}) == 8
 
 

@@ -19,7 +19,7 @@ from mixtral.config import load_args, resolve_dtype
 from mixtral.layers import expert_ffn
 from mixtral.telemetry import Telemetry
 from workers.channel_server import ChannelAddress, ChannelServer
-from workers.device import assigned_device, set_threads
+from workers.device import HUGE_PAGES_ENV, assigned_device, set_threads
 
 
 @dataclass
@@ -39,6 +39,7 @@ class WorkerInfo:
     device: str
     pid: int
     threads: int
+    huge_pages: bool  # torch's large CPU allocations (the weights) go to transparent huge pages
 
 
 class ExpertWorker:
@@ -100,6 +101,7 @@ class ExpertWorker:
             device=self.device,
             pid=os.getpid(),
             threads=self.threads,
+            huge_pages=all(os.environ.get(k) == v for k, v in HUGE_PAGES_ENV.items()),
         )
 
     def read_log(self) -> ReadLog:

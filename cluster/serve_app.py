@@ -17,9 +17,9 @@ from cluster.coordinator_actor import EngineOptions
 from cluster.engine_server import EngineServer
 from cluster.openai_server import OpenAIServer
 from cluster.placement import PlacementOptions, bundles, wants_gpus
-from workers.device import HUGE_PAGES_ENV
 from mixtral.config import load_args
 from mixtral.synthetic import resolve_checkpoint
+from workers.device import HUGE_PAGES_ENV
 
 GRPC_SERVICER = "protos.moe_pb2_grpc.add_MoEServiceServicer_to_server"
 

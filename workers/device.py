@@ -10,8 +10,8 @@ import torch
 # For the actors' runtime_env. torch then puts CPU allocations of 2 MiB and more in transparent huge
 # pages (where the kernel allows them), and its allocator reads the variable once, at the process's
 # first allocation, so it must be in the environment the process starts with. An expert's decode step
-# streams its whole weights through a few tokens; with 4 KiB pages every 4 KiB read also walks the
-# page table. Measured on mini (2 cores): a layer of 8 one-token expert calls 28.9 -> 21.2 ms.
+# streams its whole weights through a few tokens; with 4 KiB pages every 4 KiB of them is also a TLB
+# miss. Measured on mini (2 cores): a layer of 8 one-token expert calls 28.9 -> 21.2 ms.
 HUGE_PAGES_ENV: dict[str, str] = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 

@@ -39,7 +39,7 @@ class WorkerInfo:
     device: str
     pid: int
     threads: int
-    huge_pages: bool  # torch's large CPU allocations (the weights) go to transparent huge pages
+    huge_pages: bool  # started with HUGE_PAGES_ENV: torch asks for huge pages for its large allocations
 
 
 class ExpertWorker:

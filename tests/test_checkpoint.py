@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -32,10 +33,7 @@ def overwrite_in_place(shard: Path) -> None:
 
 def test_weights_read_do_not_change_when_the_file_is_rewritten(make_ckpt, tmp_path) -> None:  # type: ignore[no-untyped-def]
     checkpoint = make_ckpt(seed=5)
-    copy = tmp_path / "model"
-    copy.mkdir()
-    for f in checkpoint.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = shutil.copytree(checkpoint, tmp_path / "model")
     reader = CheckpointReader(copy)
     name = names.expert_weight(0, 1, "w1")
     # In the file's own dtype: a conversion would copy anyway and hide a view.

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from cluster.sampling import SamplingParams, make_generator, sample
+from cluster.sampling import SamplingParams, make_generator, sample_batch
 from mixtral.errors import UserError
 
 
@@ -52,6 +52,10 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:
@@ -113,8 +117,8 @@ class Engine:
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget, batch = self.max_num_batched_tokens, []
         # Decodes first (one token each), so a long prompt never stalls streaming sequences.
-        for seq in sorted(self.running, key=lambda s: len(s.tokens) - s.num_cached):
-            n = min(len(seq.tokens) - seq.num_cached, budget)
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_cached):
+            n = min(seq.num_tokens - seq.num_cached, budget)
             if n > 0:
                 batch.append((seq, n))
                 budget -= n
@@ -122,7 +126,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = self.slots.allocate()
             self.running.append(seq)
-            n = min(len(seq.tokens), budget)
+            n = min(seq.num_tokens, budget)
             batch.append((seq, n))
             budget -= n
         return batch
@@ -138,27 +142,31 @@ class Engine:
             starts=[seq.num_cached for seq, _ in batch],
         )
         self.steps += 1
-        logprobs = torch.log_softmax(logits, dim=-1)  # [B, V], of the model's own distribution
-        updated = []
-        for row, (seq, n) in enumerate(batch):
+        for seq, n in batch:
             seq.num_cached += n
-            if seq.num_cached < len(seq.tokens):
-                continue  # still prefilling
-            token = sample(logits[row], seq.params, seq.generator)
+        # Sequences whose tokens are all cached sample their next one; prompts still prefilling don't.
+        rows = [row for row, (seq, _) in enumerate(batch) if seq.num_cached == seq.num_tokens]
+        if not rows:
+            return []
+        seqs = [batch[row][0] for row in rows]
+        logits = logits[rows]  # [B', V]
+        tokens = sample_batch(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        logprobs = torch.log_softmax(logits, dim=-1)  # of the model's own distribution
+        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None]).squeeze(1).tolist()
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_ids.append(token)
-            seq.logprobs.append(float(logprobs[row, token]))
+            seq.logprobs.append(chosen[i])
             if seq.params.logprobs:
-                top = torch.topk(logprobs[row], seq.params.logprobs)
+                top = torch.topk(logprobs[i], seq.params.logprobs)
                 seq.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
             self._check_finish(seq, token)
-            updated.append(seq)
-        return updated
+        return seqs
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         params = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             self._finish(seq, "stop")
-        elif len(seq.output_ids) >= params.max_tokens or len(seq.tokens) >= self.model.max_model_len:
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.model.max_model_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

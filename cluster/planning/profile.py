@@ -62,7 +62,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
     (on one thread, as a worker runs it), the lm_head and sampling (on every core, as the
     coordinator runs them: workers.device.set_coordinator_threads)."""
     from cluster.attention import AttentionWeights
-    from cluster.sampling import SamplingParams, sample
+    from cluster.sampling import SamplingParams, sample_batch
 
     threads = torch.get_num_threads()
     dt = getattr(torch, dtype)
@@ -89,9 +89,8 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
             if t <= 256:
                 def tail() -> None:
                     logits = F.linear(x, head).float()
-                    torch.log_softmax(logits, dim=-1)
-                    for row in logits:
-                        sample(row, greedy, None)
+                    tokens = sample_batch(logits, [greedy] * len(logits), [None] * len(logits))
+                    torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None])
 
                 parts["head_ms"].append(_ms(tail, repeats))
             else:

@@ -239,7 +239,7 @@ def bench(
     baseline: Annotated[Optional[str], typer.Option(help="'hf': also run transformers' generate, same run.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and profile.json.")] = Path("bench-out"),
-    repeats: Annotated[int, typer.Option(help="Runs per level; the median run is reported.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Runs per level on each side, taken in turn with the baseline's; the median run of each is reported.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object with the results.")] = False,
 ) -> None:
     """Measure output tokens/s, TTFT and TPOT per concurrency, against transformers in the same run."""

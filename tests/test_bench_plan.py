@@ -21,13 +21,15 @@ def last_json(stdout: str) -> dict:
 def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench"
     proc = run_cli("bench", str(make_ckpt()), "--concurrency", "1,4", "--prompt-len", "8", "--output-len", "4",
-                   "--baseline", "hf", "--out", str(out), "--json", env=cli_env, timeout=600)
+                   "--baseline", "hf", "--repeats", "2", "--out", str(out), "--json", env=cli_env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     results = last_json(proc.stdout)["results"]
     assert [r["concurrency"] for r in results] == [1, 4]
     for r in results:
         assert r["tok_s"] > 0 and r["baseline_tok_s"] > 0
         assert r["ratio"] == pytest.approx(r["tok_s"] / r["baseline_tok_s"])
+        # One ratio per pair of runs taken in turn (cluster, then transformers, same prompts).
+        assert len(r["pair_ratios"]) == 2 and all(x > 0 for x in r["pair_ratios"])
         assert 0 < r["floor_fraction"] <= 1.5 and r["tpot_p50_ms"] <= r["tpot_p99_ms"]
     assert "hf tok/s" in proc.stdout and "ratio" in proc.stdout
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,7 +8,14 @@ from typing import Any
 from cluster.bench.runs import RunResult, percentile
 
 
-def result_row(c: int, cluster: RunResult, baseline: RunResult | None, floor_s: float) -> dict[str, Any]:
+def median_run(runs: list[RunResult]) -> RunResult:
+    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
+
+
+def result_row(c: int, cluster_runs: list[RunResult], baseline_runs: list[RunResult], floor_s: float) -> dict[str, Any]:
+    """One level: the runs with the median tokens/s of each side, and the spread of the ratio over
+    the pairs of runs taken one after the other (baseline_runs is empty without a baseline)."""
+    cluster = median_run(cluster_runs)
     row: dict[str, Any] = {
         "concurrency": c,
         "tok_s": cluster.tok_s,
@@ -20,12 +27,14 @@ def result_row(c: int, cluster: RunResult, baseline: RunResult | None, floor_s: 
         # The fraction of this machine's decode floor reached: floor step time over measured TPOT.
         "floor_fraction": floor_s / percentile(cluster.tpot_s, 50) if percentile(cluster.tpot_s, 50) else 0.0,
     }
-    if baseline is not None:
+    if baseline_runs:
+        baseline = median_run(baseline_runs)
         row |= {
             "baseline_tok_s": baseline.tok_s,
             "baseline_ttft_p50_ms": 1e3 * percentile(baseline.ttft_s, 50),
             "baseline_tpot_p50_ms": 1e3 * percentile(baseline.tpot_s, 50),
             "ratio": cluster.tok_s / baseline.tok_s,
+            "pair_ratios": [ours.tok_s / theirs.tok_s for ours, theirs in zip(cluster_runs, baseline_runs)],
         }
     return row
 
@@ -41,8 +50,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['tpot_p50_ms']:.1f} ms", f"{r['tpot_p99_ms']:.1f} ms", f"{r['floor_step_ms']:.1f} ms",
                 f"{100 * r['floor_fraction']:.0f}%"]
         if has_baseline:
+            pairs = r["pair_ratios"]
+            spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
             line += [f"{r['baseline_tok_s']:.1f}", f"{r['baseline_ttft_p50_ms']:.0f} ms", f"{r['baseline_tpot_p50_ms']:.1f} ms",
-                     f"{r['ratio']:.2f}x"]
+                     f"{r['ratio']:.2f}x{spread}"]
         lines.append(line)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)

@@ -1,8 +1,10 @@
-"""The benchmark: bring the cluster up, drive it at each concurrency, then the baseline, same run.
+"""The benchmark: bring the cluster up and drive it at each concurrency, beside the baseline.
 
-Order matters on a small machine: the cluster's actors are idle (asleep) while transformers
-runs, and the baseline model is loaded only after the cluster is shut down, so neither run
-competes with the other for cores or memory.
+The two take turns, one run each, level by level: on a shared machine the rate of the cores and
+of memory drifts over minutes, and runs minutes apart would measure the drift as much as the
+code. Only one of them computes at a time: the cluster's actors are asleep while transformers
+runs, and the baseline model sits idle in this process while the cluster runs (both copies of
+the weights must fit in memory, as they do for mini on a 24 GB machine).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class BenchSpec:
     baseline: bool
     out: Path
     seed: int = 0
-    repeats: int = 1  # runs per level; the run with the median tokens/s is reported
+    repeats: int = 1  # runs per level (each side); the run with the median tokens/s is reported
 
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
@@ -44,8 +46,12 @@ def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
     return [[1] + torch.randint(3, spec.args.vocab_size, (spec.prompt_len - 1,), generator=g).tolist() for _ in range(count)]
 
 
-def median_run(runs: list[RunResult]) -> RunResult:
-    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
+def load_baseline(spec: BenchSpec, cores: int) -> Any:
+    """transformers' model on every core of this process, warmed up."""
+    model = load_hf(spec.checkpoint, spec.dtype)
+    torch.set_num_threads(cores)
+    run_hf(model, prompts_for(spec, 1), 2)
+    return model
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
@@ -56,16 +62,22 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         spec.checkpoint, spec.args, placement=PlacementOptions(),
         engine=EngineOptions(dtype=spec.dtype, max_num_seqs=max(spec.concurrency)),
     )
-    ours: dict[int, RunResult] = {}
+    ours: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
+    theirs: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
     try:
         run_cluster(cluster.coordinator, prompts_for(spec, 1), 2)  # warm-up: first calls pay for imports
         dispatch = measure_dispatch(cluster.workers, spec.args.hidden_size, spec.dtype)
         # The planner's one end-to-end point: medians over three runs, since one run's TTFT swings
         # with how the simultaneous requests happen to reach the engine.
         calibration = [run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH), 16) for _ in range(3)]
-        for c in tqdm(spec.concurrency, desc="moe-cluster", unit="level"):
-            ours[c] = median_run([run_cluster(cluster.coordinator, prompts_for(spec, c), spec.output_len)
-                                  for _ in range(spec.repeats)])
+        model = load_baseline(spec, machine.cores) if spec.baseline else None
+        runs = [(c, i) for c in spec.concurrency for i in range(spec.repeats)]
+        for c, _ in tqdm(runs, desc="moe-cluster" + (" and transformers" if model else ""), unit="run"):
+            prompts = prompts_for(spec, c)
+            ours[c].append(run_cluster(cluster.coordinator, prompts, spec.output_len))
+            if model is not None:
+                theirs[c].append(run_hf(model, prompts, spec.output_len))
+        del model
         load = ray.get(cluster.coordinator.expert_load.remote())
     finally:
         cluster.shutdown()
@@ -77,16 +89,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         calibration_prompt_len=spec.prompt_len,
         **measure_parts(spec.args, spec.dtype, context=spec.prompt_len + spec.output_len // 2),
     )
-    theirs: dict[int, RunResult] = {}
-    if spec.baseline:
-        model = load_hf(spec.checkpoint, spec.dtype)
-        torch.set_num_threads(machine.cores)
-        run_hf(model, prompts_for(spec, 1), 2)
-        for c in tqdm(spec.concurrency, desc="transformers", unit="level"):
-            theirs[c] = median_run([run_hf(model, prompts_for(spec, c), spec.output_len) for _ in range(spec.repeats)])
-        del model
     rows = [
-        result_row(c, ours[c], theirs.get(c), decode_floor_seconds(spec.args, machine, batch=c, dtype=spec.dtype))
+        result_row(c, ours[c], theirs[c], decode_floor_seconds(spec.args, machine, batch=c, dtype=spec.dtype))
         for c in spec.concurrency
     ]
     report = {

@@ -5,11 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cluster.bench.runs import RunResult, percentile
-
-
-def median_run(runs: list[RunResult]) -> RunResult:
-    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
+from cluster.bench.runs import RunResult, median_run, percentile
 
 
 def result_row(c: int, cluster_runs: list[RunResult], baseline_runs: list[RunResult], floor_s: float) -> dict[str, Any]:

@@ -71,8 +71,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         # with how the simultaneous requests happen to reach the engine.
         calibration = [run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH), 16) for _ in range(3)]
         model = load_baseline(spec, machine.cores) if spec.baseline else None
-        runs = [(c, i) for c in spec.concurrency for i in range(spec.repeats)]
-        for c, _ in tqdm(runs, desc="moe-cluster" + (" and transformers" if model else ""), unit="run"):
+        levels = [c for c in spec.concurrency for _ in range(spec.repeats)]
+        for c in tqdm(levels, desc="moe-cluster" + (" and transformers" if model else ""), unit="run"):
             prompts = prompts_for(spec, c)
             ours[c].append(run_cluster(cluster.coordinator, prompts, spec.output_len))
             if model is not None:

@@ -31,6 +31,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def median_run(runs: list[RunResult]) -> RunResult:
+    """The run with the median tokens/s."""
+    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
+
+
 def per_request(start: float, token_times: list[float]) -> tuple[float, float]:
     tpot = (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else 0.0
     return token_times[0] - start, tpot

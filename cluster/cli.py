@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from mixtral.errors import UserError
-
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+from cluster.errors import USER_ERRORS, UserError
+from cluster.placement_options import Strategy
+from cluster.serve.args import ServeArgs
+from mixtral.config import DType
 
 app = typer.Typer(
     help="Expert-parallel Mixtral inference on Ray.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
@@ -26,7 +29,7 @@ def user_errors() -> Iterator[None]:
     """Print a user's mistake as one line on stderr and exit 2, without a traceback."""
     try:
         yield
-    except UserError as e:
+    except USER_ERRORS as e:
         print(f"moe-cluster: error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
 
@@ -46,7 +49,7 @@ def start_ray() -> None:
     import ray
 
     ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+        address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False
     )
 
 
@@ -78,14 +81,22 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = False,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
-    strategy: Annotated[str, typer.Option(help="Placement: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.")] = "PACK",
+    dtype: Annotated[Optional[DType], typer.Option(help="Compute dtype; default: the checkpoint's.")] = None,
+    strategy: Annotated[Strategy, typer.Option(help="Placement strategy of the placement group.")] = "PACK",
 ) -> None:
     """Bring the cluster up on Ray (local, or RAY_ADDRESS) and generate for one prompt."""
     with user_errors():
         request = prepare_generation(
-            checkpoint, prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, ignore_eos=ignore_eos, dtype=dtype, strategy=strategy,
+            checkpoint,
+            prompt=prompt,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            dtype=dtype,
+            strategy=strategy,
         )
         result = run_generation(request)
     if as_json:
@@ -96,36 +107,39 @@ def generate(
 
 def prepare_generation(checkpoint: str, *, prompt: str | None, prompt_ids: str | None, **options: Any) -> dict[str, Any]:
     """Check everything the user gave before any Ray process starts; cheap checks first."""
-    from mixtral.config import DTYPES, load_args
+    from mixtral.checkpoint import Checkpoint
     from mixtral.synthetic import resolve_checkpoint
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3")
-    if options["strategy"] not in STRATEGIES:
-        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {options['strategy']!r}")
-    if options["dtype"] is not None and options["dtype"] not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {options['dtype']!r}")
     ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else None
-    path = resolve_checkpoint(checkpoint)
-    args = load_args(path)
+    opened = Checkpoint.open(resolve_checkpoint(checkpoint))
+    path, args = opened.path, opened.args
 
-    from cluster.engine import check_request
-    from cluster.sampling import SamplingParams
-    from mixtral.checkpoint import CheckpointReader
+    from cluster.engine.sampling import SamplingParams
+    from cluster.engine.scheduler import check_request
     from mixtral.tokenizer import load_tokenizer
 
     params = SamplingParams(
-        max_tokens=options["max_tokens"], temperature=options["temperature"], top_p=options["top_p"],
-        seed=options["seed"], ignore_eos=options["ignore_eos"],
+        max_tokens=options["max_tokens"],
+        temperature=options["temperature"],
+        top_p=options["top_p"],
+        seed=options["seed"],
+        ignore_eos=options["ignore_eos"],
     )
     params.validate()
-    CheckpointReader(path).verify()
+    opened.reader().verify()
     tokenizer = load_tokenizer(path) if prompt is not None or _has_tokenizer(path) else None
     if ids is None:
-        ids = tokenizer(prompt).input_ids
+        assert tokenizer is not None and prompt is not None  # --prompt was given, so its tokenizer was loaded
+        ids = list(tokenizer(prompt).input_ids)
     check_request(ids, params, max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size)
     return dict(
-        checkpoint=path, args=args, tokenizer=tokenizer, prompt_ids=ids, params=params, dtype=options["dtype"],
+        checkpoint=opened,
+        tokenizer=tokenizer,
+        prompt_ids=ids,
+        params=params,
+        dtype=options["dtype"],
         strategy=options["strategy"],
     )
 
@@ -137,12 +151,14 @@ def _has_tokenizer(path: Path) -> bool:
 def run_generation(request: dict[str, Any]) -> dict[str, Any]:
     import ray
 
-    from cluster.coordinator_actor import EngineOptions
-    from cluster.placement import PlacementOptions, bring_up
+    from cluster.engine.build import EngineOptions
+    from cluster.placement import bring_up
+    from cluster.placement_options import PlacementOptions
 
     start_ray()
     cluster = bring_up(
-        request["checkpoint"], request["args"], engine=EngineOptions(dtype=request["dtype"]),
+        request["checkpoint"],
+        engine=EngineOptions(dtype=request["dtype"]),
         placement=PlacementOptions(strategy=request["strategy"]),
     )
     try:
@@ -163,16 +179,12 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@app.command()
 def serve(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name made on first use.")] = "tiny",
     host: Annotated[str, typer.Option(help="HTTP address to bind; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (OpenAI-compatible API under /v1).")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (moe.MoEService).")] = 9000,
-    model_name: Annotated[Optional[str], typer.Option(help="Name clients use in 'model'.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="Running sequences; more wait in a queue.")] = 64,
-    guardrail: Annotated[bool, typer.Option("--guardrail", help="Prepend the Mistral 7B guardrail system prompt to chats.")] = False,
+    **settings: Any,
 ) -> None:
     """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
     import signal
@@ -180,20 +192,18 @@ def serve(
 
     from pydantic import ValidationError
 
-    from cluster.serve_app import GRPC_SERVICER, ServeArgs, build_app
-    from mixtral.checkpoint import CheckpointReader
-    from mixtral.config import load_args
+    from cluster.serve.app import GRPC_SERVICER, build_app
+    from mixtral.checkpoint import Checkpoint
     from mixtral.synthetic import resolve_checkpoint
 
     with user_errors():
         try:
-            serve_args = ServeArgs(checkpoint=checkpoint, model_name=model_name, dtype=dtype, max_num_seqs=max_num_seqs,  # type: ignore[arg-type]
-                                   guardrail=guardrail)
+            serve_args = ServeArgs(checkpoint=checkpoint, **settings)
         except ValidationError as e:
-            raise UserError(f"{e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
-        path = resolve_checkpoint(checkpoint)
-        load_args(path)
-        CheckpointReader(path).verify()
+            first = e.errors()[0]
+            raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        opened = Checkpoint.open(resolve_checkpoint(checkpoint))
+        opened.reader().verify()
         from ray import serve as ray_serve
 
         start_ray()
@@ -202,8 +212,10 @@ def serve(
             grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
         )
         ray_serve.run(build_app(serve_args), name="moe", route_prefix="/")
-    print(f"serving {serve_args.model_name or path.name} at http://{host}:{port}/v1 and gRPC on port {grpc_port}; Ctrl-C stops",
-          flush=True)
+    print(
+        f"serving {serve_args.model_name or opened.name} at http://{host}:{port}/v1 and gRPC on port {grpc_port}; Ctrl-C stops",
+        flush=True,
+    )
     # Explicit handlers: a shell that starts us in the background sets SIGINT to ignored, and
     # SIGTERM (systemd, Kubernetes) should stop us as cleanly as Ctrl-C.
     stop = threading.Event()
@@ -214,6 +226,27 @@ def serve(
     ray_serve.shutdown()
 
 
+def with_serve_settings(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` an option per ServeArgs field besides the checkpoint: its type (choices
+    included), default and description, so the CLI and a Serve config file take the same settings."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    settings = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=field.default,
+            annotation=Annotated[field.annotation, typer.Option(help=field.description)],
+        )
+        for name, field in ServeArgs.model_fields.items()
+        if name != "checkpoint"
+    ]
+    command.__signature__ = inspect.signature(command).replace(parameters=own + settings)  # type: ignore[attr-defined]
+    return command
+
+
+app.command()(with_serve_settings(serve))
+
+
 @app.command()
 def stats(
     url: Annotated[str, typer.Argument(help="Base URL of a running `moe-cluster serve`.")] = "http://127.0.0.1:8000",
@@ -221,7 +254,7 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON report instead of the table.")] = False,
 ) -> None:
     """Show how tokens spread over the experts: per layer and expert, and per worker."""
-    from cluster.stats_view import fetch_load, load_table, plot_heatmap
+    from cluster.serve.stats_view import fetch_load, load_table, plot_heatmap
 
     with user_errors():
         report = fetch_load(url)
@@ -236,16 +269,18 @@ def bench(
     concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,8,64",
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
     output_len: Annotated[int, typer.Option(help="Generated tokens per request (EOS ignored).")] = 64,
-    baseline: Annotated[Optional[str], typer.Option(help="'hf': also run transformers' generate, same run.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
+    baseline: Annotated[Optional[Literal["hf"]], typer.Option(help="'hf': also run transformers' generate, same run.")] = None,
+    dtype: Annotated[Optional[DType], typer.Option(help="Compute dtype; default: the checkpoint's.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and profile.json.")] = Path("bench-out"),
-    repeats: Annotated[int, typer.Option(help="Runs per level on each side, taken in turn with the baseline's; the median run of each is reported.")] = 1,
+    repeats: Annotated[
+        int,
+        typer.Option(help="Runs per level on each side, taken in turn with the baseline's; the median run of each is reported."),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object with the results.")] = False,
 ) -> None:
     """Measure output tokens/s, TTFT and TPOT per concurrency, against transformers in the same run."""
     from cluster.bench.run import BenchSpec, run_bench, summary
-    from mixtral.checkpoint import CheckpointReader
-    from mixtral.config import DTYPES, load_args
+    from mixtral.checkpoint import Checkpoint
     from mixtral.synthetic import resolve_checkpoint
 
     with user_errors():
@@ -255,22 +290,26 @@ def bench(
             raise UserError(f"--concurrency must be comma-separated integers such as 1,8,64; got {concurrency!r}") from None
         if any(c < 1 for c in levels):
             raise UserError("--concurrency levels must be at least 1")
-        if baseline not in (None, "hf"):
-            raise UserError(f"--baseline must be 'hf'; got {baseline!r}")
         if prompt_len < 1 or output_len < 2 or repeats < 1:
             raise UserError("--prompt-len and --repeats must be at least 1 and --output-len at least 2")
-        path = resolve_checkpoint(checkpoint)
-        args = load_args(path)
-        if dtype is not None and dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-        if prompt_len + output_len > args.max_position_embeddings:
-            raise UserError(f"--prompt-len + --output-len exceeds the model's context of {args.max_position_embeddings}")
-        CheckpointReader(path).verify()
+        opened = Checkpoint.open(resolve_checkpoint(checkpoint))
+        context = opened.args.max_position_embeddings
+        if prompt_len + output_len > context:
+            raise UserError(f"--prompt-len + --output-len exceeds the model's context of {context}")
+        opened.reader().verify()
         start_ray()
-        report = run_bench(BenchSpec(
-            checkpoint=path, args=args, dtype=dtype or args.dtype, concurrency=levels, prompt_len=prompt_len,
-            output_len=output_len, baseline=baseline == "hf", out=out, repeats=repeats,
-        ))
+        report = run_bench(
+            BenchSpec(
+                checkpoint=opened,
+                dtype=dtype or opened.args.dtype,
+                concurrency=levels,
+                prompt_len=prompt_len,
+                output_len=output_len,
+                baseline=baseline == "hf",
+                out=out,
+                repeats=repeats,
+            )
+        )
     print(summary(report))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}", file=sys.stderr)
     if as_json:
@@ -279,7 +318,9 @@ def bench(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(help="A named shape (mixtral-8x7b, mini, tiny) or a checkpoint directory.")] = "mixtral-8x7b",
+    model: Annotated[
+        str, typer.Option(help="A named shape (mixtral-8x7b, mini, tiny) or a checkpoint directory.")
+    ] = "mixtral-8x7b",
     gpu: Annotated[str, typer.Option(help="GPU type from the table (see --gpus-file to add your own).")] = "L4",
     gpus_file: Annotated[Optional[Path], typer.Option(help="JSON list of extra GPU types.")] = None,
     interconnect: Annotated[str, typer.Option(help="pcie4, nvlink, ethernet-25g or ethernet-100g.")] = "pcie4",
@@ -290,7 +331,7 @@ def plan(
     tpot_ms: Annotated[float, typer.Option(help="Target time per output token.")] = 100.0,
     skew: Annotated[float, typer.Option(help="Expert load max/mean (Mixtral paper: ~1.2 on text, ~1.5 on maths).")] = 1.2,
     trace: Annotated[Optional[Path], typer.Option(help="A routing trace: its measured skew replaces --skew.")] = None,
-    dtype: Annotated[str, typer.Option(help="Weights dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = "bfloat16",
     profile: Annotated[Optional[Path], typer.Option(help="A bench profile.json: predict bench on that machine instead.")] = None,
     concurrency: Annotated[str, typer.Option(help="With --profile: concurrency levels to predict.")] = "1,8,64",
     plot: Annotated[Optional[Path], typer.Option(help="Write a cost plot PNG here.")] = None,
@@ -309,16 +350,18 @@ def plan(
             return predict_cmd(args, profile, concurrency, prompt_len, output_len, skew, as_json)
         if min(requests_per_s, ttft_ms, tpot_ms) <= 0 or min(prompt_len, output_len) < 1 or skew < 1:
             raise UserError("requests-per-s, ttft-ms and tpot-ms must be positive, lengths at least 1, skew at least 1")
-        if dtype not in ("bfloat16", "float16", "float32"):
-            raise UserError(f"--dtype must be bfloat16, float16 or float32; got {dtype!r}")
         if trace is not None:
             from router.trace import read_trace
 
             skew = read_trace(trace).skew()
         plans = make_plan(
-            args, hardware.gpu(gpu, hardware.load_gpus(gpus_file)), hardware.interconnect(interconnect),
+            args,
+            hardware.gpu(gpu, hardware.load_gpus(gpus_file)),
+            hardware.interconnect(interconnect),
             Workload(requests_per_s, prompt_len, output_len, ttft_ms, tpot_ms),
-            bytes_per_param=4 if dtype == "float32" else 2, skew=skew, name=Path(model).name,
+            bytes_per_param=4 if dtype == "float32" else 2,
+            skew=skew,
+            name=Path(model).name,
         )
     print(plan_table(plans))
     if plot:
@@ -353,8 +396,14 @@ def experiments(
             raise UserError("skews must be at least 1 and batches at least 1")
         table = hardware.load_gpus(None)
         args = load_args(model) if Path(model).is_dir() else model_args(model)
-        points = sweep(args, [hardware.gpu(g, table) for g in gpus.split(",")], hardware.interconnect(interconnect),
-                       skews=skew_list, batches=batch_list, context=context)
+        points = sweep(
+            args,
+            [hardware.gpu(g, table) for g in gpus.split(",")],
+            hardware.interconnect(interconnect),
+            skews=skew_list,
+            batches=batch_list,
+            context=context,
+        )
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(points)
     (out / "experiments.md").write_text(text + "\n")
@@ -363,8 +412,9 @@ def experiments(
     print(f"wrote {out / 'experiments.md'} and {out / 'experiments.png'}", file=sys.stderr)
 
 
-def predict_cmd(args: Any, profile_path: Path, concurrency: str, prompt_len: int, output_len: int, skew: float,
-                as_json: bool) -> None:
+def predict_cmd(
+    args: Any, profile_path: Path, concurrency: str, prompt_len: int, output_len: int, skew: float, as_json: bool
+) -> None:
     """Predicted bench tokens/s on the profiled machine, beside what bench measured there if bench.json is with it."""
     from cluster.planning.local import predict_bench_tok_s
     from cluster.planning.profile import Profile
@@ -372,7 +422,7 @@ def predict_cmd(args: Any, profile_path: Path, concurrency: str, prompt_len: int
     if not profile_path.is_file():
         raise UserError(f"--profile {profile_path} does not exist; `moe-cluster bench` writes one into its --out directory")
     prof = Profile.load(profile_path)
-    measured = {}
+    measured: dict[int, float] = {}
     bench_file = profile_path.with_name("bench.json")
     if bench_file.is_file():
         report = json.loads(bench_file.read_text())
@@ -381,11 +431,10 @@ def predict_cmd(args: Any, profile_path: Path, concurrency: str, prompt_len: int
     rows = []
     for c in (int(x) for x in concurrency.split(",")):
         predicted = predict_bench_tok_s(args, prof, concurrency=c, prompt_len=prompt_len, output_len=output_len, skew=skew)
-        rows.append({"concurrency": c, "predicted_tok_s": predicted, "measured_tok_s": measured.get(c)})
-    for r in rows:
-        m = r["measured_tok_s"]
-        extra = f", measured {m:.1f} ({100 * (r['predicted_tok_s'] / m - 1):+.0f}%)" if m else ""
-        print(f"concurrency {r['concurrency']}: predicted {r['predicted_tok_s']:.1f} tok/s{extra}")
+        m = measured.get(c)
+        extra = f", measured {m:.1f} ({100 * (predicted / m - 1):+.0f}%)" if m else ""
+        print(f"concurrency {c}: predicted {predicted:.1f} tok/s{extra}")
+        rows.append({"concurrency": c, "predicted_tok_s": predicted, "measured_tok_s": m})
     if as_json:
         print(json.dumps({"predictions": rows}))
 

@@ -8,31 +8,23 @@ workers take fractional CPUs and the same code runs on CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from cluster.coordinator_actor import CoordinatorActor, EngineOptions
+from cluster.coordinator_actor import CoordinatorActor
+from cluster.engine.build import EngineOptions
+from cluster.errors import UserError
+from cluster.placement_options import PlacementOptions
+from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
-from mixtral.errors import UserError
 from workers.device import HUGE_PAGES_ENV
 from workers.expert_worker import ExpertWorker, WorkerInfo
 
-Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 PLACEMENT_TIMEOUT_S = 120
-
-
-@dataclass(frozen=True)
-class PlacementOptions:
-    strategy: Strategy = "PACK"
-    coordinator_cpus: float = 0.5
-    worker_cpus: float = 0.125  # 8 workers share one core on a CPU-only machine
-    coordinator_threads: int | None = None  # None: every core of its node (workers.device.set_coordinator_threads)
-    use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough GPUs
 
 
 @dataclass
@@ -62,19 +54,21 @@ def wants_gpus(args: MixtralArgs, placement: PlacementOptions) -> tuple[bool, bo
 
 
 def start_workers(
-    checkpoint: str | Path, args: MixtralArgs, pg: PlacementGroup, *, dtype: str | None, placement: PlacementOptions, gpus: bool
+    checkpoint: Checkpoint, pg: PlacementGroup, *, dtype: str | None, placement: PlacementOptions, gpus: bool
 ) -> list[Any]:
     """Expert worker e in bundle 1 + e of `pg`."""
     worker_cls = ray.remote(ExpertWorker)
     return [
         worker_cls.options(
-            num_cpus=placement.worker_cpus, num_gpus=1 if gpus else 0,
+            num_cpus=placement.worker_cpus,
+            num_gpus=1 if gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + e),
             # Workers hold only weights: a restarted one reloads its expert and Ray replays the call.
-            max_restarts=3, max_task_retries=3,
+            max_restarts=3,
+            max_task_retries=3,
             runtime_env={"env_vars": HUGE_PAGES_ENV},
-        ).remote(str(checkpoint), e, dtype=dtype, cpu_share=placement.worker_cpus)
-        for e in range(args.num_local_experts)
+        ).remote(checkpoint, e, dtype=dtype, cpu_share=placement.worker_cpus)
+        for e in range(checkpoint.args.num_local_experts)
     ]
 
 
@@ -91,9 +85,10 @@ def wait_loaded(refs: list[Any], *, progress: bool) -> list[Any]:
 
 
 def bring_up(
-    checkpoint: str | Path, args: MixtralArgs, *, engine: EngineOptions, placement: PlacementOptions, progress: bool = True
+    checkpoint: Checkpoint, *, engine: EngineOptions, placement: PlacementOptions, progress: bool = True
 ) -> ExpertCluster:
     """Reserve the placement group, start the workers and the coordinator, wait for their weights."""
+    args = checkpoint.args
     gpus, coordinator_gpu = wants_gpus(args, placement)
     pg = placement_group(bundles(args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu), strategy=placement.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -103,11 +98,16 @@ def bring_up(
             f"the cluster cannot place 1 coordinator + {args.num_local_experts} workers with strategy "
             f"{placement.strategy} (resources: {ray.cluster_resources()}); add nodes or choose PACK"
         )
-    workers = start_workers(checkpoint, args, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
-    coordinator = ray.remote(CoordinatorActor).options(
-        num_cpus=placement.coordinator_cpus, num_gpus=1 if coordinator_gpu else 0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
-        runtime_env={"env_vars": HUGE_PAGES_ENV},
-    ).remote(str(checkpoint), workers, engine, threads=placement.coordinator_threads)
+    workers = start_workers(checkpoint, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
+    coordinator: Any = (
+        ray.remote(CoordinatorActor)
+        .options(
+            num_cpus=placement.coordinator_cpus,
+            num_gpus=1 if coordinator_gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
+            runtime_env={"env_vars": HUGE_PAGES_ENV},
+        )
+        .remote(checkpoint, workers, engine, threads=placement.coordinator_threads)
+    )
     loaded = wait_loaded([w.info.remote() for w in workers] + [coordinator.engine_steps.remote()], progress=progress)
     return ExpertCluster(pg, coordinator, workers, loaded[:-1])

@@ -16,10 +16,32 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mixtral.config import MixtralArgs, load_args
 from mixtral.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory and its parsed config.json: what every actor is handed."""
+
+    path: Path
+    args: MixtralArgs
+
+    @staticmethod
+    def open(path: str | Path) -> Checkpoint:
+        """Read and check config.json; raise CheckpointError saying what is wrong."""
+        return Checkpoint(Path(path), load_args(path))
+
+    @property
+    def name(self) -> str:
+        """The directory's name: the model's default name and its metrics label."""
+        return self.path.name
+
+    def reader(self) -> CheckpointReader:
+        return CheckpointReader(self.path)
 
 
 @dataclass
@@ -35,9 +57,6 @@ class CheckpointReader:
         self.root = Path(checkpoint)
         self.weight_map = _weight_map(self.root)
         self.log = ReadLog()
-
-    def names(self) -> list[str]:
-        return list(self.weight_map)
 
     def verify(self) -> None:
         """Open every shard's header (no tensor data) and check it holds what the index says."""

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
-from typing import TYPE_CHECKING
-
-from mixtral.errors import CheckpointError
+from mixtral.errors import CheckpointError, ModelError
 
 if TYPE_CHECKING:
     import torch
 
 # Kept as names so that checking a config (the CLI's first step) does not import torch.
-DTYPES = ("float32", "bfloat16", "float16")
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(DType)
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,16 @@ class MixtralArgs:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    dtype: str  # the checkpoint's own dtype, one of DTYPES
-
-    @property
-    def num_key_value_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
+    dtype: DType  # the checkpoint's own dtype
 
 
 def load_args(checkpoint: str | Path) -> MixtralArgs:
     """Read and check `checkpoint/config.json`; raise CheckpointError saying what is wrong."""
     path = Path(checkpoint)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory; make one with `moe-cluster make-checkpoint {path} --preset tiny`")
+        raise CheckpointError(
+            f"checkpoint {path} is not a directory; make one with `moe-cluster make-checkpoint {path} --preset tiny`"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing; a Hugging Face Mixtral checkpoint needs config.json")
@@ -89,7 +87,7 @@ def args_from_dict(raw: dict, *, source: str = "config") -> MixtralArgs:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-            dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            dtype=cast(DType, str(raw.get("dtype") or raw.get("torch_dtype") or "float32")),  # checked below
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: field {e.args[0]!r} is missing") from None
@@ -113,5 +111,5 @@ def resolve_dtype(args: MixtralArgs, override: str | None) -> torch.dtype:
 
     name = override or args.dtype
     if name not in DTYPES:
-        raise CheckpointError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+        raise ModelError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return getattr(torch, name)

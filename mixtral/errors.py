@@ -1,9 +1,9 @@
-"""Errors a user can cause and fix; the CLI prints them as one line, without a traceback."""
+"""Errors in the model's files or settings that a user can fix; each message says how."""
 
 
-class UserError(Exception):
-    """Bad input from the user; the message says how to fix it."""
+class ModelError(ValueError):
+    """A checkpoint, preset or dtype the model cannot be built from."""
 
 
-class CheckpointError(UserError):
+class CheckpointError(ModelError):
     """The checkpoint is missing, corrupt or not a Mixtral checkpoint."""

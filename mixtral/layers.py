@@ -28,7 +28,9 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Te
     return (w2 @ (F.silu(w1 @ xt) * (w3 @ xt))).t().contiguous()
 
 
-def rope_cos_sin(positions: torch.Tensor, *, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, *, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, Dh] for absolute positions [T], in the rotate-half layout of HF checkpoints."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2]

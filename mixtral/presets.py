@@ -4,24 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixtral.errors import UserError
+from mixtral.errors import ModelError
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        hidden_size=256, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
-        intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, vocab_size=32000,
-        max_position_embeddings=4096, rope_theta=1e6,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
     ),
     "mini": dict(
-        hidden_size=1024, num_hidden_layers=8, num_local_experts=8, num_experts_per_tok=2,
-        intermediate_size=3584, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
-        max_position_embeddings=8192, rope_theta=1e6,
+        hidden_size=1024,
+        num_hidden_layers=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=3584,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=8192,
+        rope_theta=1e6,
     ),
     # Planning only: 93 GB in bf16, never written here.
     "mixtral-8x7b": dict(
-        hidden_size=4096, num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2,
-        intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-        max_position_embeddings=32768, rope_theta=1e6,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
     ),
 }
 
@@ -30,5 +51,5 @@ WRITABLE = ("tiny", "mini")
 
 def preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ModelError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dict(PRESETS[name])

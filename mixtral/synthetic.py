@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from mixtral.config import DTYPES
-from mixtral.errors import UserError
+from mixtral.errors import ModelError
 from mixtral.presets import preset
 from mixtral.tokenizer import write_mixtral_tokenizer
 
@@ -26,10 +26,10 @@ def make_checkpoint(
     from transformers import MixtralConfig, MixtralForCausalLM
 
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ModelError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose a new directory")
+        raise ModelError(f"{out} exists and is not empty; choose a new directory")
     fields = preset(preset_name) | (overrides or {})
     rope_theta = fields.pop("rope_theta", 1e6)
     config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
@@ -52,7 +52,7 @@ def make_checkpoint(
 
 def cached_preset_checkpoint(name: str, *, cache_dir: str | Path | None = None) -> Path:
     """The preset's checkpoint in the cache, made on first use."""
-    root = Path(cache_dir or os.environ.get("MOE_CLUSTER_CACHE", Path.home() / ".cache" / "moe-cluster"))
+    root = Path(cache_dir or os.environ.get("MOE_CLUSTER_CACHE") or Path.home() / ".cache" / "moe-cluster")
     path = root / "checkpoints" / name
     if not (path / "config.json").is_file():
         root.joinpath("checkpoints").mkdir(parents=True, exist_ok=True)

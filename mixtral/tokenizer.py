@@ -25,8 +25,13 @@ def write_mixtral_tokenizer(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(mixtral_sentencepiece_model(), Path(tmp) / "tokenizer.model")
         config = {
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "legacy": False,
         }
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))
         AutoTokenizer.from_pretrained(tmp).save_pretrained(str(out))

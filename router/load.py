@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from router.routing import RoutingPlan
+
 
 class ExpertLoad:
     def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
@@ -27,6 +29,12 @@ class ExpertLoad:
         self.entropy_sum[layer] += entropy_sum
         self.dispatch_seconds[layer] += dispatch_seconds
         self.dispatch_calls[layer] += 1
+
+    def layer_routed(self, layer: int, plan: RoutingPlan, seconds: float) -> None:
+        self.record(layer, plan.counts, entropy_sum=plan.entropy_sum, dispatch_seconds=seconds)
+
+    def step_done(self) -> None:
+        pass
 
     def snapshot(self) -> list[list[int]]:
         return [list(row) for row in self.total]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from router.observer import RoutingObserver
 from router.routing import RoutingPlan
 from router.transport import ExpertTransport
 
@@ -43,6 +44,7 @@ def combine(plan: RoutingPlan, outputs: dict[int, torch.Tensor], *, num_tokens: 
 class MoeCall:
     """One MoE layer in flight: its plan, the transport's pending calls, and when it started."""
 
+    layer: int
     plan: RoutingPlan
     pending: Any
     num_tokens: int
@@ -50,11 +52,16 @@ class MoeCall:
 
 
 def start_moe(layer: int, x: torch.Tensor, plan: RoutingPlan, transport: ExpertTransport) -> MoeCall:
-    return MoeCall(plan, transport.submit(layer, dispatch(plan, x)), x.shape[0], time.perf_counter())
+    """[Dispatch]: send each busy expert its tokens, not waiting for the replies."""
+    return MoeCall(layer, plan, transport.submit(layer, dispatch(plan, x)), x.shape[0], time.perf_counter())
 
 
-def finish_moe(call: MoeCall, transport: ExpertTransport) -> torch.Tensor:
-    return combine(call.plan, transport.gather(call.pending), num_tokens=call.num_tokens)
+def finish_moe(call: MoeCall, transport: ExpertTransport, observer: RoutingObserver | None = None) -> torch.Tensor:
+    """Wait for the experts, [Combine], and tell the observer what was routed and how long it took."""
+    out = combine(call.plan, transport.gather(call.pending), num_tokens=call.num_tokens)
+    if observer is not None:
+        observer.layer_routed(call.layer, call.plan, time.perf_counter() - call.started)
+    return out
 
 
 def moe_layer(layer: int, x: torch.Tensor, plan: RoutingPlan, transport: ExpertTransport) -> torch.Tensor:

@@ -15,6 +15,9 @@ from typing import BinaryIO
 import msgpack
 import torch
 
+from router.load import balancedness
+from router.routing import RoutingPlan
+
 VERSION = 1
 
 
@@ -48,6 +51,13 @@ class TraceWriter:
         self._step += 1
         self._file.flush()
 
+    # As a RoutingObserver of the coordinator.
+    def layer_routed(self, layer: int, plan: RoutingPlan, seconds: float) -> None:
+        self.record(layer, plan.topk_ids)
+
+    def step_done(self) -> None:
+        self.end_step()
+
     def close(self) -> None:
         self._file.close()
 
@@ -62,8 +72,9 @@ class Trace:
     truncated: bool
 
     def skew(self) -> float:
-        """Expert load max/mean, averaged over layers (1.0 is perfectly even)."""
-        ratios = [max(row) / (sum(row) / len(row)) for row in self.counts if sum(row)]
+        """Expert load max/mean, averaged over layers (1.0 is perfectly even): the planner's skew,
+        the inverse of the load metrics' balancedness."""
+        ratios = [1 / balancedness(row) for row in self.counts if sum(row)]
         return sum(ratios) / len(ratios) if ratios else 1.0
 
 

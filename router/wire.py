@@ -49,7 +49,7 @@ class RemoteError(RuntimeError):
 
 def _bytes(t: torch.Tensor) -> memoryview:
     # A uint8 view of the same memory: what the socket reads from or writes into.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def send_tensor(sock: socket.socket, tag: int, x: torch.Tensor) -> None:

@@ -13,8 +13,13 @@ from mixtral.synthetic import make_checkpoint
 
 # A small shape so that a test checkpoint loads in well under a second; tests override fields.
 SMALL = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=512, max_position_embeddings=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
 )
 
 torch.set_num_threads(1)  # the test process shares 2 cores with Ray's actors
@@ -51,8 +56,12 @@ def ray_session(metrics_port: int) -> Iterator[None]:
 
     # Logical CPUs above the 2 physical ones: actors take fractional shares and sleep while waiting.
     ray.init(
-        num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-        _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500},
+        num_cpus=4,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 500},
     )
     yield
     ray.shutdown()

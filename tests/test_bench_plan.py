@@ -20,8 +20,25 @@ def last_json(stdout: str) -> dict:
 
 def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench"
-    proc = run_cli("bench", str(make_ckpt()), "--concurrency", "1,4", "--prompt-len", "8", "--output-len", "4",
-                   "--baseline", "hf", "--repeats", "2", "--out", str(out), "--json", env=cli_env, timeout=600)
+    proc = run_cli(
+        "bench",
+        str(make_ckpt()),
+        "--concurrency",
+        "1,4",
+        "--prompt-len",
+        "8",
+        "--output-len",
+        "4",
+        "--baseline",
+        "hf",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+        env=cli_env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     results = last_json(proc.stdout)["results"]
     assert [r["concurrency"] for r in results] == [1, 4]
@@ -56,27 +73,29 @@ def test_kv_cache_per_token_is_128_kib_for_mixtral() -> None:
 
 
 def test_plan_takes_skew_from_a_routing_trace(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cluster.coordinator_actor import EngineOptions
-    from cluster.local import local_engine
-    from cluster.sampling import SamplingParams
+    from cluster.engine.build import EngineOptions, local_engine
+    from cluster.engine.sampling import SamplingParams
+    from mixtral.checkpoint import Checkpoint
 
     path = tmp_path / "trace.msgpack"
-    engine = local_engine(make_ckpt(), EngineOptions(trace_path=str(path)))
+    engine = local_engine(Checkpoint.open(make_ckpt()), EngineOptions(trace_path=str(path)))
     engine.generate([[1, 5, 9, 30, 31]], [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)])
-    engine.model.trace.close()  # type: ignore[attr-defined]
     proc = run_cli("plan", "--trace", str(path), "--json", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert last_json(proc.stdout)["skew"] == pytest.approx(read_trace(path).skew())
     assert read_trace(path).skew() > 1
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--gpu", "Z80"], "unknown GPU"),
-    (["--interconnect", "carrier-pigeon"], "unknown interconnect"),
-    (["--model", "gpt-5"], "unknown preset"),
-    (["--tpot-ms", "0"], "positive"),
-    (["--profile", "/nonexistent/profile.json"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--gpu", "Z80"], "unknown GPU"),
+        (["--interconnect", "carrier-pigeon"], "unknown interconnect"),
+        (["--model", "gpt-5"], "unknown preset"),
+        (["--tpot-ms", "0"], "positive"),
+        (["--profile", "/nonexistent/profile.json"], "does not exist"),
+    ],
+)
 def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli("plan", *args, env=cli_env), fragment)
 
@@ -88,21 +107,56 @@ def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_en
 )
 def test_planner_calibrated_by_bench_predicts_mini_within_25_percent(cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "mini"
-    proc = run_cli("bench", "mini", "--concurrency", "1,8", "--prompt-len", "32", "--output-len", "12", "--out", str(out),
-                   "--repeats", "3", "--json", env=cli_env, timeout=900)
+    proc = run_cli(
+        "bench",
+        "mini",
+        "--concurrency",
+        "1,8",
+        "--prompt-len",
+        "32",
+        "--output-len",
+        "12",
+        "--out",
+        str(out),
+        "--repeats",
+        "3",
+        "--json",
+        env=cli_env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("plan", "--model", "mini", "--profile", str(out / "profile.json"), "--concurrency", "1,8",
-                   "--prompt-len", "32", "--output-len", "12", "--skew", "1.0", "--json", env=cli_env)
+    proc = run_cli(
+        "plan",
+        "--model",
+        "mini",
+        "--profile",
+        str(out / "profile.json"),
+        "--concurrency",
+        "1,8",
+        "--prompt-len",
+        "32",
+        "--output-len",
+        "12",
+        "--skew",
+        "1.0",
+        "--json",
+        env=cli_env,
+    )
     assert proc.returncode == 0, proc.stderr
     for row in last_json(proc.stdout)["predictions"]:
         assert row["predicted_tok_s"] == pytest.approx(row["measured_tok_s"], rel=0.25), row
 
 
 def test_experiments_sweep_writes_table_and_plot(cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    proc = run_cli("experiments", "--gpus", "L4,H100-80GB", "--skews", "1.0,1.5", "--batches", "1,64", "--out", str(tmp_path),
-                   env=cli_env)
+    proc = run_cli(
+        "experiments", "--gpus", "L4,H100-80GB", "--skews", "1.0,1.5", "--batches", "1,64", "--out", str(tmp_path), env=cli_env
+    )
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in (tmp_path / "experiments.md").read_text().splitlines() if line.startswith("| L4") or line.startswith("| H100")]
+    rows = [
+        line
+        for line in (tmp_path / "experiments.md").read_text().splitlines()
+        if line.startswith("| L4") or line.startswith("| H100")
+    ]
     assert len(rows) == 2 * 2 * 2
     cost = {(r.split("|")[1].strip(), r.split("|")[3].strip()): float(r.split("|")[7]) for r in rows if "| 1.0 |" in r}
     assert cost[("L4", "64")] < cost[("L4", "1")]  # a fuller batch spreads the same GPUs over more tokens

@@ -54,10 +54,17 @@ print(int(huge[0].split()[1]) * 1024)
 """
 
 
-@pytest.mark.skipif(not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(), reason="the kernel has no transparent huge pages")
+@pytest.mark.skipif(
+    not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(), reason="the kernel has no transparent huge pages"
+)
 def test_weights_read_under_the_huge_pages_env_sit_in_huge_pages(make_ckpt) -> None:  # type: ignore[no-untyped-def]
     # torch puts allocations of 2 MiB and more in huge pages, and fills whole pages only: 8 MiB matrices.
     checkpoint = make_ckpt(hidden_size=512, intermediate_size=4096, num_hidden_layers=1, num_local_experts=2)
-    run = subprocess.run([sys.executable, "-c", PROBE, str(checkpoint)], env=os.environ | HUGE_PAGES_ENV,
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE, str(checkpoint)],
+        env=os.environ | HUGE_PAGES_ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert int(run.stdout.strip()) >= 2 << 20, "no expert weight landed in a huge page"

@@ -22,9 +22,7 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
     cluster started from here needs too. RAY_ADDRESS is dropped unless `env` sets it.
     """
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
-    return subprocess.run(
-        [sys.executable, "-m", "cluster", *args], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -97,7 +95,9 @@ def test_make_checkpoint_refuses_a_full_directory(make_ckpt, cli_env) -> None:  
 
 def test_generate_json_matches_transformers(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
     checkpoint = make_ckpt(tokenizer=True)
-    proc = run_cli("generate", str(checkpoint), "--prompt-ids", "1,17,230,5", "--max-tokens", "6", "--ignore-eos", "--json", env=cli_env)
+    proc = run_cli(
+        "generate", str(checkpoint), "--prompt-ids", "1,17,230,5", "--max-tokens", "6", "--ignore-eos", "--json", env=cli_env
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref_ids, ref_logprobs = hf_greedy(hf_model(checkpoint), [1, 17, 230, 5], 6)

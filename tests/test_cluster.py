@@ -11,11 +11,12 @@ import ray
 import torch
 
 from cluster.coordinator import non_expert_weights
-from cluster.coordinator_actor import EngineOptions
-from cluster.placement import ExpertCluster, PlacementOptions, bring_up
-from cluster.sampling import SamplingParams
+from cluster.engine.build import EngineOptions
+from cluster.engine.sampling import SamplingParams
+from cluster.placement import ExpertCluster, bring_up
+from cluster.placement_options import PlacementOptions
 from mixtral import names
-from mixtral.checkpoint import INDEX_FILE
+from mixtral.checkpoint import INDEX_FILE, Checkpoint
 from mixtral.config import load_args
 from tests.reference import hf_greedy, hf_model
 from tests.test_parity import random_prompts
@@ -29,7 +30,9 @@ def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def cluster(ray_session, checkpoint: Path) -> Iterator[ExpertCluster]:  # type: ignore[no-untyped-def]
     handle = bring_up(
-        checkpoint, load_args(checkpoint), engine=EngineOptions(max_num_batched_tokens=16, overlap_min_tokens=2), placement=PlacementOptions(),
+        Checkpoint.open(checkpoint),
+        engine=EngineOptions(max_num_batched_tokens=16, overlap_min_tokens=2),
+        placement=PlacementOptions(),
         progress=False,
     )
     yield handle

@@ -20,8 +20,17 @@ def test_strict_spread_puts_each_worker_on_its_own_gpu_node(make_ckpt, cli_env) 
         gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(8)}
         cluster.wait_for_nodes()
         proc = run_cli(
-            "generate", str(checkpoint), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "6",
-            "--ignore-eos", "--json", "--strategy", "STRICT_SPREAD", env=cli_env | {"RAY_ADDRESS": cluster.address},
+            "generate",
+            str(checkpoint),
+            "--prompt-ids",
+            ",".join(map(str, PROMPT)),
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+            "--strategy",
+            "STRICT_SPREAD",
+            env=cli_env | {"RAY_ADDRESS": cluster.address},
         )
     finally:
         cluster.shutdown()

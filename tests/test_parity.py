@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.coordinator_actor import EngineOptions
-from cluster.local import local_engine
-from cluster.sampling import SamplingParams
+from cluster.engine.build import EngineOptions, local_engine
+from cluster.engine.sampling import SamplingParams
+from mixtral.checkpoint import Checkpoint
 from tests.reference import hf_greedy, hf_model
 
 SHAPES = {
@@ -33,7 +33,7 @@ def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]
 
 
 def assert_matches_hf(checkpoint, prompts, max_tokens, options=EngineOptions()) -> None:  # type: ignore[no-untyped-def]
-    engine = local_engine(checkpoint, options)
+    engine = local_engine(Checkpoint.open(checkpoint), options)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
     seqs = engine.generate(prompts, params)
     model = hf_model(checkpoint)
@@ -66,10 +66,10 @@ def test_two_micro_batches_in_flight_match_transformers(make_ckpt) -> None:  # t
 
 def test_expert_load_counts_every_routed_token(make_ckpt) -> None:  # type: ignore[no-untyped-def]
     checkpoint = make_ckpt()
-    engine = local_engine(checkpoint)
+    engine = local_engine(Checkpoint.open(checkpoint))
     prompts = random_prompts([7, 4], 512, seed=3)
     engine.generate(prompts, [SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)] * 2)
-    load = engine.model.load.snapshot()  # type: ignore[attr-defined]
+    load = engine.model.load.snapshot()
     # Every prompt token and every generated token but the last is fed once; each picks top-2 experts.
     fed = sum(len(p) + 5 - 1 for p in prompts)
     assert [sum(row) for row in load] == [fed * 2] * 2
@@ -79,11 +79,10 @@ def test_routing_trace_reads_back_the_live_counts(make_ckpt, tmp_path) -> None: 
     from router.trace import read_trace
 
     checkpoint = make_ckpt()
-    engine = local_engine(checkpoint, EngineOptions(trace_path=str(tmp_path / "routes.msgpack")))
+    engine = local_engine(Checkpoint.open(checkpoint), EngineOptions(trace_path=str(tmp_path / "routes.msgpack")))
     engine.generate(random_prompts([9, 3, 14], 512, seed=4), [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 3)
-    engine.model.trace.close()  # type: ignore[attr-defined]
     trace = read_trace(tmp_path / "routes.msgpack")
-    assert trace.counts == engine.model.load.snapshot()  # type: ignore[attr-defined]
+    assert trace.counts == engine.model.load.snapshot()
     assert (trace.layers, trace.experts, trace.top_k, trace.truncated) == (2, 8, 2, False)
     assert trace.steps == engine.steps
 
@@ -92,9 +91,8 @@ def test_routing_trace_stops_at_its_size_bound(make_ckpt, tmp_path) -> None:  # 
     from router.trace import read_trace
 
     path = tmp_path / "small.msgpack"
-    engine = local_engine(make_ckpt(), EngineOptions(trace_path=str(path), trace_max_bytes=400))
+    engine = local_engine(Checkpoint.open(make_ckpt()), EngineOptions(trace_path=str(path), trace_max_bytes=400))
     engine.generate(random_prompts([30], 512, seed=4), [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)])
-    engine.model.trace.close()  # type: ignore[attr-defined]
     assert path.stat().st_size <= 400
     trace = read_trace(path)
     assert trace.truncated and 0 < sum(map(sum, trace.counts)) < sum(map(sum, engine.model.load.snapshot()))  # type: ignore[attr-defined]

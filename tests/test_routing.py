@@ -35,7 +35,9 @@ class CountingTransport(LocalTransport):
         return super().submit(layer, inputs)
 
 
-def random_experts(num_experts: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def random_experts(
+    num_experts: int, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     gate = torch.randn(num_experts, D, generator=g)
     w1 = [torch.randn(I, D, generator=g) / D**0.5 for _ in range(num_experts)]

@@ -1,6 +1,6 @@
 import torch
 
-from cluster.sampling import SamplingParams, make_generator, sample, sample_batch
+from cluster.engine.sampling import SamplingParams, make_generator, sample, sample_batch
 
 
 def test_a_batch_of_greedy_and_seeded_rows_samples_each_row_as_alone() -> None:

@@ -15,14 +15,18 @@ from typing import Any
 import grpc
 import openai
 import pytest
+import torch
 from ray import serve
 
-from cluster.chat import GUARDRAIL_PROMPT, ChatRenderer
-from cluster.local import local_engine
-from cluster.sampling import SamplingParams
-from cluster.serve_app import GRPC_SERVICER, ServeArgs, build_app
+from cluster.engine.build import local_engine
+from cluster.engine.sampling import SamplingParams
+from cluster.serve.app import GRPC_SERVICER, build_app
+from cluster.serve.args import ServeArgs
+from cluster.serve.chat import GUARDRAIL_PROMPT, ChatRenderer
+from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2, moe_pb2_grpc
+from tests.reference import hf_greedy, hf_model
 from tests.test_cli import run_cli
 from tests.test_parity import random_prompts
 
@@ -67,7 +71,9 @@ def solo_greedy(checkpoint: Path, prompts: list[list[int]], max_tokens: list[int
     """Each prompt run alone, greedy, in a fresh in-process engine."""
     out = []
     for prompt, n in zip(prompts, max_tokens):
-        [seq] = local_engine(checkpoint).generate([prompt], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)])
+        [seq] = local_engine(Checkpoint.open(checkpoint)).generate(
+            [prompt], [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)]
+        )
         out.append(seq.output_ids)
     return out
 
@@ -87,9 +93,11 @@ def test_completion_text_usage_and_stream(server: Server) -> None:
     assert done.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
     assert done.choices[0].finish_reason == "length"
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (5, 7, 12)
-    chunks = list(server.client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=7, stream=True, stream_options={"include_usage": True}, **GREEDY
-    ))
+    chunks = list(
+        server.client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=7, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
     text_prompt = server.client.completions.create(model=MODEL, prompt="The experts", max_tokens=3, **GREEDY)
@@ -110,8 +118,9 @@ def test_max_tokens_and_stop_strings(server: Server) -> None:
 
 def test_same_seed_same_text(server: Server) -> None:
     def sample(seed: int) -> str:
-        r = server.client.completions.create(model=MODEL, prompt="Tell me", max_tokens=10, temperature=1.0, seed=seed,
-                                             extra_body={"ignore_eos": True})
+        r = server.client.completions.create(
+            model=MODEL, prompt="Tell me", max_tokens=10, temperature=1.0, seed=seed, extra_body={"ignore_eos": True}
+        )
         return r.choices[0].text
 
     assert sample(42) == sample(42)
@@ -127,9 +136,16 @@ def test_chat_in_mixtral_format_streaming_and_not(server: Server) -> None:
     assert done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(prompt_ids), 6)
-    chunks = list(server.client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}, **GREEDY  # type: ignore[arg-type]
-    ))
+    chunks = list(
+        server.client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,  # type: ignore[arg-type]
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == done.choices[0].message.content
     assert chunks[-1].usage.total_tokens == len(prompt_ids) + 6
@@ -144,17 +160,17 @@ def test_guardrail_prompt_is_rendered_first(server: Server) -> None:
     assert guarded.index(GUARDRAIL_PROMPT) < guarded.index("Hi")
 
 
-def test_greedy_over_http_and_grpc_equals_cli_generate(server: Server, cli_env) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_over_http_and_grpc_equals_transformers(server: Server) -> None:
     prompt = [1, 99, 1042, 7, 311, 20]
-    proc = run_cli("generate", str(server.checkpoint), "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", "8",
-                   "--ignore-eos", "--json", env=cli_env)
-    assert proc.returncode == 0, proc.stderr
-    cli = json.loads(proc.stdout.strip().splitlines()[-1])
-    http_text = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **GREEDY).choices[0].text
-    assert http_text == cli["text"]
+    ref_ids, ref_logprobs = hf_greedy(hf_model(server.checkpoint), prompt, 8)
+    reply = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, logprobs=0, **GREEDY)
+    assert reply.choices[0].text == load_tokenizer(server.checkpoint).decode(ref_ids, skip_special_tokens=True)
+    torch.testing.assert_close(
+        torch.tensor(reply.choices[0].logprobs.token_logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4
+    )
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        reply = moe_pb2_grpc.MoEServiceStub(channel).Generate(grpc_request(prompt, max_tokens=8, temperature=0.0))
-    assert list(reply.token_ids) == cli["token_ids"]
+        grpc_reply = moe_pb2_grpc.MoEServiceStub(channel).Generate(grpc_request(prompt, max_tokens=8, temperature=0.0))
+    assert list(grpc_reply.token_ids) == ref_ids
 
 
 def test_continuous_batching_16_concurrent_requests(server: Server) -> None:
@@ -164,9 +180,9 @@ def test_continuous_batching_16_concurrent_requests(server: Server) -> None:
 
     async def run_all() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
-        replies = await asyncio.gather(*[
-            client.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY) for p, n in zip(prompts, lengths)
-        ])
+        replies = await asyncio.gather(
+            *[client.completions.create(model=MODEL, prompt=p, max_tokens=n, **GREEDY) for p, n in zip(prompts, lengths)]
+        )
         return [r.choices[0].text for r in replies]
 
     texts = asyncio.run(run_all())
@@ -189,46 +205,13 @@ def completion(**fields: Any) -> bytes:
     return json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4} | fields).encode()
 
 
-BAD_REQUESTS = {
-    "malformed JSON": ("/v1/completions", b'{"model": "moe-small", "prompt": '),
-    "not an object": ("/v1/completions", b"[1, 2]"),
-    "wrong type": ("/v1/completions", completion(max_tokens="many")),
-    "prompt of wrong type": ("/v1/completions", completion(prompt={"text": "hi"})),
-    "unknown model": ("/v1/completions", completion(model="gpt-4")),
-    "missing messages": ("/v1/chat/completions", json.dumps({"model": MODEL}).encode()),
-    "empty messages": ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode()),
-    "assistant first": ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}).encode()),
-    "max_tokens 0": ("/v1/completions", completion(max_tokens=0)),
-    "max_tokens negative": ("/v1/completions", completion(max_tokens=-3)),
-    "max_tokens above context": ("/v1/completions", completion(max_tokens=CONTEXT + 1)),
-    "prompt longer than context": ("/v1/completions", completion(prompt=[5] * (CONTEXT + 10))),
-    "token id outside vocabulary": ("/v1/completions", completion(prompt=[1, 10**6])),
-    "temperature negative": ("/v1/completions", completion(temperature=-0.5)),
-    "top_p zero": ("/v1/completions", completion(top_p=0)),
-    "top_p above one": ("/v1/completions", completion(top_p=1.5)),
-    "top_k zero": ("/v1/completions", completion(top_k=0)),
-    "n above one": ("/v1/completions", completion(n=2)),
-    "non-UTF-8 bytes": ("/v1/completions", b'{"model": "moe-small", "prompt": "\xff\xfe"}'),
-    "body over the size limit": ("/v1/completions", completion(prompt="x" * (2 << 20))),
-}
-
-
-@pytest.mark.parametrize("case", BAD_REQUESTS)
-def test_bad_input_gets_openai_error_and_server_keeps_serving(server: Server, case: str) -> None:
-    path, body = BAD_REQUESTS[case]
-    status, payload = post(server, path, body)
-    assert 400 <= status < 500, payload
-    assert set(payload["error"]) == {"message", "type", "param", "code"}
-    assert payload["error"]["message"]
+def test_a_bad_request_is_a_4xx_from_the_real_app_and_it_keeps_serving(server: Server) -> None:
+    # Every kind of bad input is covered over a fake engine (test_edge.py); this is the real app's wiring.
+    status, payload = post(server, "/v1/completions", completion(max_tokens=CONTEXT + 1))
+    assert status == 400 and payload["error"]["param"] == "max_tokens"
+    assert post(server, "/v1/completions", completion(model="gpt-4"))[0] == 404
     status, ok = post(server, "/v1/completions", completion(max_tokens=1))
     assert status == 200 and ok["usage"]["completion_tokens"] == 1
-
-
-def test_unknown_model_is_404_and_context_errors_name_the_param(server: Server) -> None:
-    assert post(server, *BAD_REQUESTS["unknown model"])[0] == 404
-    assert post(server, *BAD_REQUESTS["body over the size limit"])[0] == 413
-    assert post(server, *BAD_REQUESTS["max_tokens above context"])[1]["error"]["param"] == "max_tokens"
-    assert post(server, *BAD_REQUESTS["temperature negative"])[1]["error"]["param"] == "temperature"
 
 
 def test_client_disconnect_mid_stream_frees_its_sequence(server: Server) -> None:
@@ -236,8 +219,12 @@ def test_client_disconnect_mid_stream_frees_its_sequence(server: Server) -> None
     assert before["running"] == 0
     max_tokens = CONTEXT - 16
     conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
-    conn.request("POST", "/v1/completions", body=completion(max_tokens=max_tokens, stream=True, ignore_eos=True),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        body=completion(max_tokens=max_tokens, stream=True, ignore_eos=True),
+        headers={"Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     assert response.status == 200
     response.readline()  # the first SSE event: the sequence is running now
@@ -272,14 +259,13 @@ def test_grpc_unary_and_streaming(server: Server) -> None:
     assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
 
 
-@pytest.mark.parametrize("params", [dict(max_tokens=0), dict(max_tokens=4, top_p=2.0), dict(max_tokens=4, temperature=-1.0)])
-def test_grpc_invalid_request_is_invalid_argument(server: Server, params: dict[str, Any]) -> None:
+def test_grpc_invalid_request_is_invalid_argument(server: Server) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = moe_pb2_grpc.MoEServiceStub(channel)
         with pytest.raises(grpc.RpcError) as unary:
-            stub.Generate(grpc_request([1, 2, 3], **params))
+            stub.Generate(grpc_request([1, 2, 3], max_tokens=4, top_p=2.0))
         with pytest.raises(grpc.RpcError) as streaming:
-            list(stub.GenerateStream(grpc_request([1, 2, 3], **params)))
+            list(stub.GenerateStream(grpc_request([1, 2, 3], max_tokens=0)))
     assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -294,7 +280,10 @@ def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> No
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster", "serve", "--port", str(http_port), "--grpc-port", str(grpc_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
     )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -342,8 +331,14 @@ def test_expert_counters_sum_to_routed_tokens_and_table_agrees(server: Server, c
 
 def test_prometheus_exposes_moe_series(server: Server, metrics_port: int) -> None:
     server.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, **GREEDY)
-    wanted = ["ray_moe_expert_tokens_total", "ray_moe_dispatch_round_trip_seconds", "ray_moe_worker_forward_seconds",
-              "ray_moe_time_to_first_token_seconds", "ray_moe_generation_tokens_total", "ray_moe_num_requests_running"]
+    wanted = [
+        "ray_moe_expert_tokens_total",
+        "ray_moe_dispatch_round_trip_seconds",
+        "ray_moe_worker_forward_seconds",
+        "ray_moe_time_to_first_token_seconds",
+        "ray_moe_generation_tokens_total",
+        "ray_moe_num_requests_running",
+    ]
     deadline, text = time.monotonic() + 30, ""
     while time.monotonic() < deadline:
         conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)

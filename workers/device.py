@@ -6,7 +6,6 @@ import os
 
 import torch
 
-
 # For the actors' runtime_env. torch then puts CPU allocations of 2 MiB and more in transparent huge
 # pages (where the kernel allows them), and its allocator reads the variable once, at the process's
 # first allocation, so it must be in the environment the process starts with. An expert's decode step

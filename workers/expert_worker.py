@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from mixtral import names
-from mixtral.checkpoint import CheckpointReader, ReadLog
-from mixtral.config import load_args, resolve_dtype
+from mixtral.checkpoint import Checkpoint, ReadLog
+from mixtral.config import resolve_dtype
 from mixtral.layers import expert_ffn
-from mixtral.telemetry import Telemetry
 from workers.channel_server import ChannelAddress, ChannelServer
 from workers.device import HUGE_PAGES_ENV, assigned_device, set_threads
+from workers.telemetry import Telemetry
 
 
 @dataclass
@@ -43,21 +42,23 @@ class WorkerInfo:
 
 
 class ExpertWorker:
-    def __init__(self, checkpoint: str | Path, expert: int, *, dtype: str | None = None, cpu_share: float = 1.0) -> None:
+    def __init__(self, checkpoint: Checkpoint, expert: int, *, dtype: str | None = None, cpu_share: float = 1.0) -> None:
         self.expert = expert
         self.threads = set_threads(cpu_share)
         self.device = assigned_device()
-        args = load_args(checkpoint)
+        args = checkpoint.args
         self.dtype = resolve_dtype(args, dtype)
-        self.reader = CheckpointReader(checkpoint)
-        weights = dict(self.reader.read(names.expert_weights(args.num_hidden_layers, expert), dtype=self.dtype, device=self.device))
+        self.reader = checkpoint.reader()
+        weights = dict(
+            self.reader.read(names.expert_weights(args.num_hidden_layers, expert), dtype=self.dtype, device=self.device)
+        )
         # weights[layer] = (w1 [I, D], w2 [D, I], w3 [I, D])
         self.layers = [
             tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3"))
             for layer in range(args.num_hidden_layers)
         ]
         self.stats = WorkerStats(expert)
-        self.telemetry = Telemetry(Path(checkpoint).name)
+        self.telemetry = Telemetry(checkpoint.name)
         self.channel = ChannelServer(self.forward)
 
     @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from cluster.planning.cost_model import ModelCost, busy_experts
 from mixtral.config import MixtralArgs
 
 
@@ -34,7 +36,8 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> Machine:
-    """Uses every core, as the whole machine's ceiling."""
+    """Uses every core, as the whole machine's ceiling. Only `dtypes` are timed: where a dtype has no
+    fast kernel (bf16 on some CPUs), one large matmul of it takes tens of seconds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
@@ -43,33 +46,10 @@ def measure_machine(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> Machin
         rates = {}
         for name in dtypes:
             a = torch.randn(2048, 2048).to(getattr(torch, name))
-            rates[name] = 2 * 2048**3 / median_seconds(lambda: a @ a, 5) / 1e9
+            rates[name] = 2 * 2048**3 / median_seconds(functools.partial(torch.matmul, a, a), 5) / 1e9
     finally:
         torch.set_num_threads(threads)
     return Machine(cores=os.cpu_count() or 1, bandwidth_gbs=weights.nbytes / read_s / 1e9, matmul_gflops=rates)
-
-
-@dataclass(frozen=True)
-class ModelCost:
-    """Parameters a decode step touches and multiplies, from the model's shape."""
-
-    attention_params: int  # per layer: q, k, v, o
-    expert_params: int  # per layer and expert: w1, w2, w3
-    gate_params: int  # per layer
-    head_params: int  # lm_head (the embedding lookup reads only T rows)
-
-    @staticmethod
-    def of(args: MixtralArgs) -> ModelCost:
-        d, h, g, dh = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        return ModelCost(
-            attention_params=d * dh * (2 * h + 2 * g), expert_params=3 * d * args.intermediate_size,
-            gate_params=d * args.num_local_experts, head_params=args.vocab_size * d,
-        )
-
-
-def busy_experts(tokens: int, experts: int, top_k: int) -> float:
-    """Expected experts with at least one of `tokens` tokens, under uniform routing."""
-    return experts * (1 - (1 - top_k / experts) ** tokens)
 
 
 def decode_floor_seconds(args: MixtralArgs, machine: Machine, *, batch: int, dtype: str) -> float:

@@ -42,14 +42,25 @@ def table(rows: list[dict[str, Any]]) -> str:
         head += ["hf tok/s", "hf TTFT", "hf TPOT", "ratio"]
     lines = [head]
     for r in rows:
-        line = [str(r["concurrency"]), f"{r['tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} ms", f"{r['ttft_p99_ms']:.0f} ms",
-                f"{r['tpot_p50_ms']:.1f} ms", f"{r['tpot_p99_ms']:.1f} ms", f"{r['floor_step_ms']:.1f} ms",
-                f"{100 * r['floor_fraction']:.0f}%"]
+        line = [
+            str(r["concurrency"]),
+            f"{r['tok_s']:.1f}",
+            f"{r['ttft_p50_ms']:.0f} ms",
+            f"{r['ttft_p99_ms']:.0f} ms",
+            f"{r['tpot_p50_ms']:.1f} ms",
+            f"{r['tpot_p99_ms']:.1f} ms",
+            f"{r['floor_step_ms']:.1f} ms",
+            f"{100 * r['floor_fraction']:.0f}%",
+        ]
         if has_baseline:
             pairs = r["pair_ratios"]
             spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
-            line += [f"{r['baseline_tok_s']:.1f}", f"{r['baseline_ttft_p50_ms']:.0f} ms", f"{r['baseline_tpot_p50_ms']:.1f} ms",
-                     f"{r['ratio']:.2f}x{spread}"]
+            line += [
+                f"{r['baseline_tok_s']:.1f}",
+                f"{r['baseline_ttft_p50_ms']:.0f} ms",
+                f"{r['baseline_tpot_p50_ms']:.1f} ms",
+                f"{r['ratio']:.2f}x{spread}",
+            ]
         lines.append(line)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)

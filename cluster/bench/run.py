@@ -18,20 +18,22 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cluster.bench.calibrate import measure_dispatch, measure_parts
 from cluster.bench.machine import decode_floor_seconds, measure_machine
 from cluster.bench.report import plot, result_row, table
 from cluster.bench.runs import RunResult, load_hf, percentile, run_cluster, run_hf
-from cluster.coordinator_actor import EngineOptions
-from cluster.planning.profile import CALIBRATION_BATCH, TOKEN_COUNTS, Profile, measure_dispatch, measure_parts
-from cluster.placement import PlacementOptions, bring_up
-from mixtral.config import MixtralArgs
+from cluster.engine.build import EngineOptions
+from cluster.placement import bring_up
+from cluster.placement_options import PlacementOptions
+from cluster.planning.profile import CALIBRATION_BATCH, TOKEN_COUNTS, Profile
+from mixtral.checkpoint import Checkpoint
+from mixtral.config import DType
 
 
 @dataclass(frozen=True)
 class BenchSpec:
-    checkpoint: Path
-    args: MixtralArgs
-    dtype: str
+    checkpoint: Checkpoint
+    dtype: DType
     concurrency: list[int]
     prompt_len: int
     output_len: int
@@ -43,12 +45,15 @@ class BenchSpec:
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(spec.seed + count)
-    return [[1] + torch.randint(3, spec.args.vocab_size, (spec.prompt_len - 1,), generator=g).tolist() for _ in range(count)]
+    return [
+        [1] + torch.randint(3, spec.checkpoint.args.vocab_size, (spec.prompt_len - 1,), generator=g).tolist()
+        for _ in range(count)
+    ]
 
 
 def load_baseline(spec: BenchSpec, cores: int) -> Any:
     """transformers' model on every core of this process, warmed up."""
-    model = load_hf(spec.checkpoint, spec.dtype)
+    model = load_hf(spec.checkpoint.path, spec.dtype)
     torch.set_num_threads(cores)
     run_hf(model, prompts_for(spec, 1), 2)
     return model
@@ -57,16 +62,17 @@ def load_baseline(spec: BenchSpec, cores: int) -> Any:
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
     import ray
 
-    machine = measure_machine()
+    machine = measure_machine(tuple(dict.fromkeys(("float32", spec.dtype))))
     cluster = bring_up(
-        spec.checkpoint, spec.args, placement=PlacementOptions(),
+        spec.checkpoint,
+        placement=PlacementOptions(),
         engine=EngineOptions(dtype=spec.dtype, max_num_seqs=max(spec.concurrency)),
     )
     ours: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
     theirs: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
     try:
         run_cluster(cluster.coordinator, prompts_for(spec, 1), 2)  # warm-up: first calls pay for imports
-        dispatch = measure_dispatch(cluster.workers, spec.args.hidden_size, spec.dtype)
+        dispatch = measure_dispatch(cluster.workers, spec.checkpoint.args.hidden_size, spec.dtype)
         # The planner's one end-to-end point: medians over three runs, since one run's TTFT swings
         # with how the simultaneous requests happen to reach the engine.
         calibration = [run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH), 16) for _ in range(3)]
@@ -82,20 +88,23 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     finally:
         cluster.shutdown()
     profile = Profile(
-        cores=machine.cores, dtype=spec.dtype, tokens=list(TOKEN_COUNTS), dispatch_ms=dispatch,
+        cores=machine.cores,
+        dtype=spec.dtype,
+        tokens=list(TOKEN_COUNTS),
+        dispatch_ms=dispatch,
         max_num_batched_tokens=EngineOptions().max_num_batched_tokens,
         calibration_tpot_ms=1e3 * percentile([percentile(run.tpot_s, 50) for run in calibration], 50),
         calibration_ttft_ms=1e3 * percentile([percentile(run.ttft_s, 50) for run in calibration], 50),
         calibration_prompt_len=spec.prompt_len,
-        **measure_parts(spec.args, spec.dtype, context=spec.prompt_len + spec.output_len // 2),
+        **measure_parts(spec.checkpoint.args, spec.dtype, context=spec.prompt_len + spec.output_len // 2),
     )
     rows = [
-        result_row(c, ours[c], theirs[c], decode_floor_seconds(spec.args, machine, batch=c, dtype=spec.dtype))
+        result_row(c, ours[c], theirs[c], decode_floor_seconds(spec.checkpoint.args, machine, batch=c, dtype=spec.dtype))
         for c in spec.concurrency
     ]
     report = {
         "machine": machine.to_dict() | {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
-        "checkpoint": str(spec.checkpoint),
+        "checkpoint": str(spec.checkpoint.path),
         "dtype": spec.dtype,
         "prompt_len": spec.prompt_len,
         "output_len": spec.output_len,
@@ -106,7 +115,9 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "bench.json").write_text(json.dumps(report, indent=2))
     profile.save(spec.out / "profile.json")
-    plot(rows, spec.out / "bench.png", f"{spec.checkpoint.name}, {spec.dtype}, prompt {spec.prompt_len}, output {spec.output_len}")
+    plot(
+        rows, spec.out / "bench.png", f"{spec.checkpoint.name}, {spec.dtype}, prompt {spec.prompt_len}, output {spec.output_len}"
+    )
     return report
 
 

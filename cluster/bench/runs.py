@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cluster.sampling import SamplingParams
+from cluster.engine.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,13 @@ def run_hf(model: Any, prompts: list[list[int]], output_len: int) -> RunResult:
     start = time.time()
     with torch.inference_mode():
         model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=output_len, min_new_tokens=output_len,
-            do_sample=False, streamer=streamer, pad_token_id=0,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=0,
         )
     token_times = streamer.times[1:]
     ttft, tpot = per_request(start, token_times)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cluster.bench.machine import ModelCost, busy_experts
 from cluster.planning.hardware import Gpu, Interconnect
 from mixtral.config import MixtralArgs
 
@@ -35,6 +34,31 @@ class MemorySplit:
     @property
     def headroom(self) -> float:
         return self.total - self.expert_weights - self.attention_weights - self.kv_cache - self.activations - self.reserve
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Parameters a decode step touches and multiplies, from the model's shape."""
+
+    attention_params: int  # per layer: q, k, v, o
+    expert_params: int  # per layer and expert: w1, w2, w3
+    gate_params: int  # per layer
+    head_params: int  # lm_head (the embedding lookup reads only T rows)
+
+    @staticmethod
+    def of(args: MixtralArgs) -> ModelCost:
+        d, h, g, dh = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        return ModelCost(
+            attention_params=d * dh * (2 * h + 2 * g),
+            expert_params=3 * d * args.intermediate_size,
+            gate_params=d * args.num_local_experts,
+            head_params=args.vocab_size * d,
+        )
+
+
+def busy_experts(tokens: int, experts: int, top_k: int) -> float:
+    """Expected experts with at least one of `tokens` tokens, under uniform routing."""
+    return experts * (1 - (1 - top_k / experts) ** tokens)
 
 
 def kv_bytes_per_token(args: MixtralArgs, bytes_per_param: int) -> int:
@@ -72,17 +96,27 @@ def layout_for(args: MixtralArgs, gpu: Gpu, bytes_per_param: int, *, activation_
     return Layout(1, split, split * args.num_local_experts)
 
 
-def memory_splits(args: MixtralArgs, gpu: Gpu, layout: Layout, bytes_per_param: int, *, kv_tokens: int,
-                  activation_gb: float) -> tuple[MemorySplit, MemorySplit]:
+def memory_splits(
+    args: MixtralArgs, gpu: Gpu, layout: Layout, bytes_per_param: int, *, kv_tokens: int, activation_gb: float
+) -> tuple[MemorySplit, MemorySplit]:
     """(coordinator GPU, one expert GPU)."""
     coordinator = MemorySplit(
-        expert_weights=0.0, attention_weights=non_expert_params(args) * bytes_per_param / 1e9,
-        kv_cache=kv_tokens * kv_bytes_per_token(args, bytes_per_param) / 1e9, activations=activation_gb,
-        reserve=RUNTIME_RESERVE_GB, total=gpu.memory_gb,
+        expert_weights=0.0,
+        attention_weights=non_expert_params(args) * bytes_per_param / 1e9,
+        kv_cache=kv_tokens * kv_bytes_per_token(args, bytes_per_param) / 1e9,
+        activations=activation_gb,
+        reserve=RUNTIME_RESERVE_GB,
+        total=gpu.memory_gb,
     )
     expert_gb = expert_params_all_layers(args) * bytes_per_param / 1e9 * layout.experts_per_gpu / layout.gpus_per_expert
-    worker = MemorySplit(expert_weights=expert_gb, attention_weights=0.0, kv_cache=0.0, activations=activation_gb,
-                         reserve=RUNTIME_RESERVE_GB, total=gpu.memory_gb)
+    worker = MemorySplit(
+        expert_weights=expert_gb,
+        attention_weights=0.0,
+        kv_cache=0.0,
+        activations=activation_gb,
+        reserve=RUNTIME_RESERVE_GB,
+        total=gpu.memory_gb,
+    )
     return coordinator, worker
 
 
@@ -90,19 +124,36 @@ def _roofline(bytes_read: float, flops: float, gpu: Gpu) -> float:
     return max(bytes_read / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY), flops / (gpu.tflops * 1e12 * COMPUTE_EFFICIENCY))
 
 
-def step_seconds(args: MixtralArgs, gpu: Gpu, link: Interconnect | None, layout: Layout, *, tokens: int, sequences: int,
-                 context: int, bytes_per_param: int, skew: float) -> float:
+def step_seconds(
+    args: MixtralArgs,
+    gpu: Gpu,
+    link: Interconnect | None,
+    layout: Layout,
+    *,
+    tokens: int,
+    sequences: int,
+    context: int,
+    bytes_per_param: int,
+    skew: float,
+) -> float:
     """One engine step feeding `tokens` tokens of `sequences` sequences of `context` tokens (decode: tokens == sequences)."""
     cost = ModelCost.of(args)
     b, k, e, d = bytes_per_param, args.num_experts_per_tok, args.num_local_experts, args.hidden_size
-    attention = _roofline((cost.attention_params + cost.gate_params) * b + sequences * context * kv_bytes_per_token(args, b)
-                          / args.num_hidden_layers, 2 * tokens * (cost.attention_params + cost.gate_params), gpu)
+    attention = _roofline(
+        (cost.attention_params + cost.gate_params) * b
+        + sequences * context * kv_bytes_per_token(args, b) / args.num_hidden_layers,
+        2 * tokens * (cost.attention_params + cost.gate_params),
+        gpu,
+    )
     mean_tokens = tokens * k / e
     hot = min(tokens, skew * mean_tokens)  # the busiest expert's tokens this layer
     gpu_tokens = hot * layout.experts_per_gpu if layout.experts_per_gpu > 1 else hot
     busy_on_gpu = min(layout.experts_per_gpu, busy_experts(tokens, e, k) / max(1, layout.expert_gpus) * layout.gpus_per_expert)
-    experts = _roofline(busy_on_gpu * cost.expert_params * b / layout.gpus_per_expert,
-                        2 * gpu_tokens * cost.expert_params / layout.gpus_per_expert, gpu)
+    experts = _roofline(
+        busy_on_gpu * cost.expert_params * b / layout.gpus_per_expert,
+        2 * gpu_tokens * cost.expert_params / layout.gpus_per_expert,
+        gpu,
+    )
     dispatch = 0.0
     if link is not None:  # send the hot GPU's tokens out and back, after one message latency each way
         dispatch = 2 * link.latency_us * 1e-6 + 2 * gpu_tokens * d * b / (link.bandwidth_gbs * 1e9)

@@ -26,15 +26,32 @@ class Point:
     usd_per_million: float
 
 
-def sweep(args: MixtralArgs, gpus: list[Gpu], link: Interconnect, *, skews: list[float], batches: list[int],
-          context: int, bytes_per_param: int = 2) -> list[Point]:
+def sweep(
+    args: MixtralArgs,
+    gpus: list[Gpu],
+    link: Interconnect,
+    *,
+    skews: list[float],
+    batches: list[int],
+    context: int,
+    bytes_per_param: int = 2,
+) -> list[Point]:
     points = []
     for gpu in gpus:
         layout = layout_for(args, gpu, bytes_per_param, activation_gb=ACTIVATION_GB)
         for skew in skews:
             for batch in batches:
-                step = step_seconds(args, gpu, link, layout, tokens=batch, sequences=batch, context=context,
-                                    bytes_per_param=bytes_per_param, skew=skew)
+                step = step_seconds(
+                    args,
+                    gpu,
+                    link,
+                    layout,
+                    tokens=batch,
+                    sequences=batch,
+                    context=context,
+                    bytes_per_param=bytes_per_param,
+                    skew=skew,
+                )
                 tok_s = batch / step
                 usd = layout.gpus * gpu.price_per_hour / (tok_s * 3600) * 1e6
                 points.append(Point(gpu.name, skew, batch, layout.gpus, 1e3 * step, tok_s, usd))
@@ -43,8 +60,10 @@ def sweep(args: MixtralArgs, gpus: list[Gpu], link: Interconnect, *, skews: list
 
 def markdown(points: list[Point]) -> str:
     lines = ["| GPU | skew | batch | GPUs | TPOT (ms) | tok/s per replica | $ / M tokens |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p.gpu} | {p.skew} | {p.batch} | {p.gpus} | {p.tpot_ms:.1f} | {p.tok_s:.0f} | {p.usd_per_million:.2f} |"
-              for p in points]
+    lines += [
+        f"| {p.gpu} | {p.skew} | {p.batch} | {p.gpus} | {p.tpot_ms:.1f} | {p.tok_s:.0f} | {p.usd_per_million:.2f} |"
+        for p in points
+    ]
     return "\n".join(lines)
 
 

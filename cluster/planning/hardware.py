@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtral.errors import UserError
+from cluster.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -26,23 +26,29 @@ class Interconnect:
     latency_us: float  # one-way, per message
 
 
-GPUS: dict[str, Gpu] = {g.name: g for g in [
-    Gpu("T4", 16, 320, 65, 0.35),
-    Gpu("L4", 24, 300, 121, 0.80),
-    Gpu("A10G", 24, 600, 70, 1.00),
-    Gpu("RTX4090", 24, 1008, 165, 0.70),
-    Gpu("L40S", 48, 864, 362, 1.90),
-    Gpu("A100-40GB", 40, 1555, 312, 3.00),
-    Gpu("A100-80GB", 80, 2039, 312, 3.70),
-    Gpu("H100-80GB", 80, 3350, 989, 6.00),
-]}
+GPUS: dict[str, Gpu] = {
+    g.name: g
+    for g in [
+        Gpu("T4", 16, 320, 65, 0.35),
+        Gpu("L4", 24, 300, 121, 0.80),
+        Gpu("A10G", 24, 600, 70, 1.00),
+        Gpu("RTX4090", 24, 1008, 165, 0.70),
+        Gpu("L40S", 48, 864, 362, 1.90),
+        Gpu("A100-40GB", 40, 1555, 312, 3.00),
+        Gpu("A100-80GB", 80, 2039, 312, 3.70),
+        Gpu("H100-80GB", 80, 3350, 989, 6.00),
+    ]
+}
 
-INTERCONNECTS: dict[str, Interconnect] = {i.name: i for i in [
-    Interconnect("pcie4", 25, 10),
-    Interconnect("nvlink", 300, 3),
-    Interconnect("ethernet-25g", 3, 50),
-    Interconnect("ethernet-100g", 12, 20),
-]}
+INTERCONNECTS: dict[str, Interconnect] = {
+    i.name: i
+    for i in [
+        Interconnect("pcie4", 25, 10),
+        Interconnect("nvlink", 300, 3),
+        Interconnect("ethernet-25g", 3, 50),
+        Interconnect("ethernet-100g", 12, 20),
+    ]
+}
 
 
 def load_gpus(extra: Path | None) -> dict[str, Gpu]:
@@ -54,8 +60,9 @@ def load_gpus(extra: Path | None) -> dict[str, Gpu]:
                 gpu = Gpu(**entry)
                 table[gpu.name] = gpu
         except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise UserError(f"--gpus-file {extra}: expected a JSON list of {{name, memory_gb, bandwidth_gbs, tflops, "
-                            f"price_per_hour}} ({e})") from None
+            raise UserError(
+                f"--gpus-file {extra}: expected a JSON list of {{name, memory_gb, bandwidth_gbs, tflops, price_per_hour}} ({e})"
+            ) from None
     return table
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 
-from cluster.bench.machine import busy_experts
+from cluster.planning.cost_model import busy_experts
 from cluster.planning.profile import CALIBRATION_BATCH, Profile
 from mixtral.config import MixtralArgs
 
 
-def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Piecewise linear through measured points (nan entries skipped), extended linearly past the last."""
     points = [(a, b) for a, b in zip(xs, ys) if not math.isnan(b)]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -32,8 +33,10 @@ def composed_step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequen
     busy = busy_experts(tokens, e, k)
     per_busy = tokens * k / busy
     hot = min(tokens, skew * per_busy)
-    experts = max(interpolate(profile.tokens, profile.expert_ms, hot),
-                  busy * interpolate(profile.tokens, profile.expert_ms, per_busy) / profile.cores)
+    experts = max(
+        interpolate(profile.tokens, profile.expert_ms, hot),
+        busy * interpolate(profile.tokens, profile.expert_ms, per_busy) / profile.cores,
+    )
     dispatch_points = sorted((int(n), ms) for n, ms in profile.dispatch_ms.items())
     dispatch = interpolate([n for n, _ in dispatch_points], [ms for _, ms in dispatch_points], busy)
     coordinator = interpolate(profile.tokens, profile.coordinator_layer_ms, tokens)
@@ -66,8 +69,9 @@ def prefill_ms(args: MixtralArgs, profile: Profile, *, prompts: int, prompt_len:
     return scale * composed(prompts, prompt_len)
 
 
-def predict_bench_tok_s(args: MixtralArgs, profile: Profile, *, concurrency: int, prompt_len: int, output_len: int,
-                        skew: float = 1.0) -> float:
+def predict_bench_tok_s(
+    args: MixtralArgs, profile: Profile, *, concurrency: int, prompt_len: int, output_len: int, skew: float = 1.0
+) -> float:
     """Output tokens/s of `bench` at one concurrency: chunked prefill of every prompt, then decode steps."""
     prefill = prefill_ms(args, profile, prompts=concurrency, prompt_len=prompt_len, skew=skew)
     decode = (output_len - 1) * step_ms(args, profile, tokens=concurrency, sequences=concurrency, skew=skew)

@@ -32,8 +32,15 @@ ACTIVATION_GB = 1.0
 
 # Mistral 7B (arXiv 2310.06825) as a one-expert model: the same equations, one GPU, no dispatch.
 MISTRAL_7B = dict(
-    model_type="mixtral", hidden_size=4096, num_hidden_layers=32, num_local_experts=1, num_experts_per_tok=1,
-    intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+    model_type="mixtral",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_local_experts=1,
+    num_experts_per_tok=1,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
     max_position_embeddings=32768,
 )
 
@@ -85,8 +92,9 @@ def _split_dict(split: MemorySplit) -> dict[str, float]:
     return {k: round(v, 2) for k, v in asdict(split).items()} | {"headroom": round(split.headroom, 2)}
 
 
-def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None, workload: Workload, *,
-              bytes_per_param: int, skew: float) -> TierPlan:
+def plan_tier(
+    tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None, workload: Workload, *, bytes_per_param: int, skew: float
+) -> TierPlan:
     dense = args.num_local_experts == 1
     context = workload.prompt_len + workload.output_len
     if dense:
@@ -100,13 +108,28 @@ def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None,
     kv_per_seq_gb = context * kv_bytes_per_token(args, bytes_per_param) / 1e9
     max_batch_by_kv = int(coordinator.headroom // kv_per_seq_gb) if kv_per_seq_gb else MAX_BATCH
     fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0)
-    reason = "fits" if fits else (
-        "the coordinator GPU cannot hold the non-expert weights and one sequence's KV cache" if coordinator.headroom <= kv_per_seq_gb
-        else "an expert GPU cannot hold its expert weights")
+    reason = (
+        "fits"
+        if fits
+        else (
+            "the coordinator GPU cannot hold the non-expert weights and one sequence's KV cache"
+            if coordinator.headroom <= kv_per_seq_gb
+            else "an expert GPU cannot hold its expert weights"
+        )
+    )
 
     def step(tokens: int, sequences: int) -> float:
-        return step_seconds(args, gpu, None if dense else link, layout, tokens=tokens, sequences=sequences, context=context,
-                            bytes_per_param=bytes_per_param, skew=skew)
+        return step_seconds(
+            args,
+            gpu,
+            None if dense else link,
+            layout,
+            tokens=tokens,
+            sequences=sequences,
+            context=context,
+            bytes_per_param=bytes_per_param,
+            skew=skew,
+        )
 
     prefill_s = step(workload.prompt_len, 1)
     batch = 1
@@ -120,12 +143,25 @@ def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None,
     replicas = max(1, math.ceil(demand / replica_tok_s))
     usd_per_hour = replicas * layout.gpus * gpu.price_per_hour
     coordinator = replace(coordinator, kv_cache=batch * kv_per_seq_gb)
-    memory = {"gpu": _split_dict(coordinator)} if dense else {"coordinator": _split_dict(coordinator), "expert": _split_dict(worker)}
+    memory = (
+        {"gpu": _split_dict(coordinator)} if dense else {"coordinator": _split_dict(coordinator), "expert": _split_dict(worker)}
+    )
     plan = TierPlan(
-        tier=tier, gpu=gpu.name, fits=fits, reason=reason, gpus_per_replica=layout.gpus, memory_gb=memory, batch=batch,
-        tpot_ms=1e3 * tpot_s, ttft_ms=1e3 * ttft_s, replica_tok_s=replica_tok_s, replicas=replicas,
-        gpus=replicas * layout.gpus, meets_targets=fits and 1e3 * tpot_s <= workload.tpot_ms and 1e3 * ttft_s <= workload.ttft_ms,
-        usd_per_hour=usd_per_hour, usd_per_million_tokens=usd_per_hour / (demand * 3600 / 1e6) if demand else float("inf"),
+        tier=tier,
+        gpu=gpu.name,
+        fits=fits,
+        reason=reason,
+        gpus_per_replica=layout.gpus,
+        memory_gb=memory,
+        batch=batch,
+        tpot_ms=1e3 * tpot_s,
+        ttft_ms=1e3 * ttft_s,
+        replica_tok_s=replica_tok_s,
+        replicas=replicas,
+        gpus=replicas * layout.gpus,
+        meets_targets=fits and 1e3 * tpot_s <= workload.tpot_ms and 1e3 * ttft_s <= workload.ttft_ms,
+        usd_per_hour=usd_per_hour,
+        usd_per_million_tokens=usd_per_hour / (demand * 3600 / 1e6) if demand else float("inf"),
     )
     for volume in MONTHLY_VOLUMES:
         rate = volume / (HOURS_PER_MONTH * 3600)
@@ -135,11 +171,18 @@ def plan_tier(tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None,
     return plan
 
 
-def plan(args: MixtralArgs, gpu: Gpu, link: Interconnect, workload: Workload, *, bytes_per_param: int = 2,
-         skew: float = 1.2, name: str = "model") -> list[TierPlan]:
+def plan(
+    args: MixtralArgs,
+    gpu: Gpu,
+    link: Interconnect,
+    workload: Workload,
+    *,
+    bytes_per_param: int = 2,
+    skew: float = 1.2,
+    name: str = "model",
+) -> list[TierPlan]:
     """The MoE model on expert-parallel GPUs, and dense Mistral 7B on the same GPU type, side by side."""
     return [
         plan_tier(f"{name} (expert parallel)", args, gpu, link, workload, bytes_per_param=bytes_per_param, skew=skew),
-        plan_tier("mistral-7b (dense)", model_args("mistral-7b"), gpu, None, workload, bytes_per_param=bytes_per_param,
-                  skew=1.0),
+        plan_tier("mistral-7b (dense)", model_args("mistral-7b"), gpu, None, workload, bytes_per_param=bytes_per_param, skew=1.0),
     ]

@@ -10,18 +10,28 @@ from cluster.planning.planner import TierPlan
 def plan_table(plans: list[TierPlan]) -> str:
     lines = []
     for p in plans:
-        lines.append(f"{p.tier} on {p.gpu}: {'fits' if p.fits else 'does NOT fit: ' + p.reason}"
-                     f"{'' if p.meets_targets else '  (misses the TTFT/TPOT targets)'}")
+        lines.append(
+            f"{p.tier} on {p.gpu}: {'fits' if p.fits else 'does NOT fit: ' + p.reason}"
+            f"{'' if p.meets_targets else '  (misses the TTFT/TPOT targets)'}"
+        )
         for role, split in p.memory_gb.items():
             parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "total")
             lines.append(f"  {role} GPU ({split['total']:.0f} GB): {parts}")
-        lines.append(f"  {p.gpus_per_replica} GPUs per replica, batch {p.batch}: TPOT {p.tpot_ms:.1f} ms, TTFT {p.ttft_ms:.0f} ms, "
-                     f"{p.replica_tok_s:.0f} output tok/s per replica")
-        lines.append(f"  for this load: {p.replicas} replicas, {p.gpus} GPUs, ${p.usd_per_hour:.2f}/h, "
-                     f"${p.usd_per_million_tokens:.2f} per million output tokens")
-        lines.append("  per month: " + "; ".join(
-            f"{m['tokens'] / 1e6:.0f}M tokens: {m['gpus']:.0f} GPUs ${m['usd']:,.0f} (${m['usd_per_million']:,.2f}/M)"
-            for m in p.monthly))
+        lines.append(
+            f"  {p.gpus_per_replica} GPUs per replica, batch {p.batch}: TPOT {p.tpot_ms:.1f} ms, TTFT {p.ttft_ms:.0f} ms, "
+            f"{p.replica_tok_s:.0f} output tok/s per replica"
+        )
+        lines.append(
+            f"  for this load: {p.replicas} replicas, {p.gpus} GPUs, ${p.usd_per_hour:.2f}/h, "
+            f"${p.usd_per_million_tokens:.2f} per million output tokens"
+        )
+        lines.append(
+            "  per month: "
+            + "; ".join(
+                f"{m['tokens'] / 1e6:.0f}M tokens: {m['gpus']:.0f} GPUs ${m['usd']:,.0f} (${m['usd_per_million']:,.2f}/M)"
+                for m in p.monthly
+            )
+        )
     return "\n".join(lines)
 
 

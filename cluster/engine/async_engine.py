@@ -13,21 +13,13 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
-from cluster.engine import Engine, Sequence
-from cluster.sampling import SamplingParams
-from mixtral.telemetry import Telemetry
+from cluster.engine.protocol import TokenEvent
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.scheduler import Engine, Sequence
+from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]]  # empty unless the request asked for logprobs
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" on the last event
 
 
 Sink = Callable[[TokenEvent], None]

@@ -2,7 +2,7 @@
 
 Ray exports each series with its own `ray_` prefix, so `moe_expert_tokens` is scraped as
 `ray_moe_expert_tokens_total`. Outside a Ray worker every call is a no-op, so the same model code
-runs in tests and benchmarks without a Ray runtime.
+runs in tests and benchmarks without a Ray runtime. Used by the expert workers and the coordinator.
 """
 
 from __future__ import annotations

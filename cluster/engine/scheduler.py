@@ -11,12 +11,12 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from cluster.sampling import SamplingParams, make_generator, sample_batch
-from mixtral.errors import UserError
+from cluster.engine.sampling import SamplingParams, make_generator, sample_batch
+from cluster.errors import UserError
 
 
 class StepModel(Protocol):
@@ -28,8 +28,12 @@ class StepModel(Protocol):
     def forward(self, tokens: list[list[int]], *, slots: list[int], starts: list[int]) -> torch.Tensor: ...
 
 
+ModelT = TypeVar("ModelT", bound=StepModel)
+
+
 class SlotAllocator(Protocol):
-    free_slots: int
+    @property
+    def free_slots(self) -> int: ...
 
     def allocate(self) -> int: ...
 
@@ -76,10 +80,10 @@ def check_request(prompt_ids: list[int], params: SamplingParams, *, max_model_le
         raise UserError(f"prompt token ids must be in [0, {vocab_size}); the model's vocabulary has {vocab_size} tokens")
 
 
-class Engine:
+class Engine(Generic[ModelT]):
     def __init__(
         self,
-        model: StepModel,
+        model: ModelT,
         slots: SlotAllocator,
         *,
         eos_token_ids: tuple[int, ...],

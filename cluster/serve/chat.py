@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral.errors import UserError
+from cluster.errors import UserError
 
 # The system prompt the Mistral 7B paper recommends for guardrailing (arXiv 2310.06825, section 5).
 GUARDRAIL_PROMPT = (

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cluster.sampling import MAX_LOGPROBS, SamplingParams
+from cluster.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
 
@@ -19,10 +19,16 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
 class ApiError(Exception):
     """An error with an OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Serve pickles a gRPC method's exception to carry its status to the proxy; the default
+        # reduction would call ApiError(message) and fail.
+        return (ApiError, (self.status, self.message), {"param": self.param, "code": self.code, "kind": self.kind})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -64,8 +70,15 @@ class SamplingFields(BaseModel):
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos, logprobs=logprobs,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
         )
 
     @property

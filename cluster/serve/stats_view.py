@@ -7,7 +7,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from mixtral.errors import UserError
+from cluster.errors import UserError
 
 
 def fetch_load(url: str) -> dict[str, Any]:
@@ -24,10 +24,16 @@ def load_table(report: dict[str, Any]) -> str:
     head = ["layer", *[f"e{e}" for e in range(experts)], "tokens", "balanced", "entropy", "dispatch_ms"]
     rows = [head]
     for layer, counts in enumerate(report["tokens"]):
-        rows.append([
-            str(layer), *[str(c) for c in counts], str(sum(counts)), f"{report['balancedness'][layer]:.3f}",
-            f"{report['router_entropy'][layer]:.3f}", f"{report['dispatch_ms'][layer]:.2f}",
-        ])
+        rows.append(
+            [
+                str(layer),
+                *[str(c) for c in counts],
+                str(sum(counts)),
+                f"{report['balancedness'][layer]:.3f}",
+                f"{report['router_entropy'][layer]:.3f}",
+                f"{report['dispatch_ms'][layer]:.2f}",
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"model {report.get('model', '?')}: {report['layers']} layers, {experts} experts, top-{report['top_k']}"]
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
@@ -35,7 +41,8 @@ def load_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("expert  calls  forward_ms  MB_in  MB_out")
         for w in report["workers"]:
-            lines.append(f"{w['expert']:>6}  {w['calls']:>5}  {w['forward_ms']:>10.1f}  {w['bytes_in'] / 1e6:>5.1f}  {w['bytes_out'] / 1e6:>6.1f}")
+            mb_in, mb_out = w["bytes_in"] / 1e6, w["bytes_out"] / 1e6
+            lines.append(f"{w['expert']:>6}  {w['calls']:>5}  {w['forward_ms']:>10.1f}  {mb_in:>5.1f}  {mb_out:>6.1f}")
     return "\n".join(lines)
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cluster.layout import StepLayout
 from mixtral.layers import apply_rope
+from mixtral.layout import StepLayout
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mixtral.errors import UserError
-
+from cluster.errors import UserError
 
 MAX_LOGPROBS = 20
 

@@ -1,0 +1,92 @@
+"""One way to build an engine: the coordinator over a transport, its routing observers, and the
+scheduler over it. The CLI, the Ray actors, the Serve deployment, the benchmark and the tests all
+build through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.coordinator import Coordinator
+from cluster.engine.routing_metrics import RoutingMetrics
+from cluster.engine.scheduler import Engine
+from mixtral.checkpoint import Checkpoint
+from mixtral.config import DType, resolve_dtype
+from router.load import ExpertLoad
+from router.observer import RoutingObserver
+from router.trace import TraceWriter
+from router.transport import ChannelTransport, ExpertTransport, LocalTransport
+from workers.device import assigned_device
+from workers.expert_worker import ExpertWorker
+from workers.telemetry import Telemetry
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    dtype: DType | None = None  # None: the checkpoint's own dtype
+    max_num_seqs: int = 64  # cap on running sequences; more wait in a queue
+    max_num_batched_tokens: int = 2048  # per-step token budget (decode tokens + prefill chunks)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    trace_path: str | None = None  # record each token's chosen experts here (msgpack), opt-in
+    trace_max_bytes: int = 64 << 20  # recording stops when the trace file reaches this size
+    # Steps with at least this many tokens run as two micro-batches in flight (two-batch overlap):
+    # the coordinator's attention for one overlaps the experts' work on the other. None: never.
+    # Decode steps stay one batch: halving small expert batches doubles the calls and the weight
+    # reads. The README has the measurements behind the default.
+    overlap_min_tokens: int | None = 1024
+
+
+def build_engine(
+    checkpoint: Checkpoint, transport: ExpertTransport, options: EngineOptions, *, device: str = "cpu"
+) -> Engine[Coordinator]:
+    """The coordinator over `transport` (with a routing trace when one was asked for) and the scheduler over it."""
+    args = checkpoint.args
+    load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
+    observers: list[RoutingObserver] = [RoutingMetrics(Telemetry(checkpoint.name), load)]
+    if options.trace_path:
+        observers.append(
+            TraceWriter(
+                options.trace_path,
+                layers=args.num_hidden_layers,
+                experts=args.num_local_experts,
+                top_k=args.num_experts_per_tok,
+                max_bytes=options.trace_max_bytes,
+            )
+        )
+    coordinator = Coordinator(
+        checkpoint,
+        transport,
+        dtype=resolve_dtype(args, options.dtype),
+        max_num_seqs=options.max_num_seqs,
+        max_model_len=options.max_model_len,
+        device=device,
+        load=load,
+        observers=observers,
+        overlap_min_tokens=options.overlap_min_tokens,
+    )
+    return Engine(
+        coordinator,
+        coordinator.cache,
+        eos_token_ids=args.eos_token_ids,
+        max_num_seqs=options.max_num_seqs,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+    )
+
+
+def local_engine(checkpoint: Checkpoint, options: EngineOptions = EngineOptions()) -> Engine[Coordinator]:
+    """Every expert in this process: for tests, and as the one-process baseline."""
+    experts = [ExpertWorker(checkpoint, e, dtype=options.dtype) for e in range(checkpoint.args.num_local_experts)]
+    return build_engine(checkpoint, LocalTransport(experts), options)
+
+
+def channel_transport(workers: list[Any]) -> ChannelTransport:
+    """Sockets from this process (a Ray actor: the coordinator's) to each expert worker actor."""
+    import ray
+
+    return ChannelTransport(workers, ray.get_runtime_context().get_node_id())
+
+
+def engine_over_workers(checkpoint: Checkpoint, workers: list[Any], options: EngineOptions) -> Engine[Coordinator]:
+    """In a Ray actor: the engine over expert worker actors, on the device Ray assigned this one."""
+    return build_engine(checkpoint, channel_transport(workers), options, device=assigned_device())

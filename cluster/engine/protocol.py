@@ -1,0 +1,51 @@
+"""The engine as the serving layer sees it: a narrow interface, passed in.
+
+The Serve ingress reaches the engine replica through a DeploymentHandle (cluster.serve.ingress);
+tests pass a fake with the same contract, so the HTTP and gRPC edges run in seconds without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cluster.engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of a request; the last event of a stream has a finish_reason."""
+
+    token_id: int  # -1 on an "error" event, which carries no token
+    logprob: float
+    top_logprobs: list[tuple[int, float]]  # empty unless the request asked for logprobs
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" on the last event
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    max_model_len: int
+    vocab_size: int
+
+
+class EngineClient(Protocol):
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
+        """Tokens of one checked request as they are made. Closing the stream early aborts the request."""
+        ...
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def expert_load(self) -> dict[str, Any]:
+        """The load-balancing report since start (router.load.ExpertLoad.report, plus per-worker stats)."""
+        ...
+
+    async def stats(self) -> dict[str, int]:
+        """Running and waiting sequences, and engine steps so far."""
+        ...
+
+    async def check_health(self) -> None:
+        """Return if the engine can serve; raise if not."""
+        ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,67 @@
+"""The engine deployment: a Serve replica that is the coordinator, with its expert workers.
+
+Serve reserves one placement group per replica (placement_group_bundles): the replica runs in
+bundle 0, and starts expert worker e in bundle 1 + e. Its methods are the EngineClient contract
+(cluster.engine.protocol) that the ingress reaches through a DeploymentHandle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.build import EngineOptions, engine_over_workers
+from cluster.engine.protocol import ModelInfo, TokenEvent
+from cluster.engine.sampling import SamplingParams
+from cluster.placement import start_workers, wait_loaded
+from cluster.placement_options import PlacementOptions
+from mixtral.checkpoint import Checkpoint
+from workers.device import set_coordinator_threads
+from workers.telemetry import Telemetry
+
+
+class EngineServer:
+    def __init__(self, checkpoint: Checkpoint, engine: EngineOptions, placement: PlacementOptions, gpus: bool) -> None:
+        import ray
+
+        set_coordinator_threads(placement.coordinator_threads)
+        pg = ray.util.get_current_placement_group()
+        assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
+        self.workers = start_workers(checkpoint, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
+        wait_loaded([w.info.remote() for w in self.workers], progress=False)
+        self.engine = AsyncEngine(engine_over_workers(checkpoint, self.workers, engine), Telemetry(checkpoint.name))
+        self.coordinator = self.engine.engine.model
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
+        """Stream a request's tokens; a cancelled stream aborts it."""
+        async for event in self.engine.stream(prompt_ids, params, request_id):
+            yield event
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(max_model_len=self.coordinator.max_model_len, vocab_size=self.coordinator.vocab_size)
+
+    def stats(self) -> dict[str, int]:
+        """Running and waiting sequences and engine steps so far."""
+        return self.engine.stats()
+
+    async def expert_load(self) -> dict[str, Any]:
+        """Load-balancing report since start: per layer and expert, and per worker."""
+        workers = await asyncio.gather(*(w.worker_stats.remote() for w in self.workers))
+        return self.coordinator.load.report() | {
+            "workers": [
+                {
+                    "expert": w.expert,
+                    "calls": w.calls,
+                    "forward_ms": 1e3 * w.forward_seconds,
+                    "bytes_in": w.bytes_in,
+                    "bytes_out": w.bytes_out,
+                }
+                for w in workers
+            ]
+        }
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("the engine loop thread has stopped")

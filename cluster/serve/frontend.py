@@ -1,0 +1,132 @@
+"""What the HTTP and gRPC edges share: the model's name, tokenizing, chat rendering, request
+checks, and each request's output as detokenized deltas.
+
+    edge (http.py, grpc_service.py) ─► Frontend ─► EngineClient.generate (TokenEvents)
+                                         └─ Detokenizer: text deltas, stop strings
+
+Every user mistake becomes an ApiError (an OpenAI error body over HTTP, INVALID_ARGUMENT or
+NOT_FOUND over gRPC) before the engine sees the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.engine.protocol import EngineClient, ModelInfo
+from cluster.engine.sampling import SamplingParams
+from cluster.engine.scheduler import check_request
+from cluster.errors import UserError
+from cluster.serve.chat import ChatRenderer
+from cluster.serve.detokenizer import Detokenizer
+from cluster.serve.openai_api import ApiError
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step added to a request: new text and tokens; the last one has finish_reason."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str | None
+
+
+def merge(parts: list[Delta]) -> Delta:
+    """A whole stream's deltas as one."""
+    return Delta(
+        text="".join(d.text for d in parts),
+        token_ids=[t for d in parts for t in d.token_ids],
+        logprobs=[lp for d in parts for lp in d.logprobs],
+        top_logprobs=[a for d in parts for a in d.top_logprobs],
+        finish_reason=parts[-1].finish_reason if parts else "error",
+    )
+
+
+class Frontend:
+    def __init__(self, engine: EngineClient, *, model_name: str, tokenizer: Any, chat: ChatRenderer | None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.chat = chat  # None: the checkpoint has no tokenizer.model, and chat answers 400
+        self._info: ModelInfo | None = None
+
+    async def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = await self.engine.model_info()
+        return self._info
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def encode(self, text: str) -> list[int]:
+        """Text to token ids, with BOS, as the checkpoint's tokenizer does it."""
+        return list(self.tokenizer(text).input_ids)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.chat is None:
+            raise ApiError(400, "this model has no tokenizer.model, so it cannot render chat prompts", param="messages")
+        try:
+            return self.chat.render(messages)
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
+
+    async def check(self, prompt_ids: list[int], params: SamplingParams, *, param: str) -> None:
+        """Raise ApiError, naming the field to fix, for a request the engine cannot run."""
+        info = await self.info()
+        context, prompt = info.max_model_len, len(prompt_ids)
+        if prompt >= context:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {context} tokens; the prompt has {prompt}",
+                param=param,
+                code="context_length_exceeded",
+            )
+        if prompt + params.max_tokens > context:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {context} tokens; the prompt ({prompt}) plus max_tokens "
+                f"({params.max_tokens}) exceeds it; lower max_tokens",
+                param="max_tokens",
+            )
+        try:
+            check_request(prompt_ids, params, max_model_len=context, vocab_size=info.vocab_size)
+        except UserError as e:
+            raise ApiError(400, str(e), param=param) from None
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """A checked request's output as text deltas. Stop strings end it early; closing it aborts the request."""
+        detokenizer = Detokenizer(self.tokenizer, params.stop)
+        stream = self.engine.generate(prompt_ids, params, uuid.uuid4().hex)
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]  # a client that left frees its sequence
+            async for event in stream:
+                if event.finish_reason == "error":
+                    yield Delta(detokenizer.flush(), [], [], [], "error")
+                    return
+                text = detokenizer.add(event.token_id)
+                finish = event.finish_reason or ("stop" if detokenizer.stopped else None)
+                if finish:
+                    text += detokenizer.flush()
+                top = [event.top_logprobs] if params.logprobs else []
+                yield Delta(text, [event.token_id], [event.logprob], top, finish)
+                if finish:
+                    return
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
+        """The whole output at once."""
+        return merge([d async for d in self.generate(prompt_ids, params)])
+
+    def token_text(self, token_id: int) -> str:
+        # The piece itself, with SentencePiece's word marker as the space it stands for, so that
+        # tokens concatenate to the text (decoding one id alone would drop a leading space).
+        return str(self.tokenizer.convert_ids_to_tokens(token_id)).replace("\u2581", " ")

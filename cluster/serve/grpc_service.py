@@ -1,0 +1,79 @@
+"""The gRPC service `moe.MoEService` (protos/moe.proto) over a Frontend.
+
+Serve's gRPC proxy calls the ingress's `Generate` and `GenerateStream`, which hand over to a
+MoEServicer; tests register the same servicer on a plain grpc.aio server. A bad request sets
+its status code on the context and raises: both servers answer with that code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from cluster.engine.sampling import SamplingParams
+from cluster.serve.frontend import Frontend
+from cluster.serve.http import usage
+from cluster.serve.openai_api import ApiError
+from protos import moe_pb2
+
+STATUS = {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT}
+
+
+def sampling_params(p: moe_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take the OpenAI defaults."""
+    return SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature if p.HasField("temperature") else 1.0,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k if p.HasField("top_k") else -1,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+    )
+
+
+class MoEServicer:
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    async def Generate(self, request: moe_pb2.GenerateRequest, context: Any) -> moe_pb2.GenerateResponse:
+        prompt_ids, params = await self._request(request, context)
+        merged = await self.frontend.complete(prompt_ids, params)
+        return moe_pb2.GenerateResponse(
+            text=merged.text,
+            token_ids=merged.token_ids,
+            logprobs=merged.logprobs,
+            finish_reason=merged.finish_reason or "",
+            usage=moe_pb2.Usage(**usage(len(prompt_ids), len(merged.token_ids))),
+        )
+
+    async def GenerateStream(self, request: moe_pb2.GenerateRequest, context: Any) -> AsyncIterator[moe_pb2.GenerateChunk]:
+        prompt_ids, params = await self._request(request, context)
+        generated = 0
+        async for delta in self.frontend.generate(prompt_ids, params):
+            generated += len(delta.token_ids)
+            last = delta.finish_reason is not None
+            yield moe_pb2.GenerateChunk(
+                text=delta.text,
+                token_ids=delta.token_ids,
+                logprobs=delta.logprobs,
+                finish_reason=delta.finish_reason or "",
+                usage=moe_pb2.Usage(**usage(len(prompt_ids), generated)) if last else None,
+            )
+
+    async def _request(self, request: moe_pb2.GenerateRequest, context: Any) -> tuple[list[int], SamplingParams]:
+        try:
+            which = request.WhichOneof("prompt")
+            if which is None:
+                raise ApiError(400, "set the prompt: text or token_ids", param="prompt")
+            prompt_ids = list(request.token_ids.ids) if which == "token_ids" else self.frontend.encode(request.text)
+            params = sampling_params(request.params)
+            await self.frontend.check(prompt_ids, params, param="prompt")
+        except ApiError as e:
+            context.set_code(STATUS.get(e.status, grpc.StatusCode.INVALID_ARGUMENT))
+            context.set_details(e.message)
+            raise
+        return prompt_ids, params

@@ -1,0 +1,177 @@
+"""OpenAI-compatible HTTP over a Frontend: routes, and small pure functions that format bodies and SSE.
+
+GET  /health                 the engine's health (workers and loop), 200 or 5xx
+GET  /v1/models              the served model
+GET  /v1/experts/load        tokens per expert per layer since start, with balancedness and worker stats
+POST /v1/completions         text or token-id prompts; SSE with `stream`
+POST /v1/chat/completions    messages in the Mixtral instruct format; SSE with `stream`
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations as real types.
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.serve.frontend import Delta, Frontend
+from cluster.serve.openai_api import MAX_BODY_BYTES, ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_logprobs(frontend: Frontend, delta: Delta, offset: int) -> dict[str, Any]:
+    """The legacy completions logprobs object for a delta whose text starts at `offset`."""
+    tokens = [frontend.token_text(t) for t in delta.token_ids]
+    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    top = [{frontend.token_text(t): lp for t, lp in alts} for alts in delta.top_logprobs] or None
+    return {"tokens": tokens, "token_logprobs": delta.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(frontend: Frontend, delta: Delta) -> list[dict[str, Any]]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = frontend.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    alternatives = delta.top_logprobs or [[] for _ in delta.token_ids]
+    return [
+        entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in alts]}
+        for t, lp, alts in zip(delta.token_ids, delta.logprobs, alternatives)
+    ]
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    return await request.body()
+
+
+async def completions(frontend: Frontend, request: Request) -> Response:
+    body: CompletionRequest = parse_body(await read_body(request), CompletionRequest)
+    frontend.check_model(body.model)
+    prompt_ids = body.prompt if isinstance(body.prompt, list) else frontend.encode(body.prompt)
+    params = body.sampling(body.max_tokens, body.logprobs)
+    await frontend.check(prompt_ids, params, param="prompt")
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": frontend.model_name,
+    }
+
+    def choice(delta: Delta, offset: int) -> dict[str, Any]:
+        logprobs = completion_logprobs(frontend, delta, offset) if body.logprobs is not None else None
+        return {"index": 0, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+    if not body.stream:
+        merged = await frontend.complete(prompt_ids, params)
+        return JSONResponse(head | {"choices": [choice(merged, 0)], "usage": usage(len(prompt_ids), len(merged.token_ids))})
+
+    async def events() -> AsyncIterator[str]:
+        generated, offset = 0, 0
+        async for delta in frontend.generate(prompt_ids, params):
+            generated += len(delta.token_ids)
+            yield sse(head | {"choices": [choice(delta, offset)]} | ({"usage": None} if body.include_usage else {}))
+            offset += len(delta.text)
+        if body.include_usage:
+            yield sse(head | {"choices": [], "usage": usage(len(prompt_ids), generated)})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def chat_completions(frontend: Frontend, request: Request) -> Response:
+    body: ChatCompletionRequest = parse_body(await read_body(request), ChatCompletionRequest)
+    frontend.check_model(body.model)
+    prompt_ids = frontend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    info = await frontend.info()
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, info.max_model_len - len(prompt_ids))
+    params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    await frontend.check(prompt_ids, params, param="messages")
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": frontend.model_name}
+
+    def logprobs(delta: Delta) -> dict[str, Any] | None:
+        return {"content": chat_logprobs(frontend, delta)} if body.logprobs else None
+
+    if not body.stream:
+        merged = await frontend.complete(prompt_ids, params)
+        message = {"role": "assistant", "content": merged.text}
+        choice = {"index": 0, "message": message, "logprobs": logprobs(merged), "finish_reason": merged.finish_reason}
+        return JSONResponse(
+            head | {"object": "chat.completion", "choices": [choice], "usage": usage(len(prompt_ids), len(merged.token_ids))}
+        )
+
+    async def events() -> AsyncIterator[str]:
+        chunk = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage else {})
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield sse(chunk | {"choices": [first]})
+        generated = 0
+        async for delta in frontend.generate(prompt_ids, params):
+            generated += len(delta.token_ids)
+            content = {"content": delta.text} if delta.text else {}
+            part = {"index": 0, "delta": content, "logprobs": logprobs(delta), "finish_reason": delta.finish_reason}
+            yield sse(chunk | {"choices": [part]})
+        if body.include_usage:
+            yield sse(chunk | {"choices": [], "usage": usage(len(prompt_ids), generated)})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def make_api(frontend: Frontend) -> FastAPI:
+    """The ASGI app: Serve's ingress runs it in its replica; tests run it under uvicorn."""
+    api = FastAPI(title="moe-cluster", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @api.get("/health")
+    async def health() -> Response:
+        await frontend.engine.check_health()
+        return Response(status_code=200)
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        info = await frontend.info()
+        card = {
+            "id": frontend.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "moe-cluster",
+            "max_model_len": info.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @api.get("/v1/experts/load")
+    async def experts_load() -> dict[str, Any]:
+        return {"model": frontend.model_name} | await frontend.engine.expert_load()
+
+    @api.post("/v1/completions")
+    async def _completions(request: Request) -> Response:
+        return await completions(frontend, request)
+
+    @api.post("/v1/chat/completions")
+    async def _chat_completions(request: Request) -> Response:
+        return await chat_completions(frontend, request)
+
+    return api

@@ -1,0 +1,87 @@
+"""The Serve ingress: a thin shim that runs the HTTP app and the gRPC servicer over the engine deployment.
+
+client ─HTTP/gRPC─► Serve proxy ─► OpenAIIngress ─► Frontend (http.py, grpc_service.py)
+                                      └─ HandleEngine ─DeploymentHandle─► EngineServer (streamed TokenEvents)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from cluster.engine.protocol import ModelInfo, TokenEvent
+from cluster.engine.sampling import SamplingParams
+from cluster.errors import UserError
+from cluster.serve.chat import ChatRenderer
+from cluster.serve.frontend import Frontend
+from cluster.serve.grpc_service import MoEServicer
+from cluster.serve.http import make_api
+from mixtral.tokenizer import load_tokenizer
+from protos import moe_pb2
+
+
+class HandleEngine:
+    """The EngineClient contract over a DeploymentHandle to the engine deployment (EngineServer)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
+        stream = cast(
+            DeploymentResponseGenerator, self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
+        )
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            stream.cancel()  # a client that left: the engine aborts the request and frees its sequence
+
+    async def model_info(self) -> ModelInfo:
+        return await self.handle.model_info.remote()
+
+    async def expert_load(self) -> dict[str, Any]:
+        return await self.handle.expert_load.remote()
+
+    async def stats(self) -> dict[str, int]:
+        return await self.handle.stats.remote()
+
+    async def check_health(self) -> None:
+        await self.handle.check_health.remote()
+
+    async def shutdown(self) -> None:
+        pass  # Serve owns the engine replica's life
+
+
+def chat_renderer(checkpoint: str, *, guardrail: bool) -> ChatRenderer | None:
+    try:
+        return ChatRenderer(checkpoint, guardrail=guardrail)
+    except UserError:
+        return None  # chat answers 400 for a checkpoint without tokenizer.model
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, engine: DeploymentHandle, checkpoint: str, model_name: str, guardrail: bool) -> None:
+        self.frontend = Frontend(
+            HandleEngine(engine),
+            model_name=model_name,
+            tokenizer=load_tokenizer(checkpoint),
+            chat=chat_renderer(checkpoint, guardrail=guardrail),
+        )
+        self.servicer = MoEServicer(self.frontend)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.frontend)
+
+    # Serve's gRPC proxy calls these by method name.
+    async def Generate(self, request: moe_pb2.GenerateRequest, grpc_context: Any) -> moe_pb2.GenerateResponse:
+        return await self.servicer.Generate(request, grpc_context)
+
+    async def GenerateStream(self, request: moe_pb2.GenerateRequest, grpc_context: Any) -> AsyncIterator[moe_pb2.GenerateChunk]:
+        async for chunk in self.servicer.GenerateStream(request, grpc_context):
+            yield chunk

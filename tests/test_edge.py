@@ -1,0 +1,268 @@
+"""The HTTP and gRPC edges over a fake engine, without Ray: what users send and what they get back.
+
+Real bytes over real sockets (uvicorn, grpc.aio, the openai client, http.client); only the engine
+is a fake with the same contract (cluster.engine.protocol), so every bad-input case runs in seconds.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from cluster.serve.chat import ChatRenderer
+from cluster.serve.frontend import Frontend
+from mixtral.tokenizer import load_tokenizer
+from protos import moe_pb2, moe_pb2_grpc
+from tests.fake_engine import FakeEngine, fake_tokens, grpc_server, http_server
+
+MODEL = "moe-small"
+CONTEXT = 256
+VOCAB = 32000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
+    return make_ckpt(tokenizer=True, vocab_size=VOCAB)  # the real Mixtral tokenizer; the weights are not read
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def frontend(engine: FakeEngine, checkpoint: Path) -> Frontend:
+    return Frontend(engine, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def http_port(frontend: Frontend) -> Iterator[int]:
+    with http_server(frontend) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def grpc_port(frontend: Frontend) -> Iterator[int]:
+    with grpc_server(frontend) as port:
+        yield port
+
+
+def client(port: int) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+
+def post(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+def completion(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4} | fields).encode()
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]} | fields).encode()
+
+
+BAD_REQUESTS = {
+    "malformed JSON": ("/v1/completions", b'{"model": "moe-small", "prompt": '),
+    "not an object": ("/v1/completions", b"[1, 2]"),
+    "wrong type": ("/v1/completions", completion(max_tokens="many")),
+    "prompt of wrong type": ("/v1/completions", completion(prompt={"text": "hi"})),
+    "unknown model": ("/v1/completions", completion(model="gpt-4")),
+    "missing messages": ("/v1/chat/completions", json.dumps({"model": MODEL}).encode()),
+    "empty messages": ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": []}).encode()),
+    "assistant first": ("/v1/chat/completions", chat(messages=[{"role": "assistant", "content": "x"}])),
+    "image content part": ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}])),
+    "max_tokens 0": ("/v1/completions", completion(max_tokens=0)),
+    "max_tokens negative": ("/v1/completions", completion(max_tokens=-3)),
+    "max_tokens above context": ("/v1/completions", completion(max_tokens=CONTEXT + 1)),
+    "prompt longer than context": ("/v1/completions", completion(prompt=[5] * (CONTEXT + 10))),
+    "empty token prompt": ("/v1/completions", completion(prompt=[])),
+    "token id outside vocabulary": ("/v1/completions", completion(prompt=[1, 10**6])),
+    "temperature negative": ("/v1/completions", completion(temperature=-0.5)),
+    "top_p zero": ("/v1/completions", completion(top_p=0)),
+    "top_p above one": ("/v1/completions", completion(top_p=1.5)),
+    "top_k zero": ("/v1/completions", completion(top_k=0)),
+    "n above one": ("/v1/completions", completion(n=2)),
+    "five stop strings": ("/v1/completions", completion(stop=["a", "b", "c", "d", "e"])),
+    "logprobs above 20": ("/v1/completions", completion(logprobs=21)),
+    "echo": ("/v1/completions", completion(echo=True)),
+    "non-UTF-8 bytes": ("/v1/completions", b'{"model": "moe-small", "prompt": "\xff\xfe"}'),
+    "body over the size limit": ("/v1/completions", completion(prompt="x" * (2 << 20))),
+    "chat max_tokens above context": ("/v1/chat/completions", chat(max_tokens=CONTEXT)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_input_gets_openai_error_never_reaches_the_engine_and_server_keeps_serving(
+    http_port: int, engine: FakeEngine, case: str
+) -> None:
+    path, body = BAD_REQUESTS[case]
+    reached = len(engine.requests)
+    status, payload = post(http_port, path, body)
+    assert 400 <= status < 500, payload
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["message"]
+    assert len(engine.requests) == reached
+    status, ok = post(http_port, "/v1/completions", completion(max_tokens=1))
+    assert status == 200 and ok["usage"]["completion_tokens"] == 1
+
+
+def test_errors_have_their_status_and_name_the_param(http_port: int) -> None:
+    assert post(http_port, *BAD_REQUESTS["unknown model"])[0] == 404
+    assert post(http_port, *BAD_REQUESTS["body over the size limit"])[0] == 413
+    assert post(http_port, *BAD_REQUESTS["max_tokens above context"])[1]["error"]["param"] == "max_tokens"
+    assert post(http_port, *BAD_REQUESTS["temperature negative"])[1]["error"]["param"] == "temperature"
+    assert post(http_port, *BAD_REQUESTS["prompt longer than context"])[1]["error"]["code"] == "context_length_exceeded"
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    conn.request("GET", "/v1/nowhere")
+    response = conn.getresponse()
+    assert response.status == 404 and "message" in json.loads(response.read())["error"]
+
+
+def test_completion_text_logprobs_usage_and_stream(http_port: int, checkpoint: Path) -> None:
+    tokenizer = load_tokenizer(checkpoint)
+    prompt = [1, 415, 2936, 9060, 285]
+    expected = fake_tokens(prompt, 7, VOCAB)
+    done = client(http_port).completions.create(model=MODEL, prompt=prompt, max_tokens=7, logprobs=2)
+    assert done.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert done.choices[0].finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (5, 7, 12)
+    assert done.choices[0].logprobs.token_logprobs == [-0.5] * 7
+    assert len(done.choices[0].logprobs.top_logprobs[0]) == 2
+    chunks = list(
+        client(http_port).completions.create(
+            model=MODEL, prompt=prompt, max_tokens=7, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    text_prompt = client(http_port).completions.create(model=MODEL, prompt="The experts", max_tokens=3)
+    assert text_prompt.usage.prompt_tokens == len(tokenizer("The experts").input_ids)
+
+
+def test_a_stop_string_ends_the_text_and_closes_the_engine_stream(http_port: int, engine: FakeEngine) -> None:
+    full = client(http_port).completions.create(model=MODEL, prompt=[1, 500], max_tokens=12).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string in {full!r}"
+    aborted = len(engine.aborted)
+    stopped = client(http_port).completions.create(model=MODEL, prompt=[1, 500], max_tokens=12, stop=[stop])
+    assert stopped.choices[0].text == full[: full.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens < 12
+    assert len(engine.aborted) == aborted + 1  # the engine was told to stop, not left to run to max_tokens
+
+
+def test_chat_renders_the_mixtral_format_streaming_and_not(http_port: int, engine: FakeEngine, checkpoint: Path) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    prompt_ids = ChatRenderer(checkpoint).render(messages)
+    done = client(http_port).chat.completions.create(model=MODEL, messages=messages, max_tokens=6)  # type: ignore[arg-type]
+    assert engine.requests[-1][0] == prompt_ids
+    assert done.choices[0].message.role == "assistant"
+    text = load_tokenizer(checkpoint).decode(fake_tokens(prompt_ids, 6, VOCAB), skip_special_tokens=True)
+    assert done.choices[0].message.content == text
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len(prompt_ids), 6)
+    chunks = list(
+        client(http_port).chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},  # type: ignore[arg-type]
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.total_tokens == len(prompt_ids) + 6
+
+
+def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
+    assert [m.id for m in client(http_port).models.list()] == [MODEL]
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    conn.request("GET", "/v1/experts/load")
+    assert json.loads(conn.getresponse().read()) == {"model": MODEL} | {"layers": 1, "experts": 2, "top_k": 1, "tokens": [[3, 1]]}
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_a_client_that_leaves_mid_stream_aborts_its_request(checkpoint: Path) -> None:
+    slow = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, delay_s=0.05)
+    with http_server(Frontend(slow, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request(
+            "POST", "/v1/completions", body=completion(max_tokens=200, stream=True), headers={"Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        assert response.status == 200
+        response.readline()  # the first SSE event: the request is running
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 10
+        while not slow.aborted and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(slow.aborted) == 1
+
+
+def grpc_request(prompt: list[int] | str, **params: Any) -> moe_pb2.GenerateRequest:
+    sampling = moe_pb2.SamplingParams(ignore_eos=True, **params)
+    if isinstance(prompt, str):
+        return moe_pb2.GenerateRequest(text=prompt, params=sampling)
+    return moe_pb2.GenerateRequest(token_ids=moe_pb2.TokenIds(ids=prompt), params=sampling)
+
+
+def test_grpc_unary_and_streaming(grpc_port: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = moe_pb2_grpc.MoEServiceStub(channel)
+        reply = stub.Generate(grpc_request([1, 2, 3], max_tokens=6, temperature=0.0))
+        chunks = list(stub.GenerateStream(grpc_request([1, 2, 3], max_tokens=6, temperature=0.0)))
+    assert list(reply.token_ids) == fake_tokens([1, 2, 3], 6, VOCAB) and reply.finish_reason == "length"
+    assert reply.usage.completion_tokens == 6 and reply.usage.total_tokens == 3 + 6
+    assert [t for c in chunks for t in c.token_ids] == list(reply.token_ids)
+    assert "".join(c.text for c in chunks) == reply.text
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 6
+
+
+GRPC_BAD = {
+    "max_tokens 0": ([1, 2, 3], dict(max_tokens=0)),
+    "top_p above one": ([1, 2, 3], dict(max_tokens=4, top_p=2.0)),
+    "temperature negative": ([1, 2, 3], dict(max_tokens=4, temperature=-1.0)),
+    "top_k zero": ([1, 2, 3], dict(max_tokens=4, top_k=0)),
+    "token id outside vocabulary": ([1, 10**6], dict(max_tokens=4)),
+    "max_tokens above context": ([1, 2, 3], dict(max_tokens=CONTEXT)),
+    "no prompt": (None, dict(max_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("case", GRPC_BAD)
+def test_grpc_invalid_request_is_invalid_argument_and_never_reaches_the_engine(
+    grpc_port: int, engine: FakeEngine, case: str
+) -> None:
+    prompt, params = GRPC_BAD[case]
+    request = (
+        moe_pb2.GenerateRequest(params=moe_pb2.SamplingParams(**params)) if prompt is None else grpc_request(prompt, **params)
+    )
+    reached = len(engine.requests)
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = moe_pb2_grpc.MoEServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Generate(request)
+        with pytest.raises(grpc.RpcError) as streaming:
+            list(stub.GenerateStream(request))
+        assert len(stub.Generate(grpc_request([1, 2], max_tokens=1)).token_ids) == 1  # still serving
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT and unary.value.details()
+    assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(engine.requests) == reached + 1

@@ -33,9 +33,9 @@ class Detokenizer:
                 self.text = self.text[: min(hits)]  # the stop string itself is not returned
                 self.stopped = True
                 return self._release(len(self.text))
-        safe = len(self.text) - self.hold
-        if self.text.endswith(INCOMPLETE):
-            safe = min(safe, len(self.text) - 1)
+        # An incomplete character split over byte-fallback tokens decodes to one U+FFFD per byte
+        # so far: hold back all of them, not only the last.
+        safe = min(len(self.text) - self.hold, len(self.text.rstrip(INCOMPLETE)))
         return self._release(safe)
 
     def flush(self) -> str:

@@ -68,6 +68,14 @@ def ray_session(metrics_port: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session: None) -> str:
+    """For a CLI subprocess to join the session's Ray (RAY_ADDRESS) instead of starting its own."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
+@pytest.fixture(scope="session")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """What CLI subprocesses get on top of this process's environment: a private preset cache."""
     return {"MOE_CLUSTER_CACHE": str(tmp_path_factory.mktemp("cache"))}

@@ -93,10 +93,20 @@ def test_make_checkpoint_refuses_a_full_directory(make_ckpt, cli_env) -> None:  
     assert_one_line_error(run_cli("make-checkpoint", str(make_ckpt()), env=cli_env), "not empty")
 
 
-def test_generate_json_matches_transformers(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+def test_generate_json_matches_transformers(make_ckpt, cli_env, ray_address) -> None:  # type: ignore[no-untyped-def]
     checkpoint = make_ckpt(tokenizer=True)
+    # Joins the session's Ray (RAY_ADDRESS) as a user's job joins a cluster; `serve` and the
+    # multi-node test start and join Ray their own ways.
     proc = run_cli(
-        "generate", str(checkpoint), "--prompt-ids", "1,17,230,5", "--max-tokens", "6", "--ignore-eos", "--json", env=cli_env
+        "generate",
+        str(checkpoint),
+        "--prompt-ids",
+        "1,17,230,5",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+        env=cli_env | {"RAY_ADDRESS": ray_address},
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])

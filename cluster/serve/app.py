@@ -34,7 +34,7 @@ def build_app(args: ServeArgs) -> Application:
     )
     placement = PlacementOptions(strategy=args.strategy)
     gpus, coordinator_gpu = wants_gpus(model_args, placement)
-    engine_server = serve.deployment(EngineServer).options(  # type: ignore[attr-defined]
+    engine_server = serve.deployment(EngineServer).options(
         placement_group_bundles=bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu),
         placement_group_strategy=args.strategy,
         ray_actor_options={

@@ -229,7 +229,8 @@ def serve(
 def with_serve_settings(command: Callable[..., None]) -> Callable[..., None]:
     """Give `command` an option per ServeArgs field besides the checkpoint: its type (choices
     included), default and description, so the CLI and a Serve config file take the same settings."""
-    own = [p for p in inspect.signature(command).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     settings = [
         inspect.Parameter(
             name,
@@ -240,7 +241,7 @@ def with_serve_settings(command: Callable[..., None]) -> Callable[..., None]:
         for name, field in ServeArgs.model_fields.items()
         if name != "checkpoint"
     ]
-    command.__signature__ = inspect.signature(command).replace(parameters=own + settings)  # type: ignore[attr-defined]
+    command.__signature__ = signature.replace(parameters=own + settings)  # type: ignore[attr-defined]
     return command
 
 
@@ -440,4 +441,21 @@ def predict_cmd(
 
 
 def main() -> None:
-    app()
+    """Usage mistakes (a wrong choice, a missing argument) as one line, like every other user error."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:
+        # click's usage errors (typer vendors click, so they are matched by what they carry).
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":
+            if e.format_message():  # the help text, unless typer's rich formatter printed it already
+                print(e.format_message(), file=sys.stderr)
+        else:
+            ctx = getattr(e, "ctx", None)
+            print(
+                f"moe-cluster: error: {e.format_message()} (see `{ctx.command_path if ctx else 'moe-cluster'} --help`)",
+                file=sys.stderr,
+            )
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -117,3 +117,21 @@ def test_generate_json_matches_transformers(make_ckpt, cli_env, ray_address) -> 
     # 4 prompt tokens and 5 fed-back outputs, each routed to 2 experts, in every layer.
     assert [sum(row) for row in out["expert_load"]] == [(4 + 5) * 2] * 2
     assert isinstance(out["text"], str)
+
+
+def test_serve_has_an_option_for_every_app_setting(cli_env) -> None:  # type: ignore[no-untyped-def]
+    from cluster.serve.args import ServeArgs
+
+    proc = run_cli("serve", "--help", env=cli_env | {"COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    for name in ServeArgs.model_fields:
+        if name != "checkpoint":  # the positional argument
+            assert f"--{name.replace('_', '-')}" in proc.stdout, name
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [(["--strategy", "ROUND"], "--strategy"), (["--max-num-seqs", "0"], "--max-num-seqs"), (["--dtype", "int4"], "--dtype")],
+)
+def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli("serve", *args, env=cli_env), fragment)

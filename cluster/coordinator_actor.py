@@ -36,7 +36,8 @@ class TimedToken:
 class CoordinatorActor:
     def __init__(self, checkpoint: Checkpoint, workers: list[Any], options: EngineOptions, *, threads: int | None = None) -> None:
         set_coordinator_threads(threads)
-        self.engine = AsyncEngine(engine_over_workers(checkpoint, workers, options), Telemetry(checkpoint.name))
+        engine = engine_over_workers(checkpoint, workers, options)
+        self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.coordinator = self.engine.engine.model
         self._ids = 0
 

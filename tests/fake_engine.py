@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import uvicorn
 
-from cluster.engine.protocol import ModelInfo, TokenEvent
+from cluster.engine.protocol import EngineOverloaded, ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.serve.frontend import Frontend
 from cluster.serve.grpc_service import MoEServicer
@@ -37,13 +37,21 @@ class FakeEngine:
     requests: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     healthy: bool = True
+    overloaded: bool = False  # refuse every request as a full waiting queue does
+    fail_after: int | None = None  # end every request with an "error" event after this many tokens
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
+        if self.overloaded:
+            raise EngineOverloaded("64 requests are waiting, the most this replica queues; retry shortly")
         self.requests.append((prompt_ids, params))
         tokens = fake_tokens(prompt_ids, params.max_tokens, self.vocab_size)
         finished = False
         try:
             for i, token in enumerate(tokens):
+                if i == self.fail_after:
+                    finished = True
+                    yield TokenEvent(-1, 0.0, [], "error")
+                    return
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 last = i == len(tokens) - 1

@@ -79,3 +79,23 @@ def test_a_possible_start_of_a_stop_string_is_held_back_until_it_cannot_be_one(t
     assert not detok.stopped
     assert released.startswith("Hello world, wide world")  # released by later tokens
     assert released + detok.flush() == text
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording how many ids each decode call was given."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.lengths = tokenizer, []  # type: ignore[var-annotated]
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        self.lengths.append(len(ids))
+        return str(self.tokenizer.decode(ids, **kwargs))
+
+
+def test_each_token_decodes_a_short_window_not_the_whole_output(tokenizer: Any) -> None:
+    text = "The experts of a mixture take turns, 🦜 and ꙮ too. " * 40
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    counting = CountingTokenizer(tokenizer)
+    pieces = stream(Detokenizer(counting, ("never appears",)), ids)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) > 500 and max(counting.lengths) <= 8  # linear in the output, not quadratic

@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cluster.serve.chat import ChatRenderer
 from cluster.serve.frontend import Frontend
@@ -266,3 +268,147 @@ def test_grpc_invalid_request_is_invalid_argument_and_never_reaches_the_engine(
     assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT and unary.value.details()
     assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(engine.requests) == reached + 1
+
+
+ODD_BUT_VALID = {
+    "temperature below the greedy floor": dict(temperature=1e-300),
+    "smallest positive temperature": dict(temperature=5e-324),
+    "top_p near zero": dict(top_p=1e-300),
+    "largest uint64 seed": dict(seed=2**64 - 1),
+    "most negative int64 seed": dict(seed=-(2**63)),
+    "top_k above the vocabulary": dict(top_k=10**6),
+}
+
+HOSTILE_BODIES = {
+    "seed of 2^64": completion(seed=2**64),
+    "seed below -2^63": completion(seed=-(2**63) - 1),
+    "NaN temperature": completion().replace(b'"max_tokens": 4', b'"max_tokens": 4, "temperature": NaN'),
+    "Infinity top_p": completion().replace(b'"max_tokens": 4', b'"max_tokens": 4, "top_p": Infinity'),
+    "lone surrogate in the prompt": completion().replace(b'"Hello"', b'"Hi \\ud800 there"'),
+    "lone surrogate in a chat message": chat().replace(b'"Hi"', b'"\\udfff"'),
+    "integer of 5000 digits": completion().replace(b'"max_tokens": 4', b'"max_tokens": ' + b"9" * 5000),
+    "JSON nested 50,000 deep": b'{"model": "moe-small", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    "stop string of 10,000 characters": completion(stop=["x" * 10_000]),
+    "stop_token_ids outside the vocabulary": completion(stop_token_ids=[VOCAB]),
+    "65 stop_token_ids": completion(stop_token_ids=list(range(65))),
+    "temperature above 2": completion(temperature=1e308),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_BODIES)
+def test_hostile_bodies_are_a_400_with_an_openai_error(http_port: int, engine: FakeEngine, case: str) -> None:
+    reached = len(engine.requests)
+    status, payload = post(
+        http_port, "/v1/chat/completions" if b"messages" in HOSTILE_BODIES[case] else "/v1/completions", HOSTILE_BODIES[case]
+    )
+    assert status == 400, payload
+    assert payload["error"]["message"] and payload["error"]["type"] == "invalid_request_error"
+    assert len(engine.requests) == reached
+
+
+@pytest.mark.parametrize("case", ODD_BUT_VALID)
+def test_odd_but_valid_sampling_fields_are_served(http_port: int, engine: FakeEngine, case: str) -> None:
+    status, payload = post(http_port, "/v1/completions", completion(**ODD_BUT_VALID[case]))
+    assert status == 200, payload
+    assert payload["usage"]["completion_tokens"] == 4
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_grpc_unavailable(checkpoint: Path) -> None:
+    full = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, overloaded=True)
+    frontend = Frontend(full, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    with http_server(frontend) as port:
+        for stream in (False, True):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/v1/completions", body=completion(stream=stream), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert response.status == 503 and response.getheader("Retry-After") == "1"
+            assert json.loads(response.read())["error"]["type"] == "server_overloaded"
+            conn.close()
+    with grpc_server(frontend) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            moe_pb2_grpc.MoEServiceStub(channel).Generate(grpc_request([1, 2], max_tokens=2))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_request_the_engine_fails_is_an_error_never_a_success(checkpoint: Path) -> None:
+    failing = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, fail_after=2)
+    frontend = Frontend(failing, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    with http_server(frontend) as port:
+        status, payload = post(port, "/v1/completions", completion(max_tokens=5))
+        assert status == 500 and payload["error"]["type"] == "server_error"
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request(
+            "POST", "/v1/chat/completions", body=chat(max_tokens=5, stream=True), headers={"Content-Type": "application/json"}
+        )
+        events = [line for line in conn.getresponse().read().decode().splitlines() if line.startswith("data: ")]
+        conn.close()
+        assert json.loads(events[-1][6:])["error"]["type"] == "server_error"  # the last event: no [DONE]
+        with pytest.raises(openai.APIError):
+            list(client(port).completions.create(model=MODEL, prompt=[1, 2], max_tokens=5, stream=True))
+    with grpc_server(frontend) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = moe_pb2_grpc.MoEServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Generate(grpc_request([1, 2], max_tokens=5))
+        with pytest.raises(grpc.RpcError) as streaming:
+            list(stub.GenerateStream(grpc_request([1, 2], max_tokens=5)))
+    assert unary.value.code() == streaming.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_health_is_a_503_when_the_engine_is_not_healthy(checkpoint: Path) -> None:
+    down = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, healthy=False)
+    with http_server(Frontend(down, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/health")
+        response = conn.getresponse()
+        assert response.status == 503 and "not healthy" in json.loads(response.read())["error"]["message"]
+
+
+# Values a client can send for any field: right and wrong types, edges, junk.
+ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=10,
+)
+FIELDS = {
+    "model": st.just(MODEL) | ANY_JSON,
+    "prompt": st.text(max_size=30) | st.lists(st.integers(min_value=-5, max_value=VOCAB + 5), max_size=20) | ANY_JSON,
+    "max_tokens": st.integers(min_value=-2, max_value=CONTEXT + 2) | ANY_JSON,
+    "temperature": st.floats(min_value=0, max_value=3) | st.sampled_from([1e-300, 5e-324, -0.0]) | ANY_JSON,
+    "top_p": st.floats(min_value=0, max_value=1.5) | st.sampled_from([1e-300, 5e-324]) | ANY_JSON,
+    "top_k": st.integers(min_value=-3, max_value=10**9) | ANY_JSON,
+    "seed": st.integers(min_value=-(2**65), max_value=2**65) | ANY_JSON,
+    "stop": st.lists(st.text(max_size=300), max_size=6) | st.text(max_size=5) | ANY_JSON,
+    "stop_token_ids": st.lists(st.integers(min_value=-3, max_value=VOCAB + 3), max_size=70) | ANY_JSON,
+    "logprobs": st.integers(min_value=-2, max_value=25) | ANY_JSON,
+    "stream": st.booleans() | ANY_JSON,
+    "n": st.integers(min_value=0, max_value=3) | ANY_JSON,
+    "ignore_eos": st.booleans() | ANY_JSON,
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({}, optional=FIELDS))
+def test_any_completion_request_is_answered_without_a_5xx(http_port: int, body: dict[str, Any]) -> None:
+    send = post_stream if body.get("stream") is True else post
+    status, payload = send(http_port, "/v1/completions", json.dumps(body).encode())
+    assert status < 500, payload
+    if status >= 400:
+        assert set(payload["error"]) == {"message", "type", "param", "code"} and payload["error"]["message"]
+
+
+def post_stream(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A streaming request: its status, and the error body or the last data event before [DONE]."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    if response.status != 200:
+        return response.status, json.loads(text)
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-1]
+    return 200, json.loads(events[-2])

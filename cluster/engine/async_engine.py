@@ -3,6 +3,10 @@
 Only the loop thread touches the Engine: requests and aborts reach it through an inbox, and its
 tokens go back to each request's asyncio queue with call_soon_threadsafe. The thread sleeps on
 an event while there is no work, so an idle server costs no CPU.
+
+Failures stay with their request: a request the engine cannot take, or whose sampling fails, ends
+alone with an "error" event. A step that fails ends the requests in it. Should the loop itself
+die, every open stream gets an error and `is_alive` turns false at once, so health checks fail.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
-from cluster.engine.protocol import TokenEvent
+from cluster.engine.protocol import EngineOverloaded, EngineUnavailable, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import Engine, Sequence
 from workers.telemetry import Telemetry
@@ -23,12 +27,14 @@ log = logging.getLogger(__name__)
 
 
 Sink = Callable[[TokenEvent], None]
+ERROR = TokenEvent(-1, 0.0, [], "error")
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, engine: Engine, telemetry: Telemetry | None = None, *, max_waiting: int | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry or Telemetry("")
+        self.max_waiting = max_waiting  # None: unbounded; else requests beyond it are refused (EngineOverloaded)
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()
@@ -37,8 +43,16 @@ class AsyncEngine:
         self._thread.start()
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
-        """Tokens of one request as they are made. Leaving early (a client gone) aborts it."""
+        """Tokens of one request as they are made. Leaving early (a client gone) aborts it.
+
+        Raises UserError for a request the engine cannot run, EngineOverloaded when the waiting
+        queue is full, EngineUnavailable when the loop has died; all before anything is queued.
+        """
         self.engine.check_request(prompt_ids, params)  # a bad request fails here, before queueing
+        if not self.is_alive():
+            raise EngineUnavailable("the engine loop has stopped; this replica is being replaced")
+        if self.max_waiting is not None and self.queued() >= self.max_waiting:
+            raise EngineOverloaded(f"{self.queued()} requests are waiting, the most this replica queues; retry shortly")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._inbox.put(("add", request_id, prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
@@ -71,11 +85,15 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def queued(self) -> int:
+        """Requests not yet running: in the inbox or the engine's waiting queue."""
+        return self._inbox.qsize() + len(self.engine.waiting)
+
     def stats(self) -> dict[str, int]:
-        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting), "steps": self.engine.steps}
+        return {"running": len(self.engine.running), "waiting": self.queued(), "steps": self.engine.steps}
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._stopped
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -89,13 +107,28 @@ class AsyncEngine:
                 return
             if message[0] == "add":
                 _, request_id, prompt_ids, params, sink = message
+                try:
+                    self.engine.add_request(prompt_ids, params, request_id=request_id)
+                except Exception:
+                    log.exception("request %s could not be queued; it alone ends with an error", request_id)
+                    sink(ERROR)
+                    continue
                 self._sinks[request_id] = sink
-                self.engine.add_request(prompt_ids, params, request_id=request_id)
             else:
                 self._sinks.pop(message[1], None)
                 self.engine.abort(message[1])
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException:  # the thread ends here either way; what matters is what follows
+            log.exception("the engine loop died; failing every open request")
+        finally:
+            self._stopped = True  # is_alive() is false from here on: health fails at once
+            self._fail_all()
+            self._drain_inbox_as_errors()
+
+    def _run(self) -> None:
         while not self._stopped:
             self._wake.wait()
             self._wake.clear()  # before draining: a request that arrives later sets it again
@@ -117,14 +150,26 @@ class AsyncEngine:
         sink = self._sinks.get(seq.request_id)
         if sink is None:
             return
-        top = seq.top_logprobs[-1] if seq.params.logprobs else []
-        sink(TokenEvent(seq.output_ids[-1], seq.logprobs[-1], top, seq.finish_reason))
+        if seq.finish_reason == "error":
+            sink(ERROR)
+        else:
+            top = seq.top_logprobs[-1] if seq.params.logprobs else []
+            sink(TokenEvent(seq.output_ids[-1], seq.logprobs[-1], top, seq.finish_reason))
         if seq.finished:
             del self._sinks[seq.request_id]
 
     def _fail_all(self) -> None:
         for seq in [*self.engine.running, *self.engine.waiting]:
             self.engine.abort(seq.request_id)
-            sink = self._sinks.pop(seq.request_id, None)
-            if sink:
-                sink(TokenEvent(-1, 0.0, [], "error"))
+        for sink in self._sinks.values():
+            sink(ERROR)
+        self._sinks.clear()
+
+    def _drain_inbox_as_errors(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                message[-1](ERROR)

@@ -27,6 +27,7 @@ class EngineOptions:
     dtype: DType | None = None  # None: the checkpoint's own dtype
     max_num_seqs: int = 64  # cap on running sequences; more wait in a queue
     max_num_batched_tokens: int = 2048  # per-step token budget (decode tokens + prefill chunks)
+    max_waiting: int | None = 256  # requests queued beyond the running ones; more are refused (503). None: unbounded
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     trace_path: str | None = None  # record each token's chosen experts here (msgpack), opt-in
     trace_max_bytes: int = 64 << 20  # recording stops when the trace file reaches this size

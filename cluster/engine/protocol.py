@@ -23,6 +23,14 @@ class TokenEvent:
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" on the last event
 
 
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: the client should retry later (HTTP 503 with Retry-After)."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot serve now (its loop died, its replica is going away): HTTP 503."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     max_model_len: int

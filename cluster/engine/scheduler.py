@@ -15,7 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
-from cluster.engine.sampling import SamplingParams, make_generator, sample_batch
+from cluster.engine.sampling import FAILED, SamplingParams, make_generator, sample_batch
 from cluster.errors import UserError
 
 
@@ -51,7 +51,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs
     slot: int = -1
     num_cached: int = 0  # tokens whose keys and values are in the cache
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
     def tokens(self) -> list[int]:
@@ -78,6 +78,8 @@ def check_request(prompt_ids: list[int], params: SamplingParams, *, max_model_le
         )
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise UserError(f"prompt token ids must be in [0, {vocab_size}); the model's vocabulary has {vocab_size} tokens")
+    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
+        raise UserError(f"stop_token_ids must be in [0, {vocab_size}); the model's vocabulary has {vocab_size} tokens")
 
 
 class Engine(Generic[ModelT]):
@@ -156,8 +158,11 @@ class Engine(Generic[ModelT]):
         logits = logits[rows]  # [B', V]
         tokens = sample_batch(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
         logprobs = torch.log_softmax(logits, dim=-1)  # of the model's own distribution
-        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None]).squeeze(1).tolist()
+        chosen = logprobs.gather(1, torch.tensor(tokens).clamp_min(0)[:, None]).squeeze(1).tolist()
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if token == FAILED:
+                self._finish(seq, "error")
+                continue
             seq.output_ids.append(token)
             seq.logprobs.append(chosen[i])
             if seq.params.logprobs:

@@ -28,6 +28,7 @@ def build_app(args: ServeArgs) -> Application:
     engine = EngineOptions(
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         trace_path=args.trace_path,

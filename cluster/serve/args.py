@@ -17,6 +17,9 @@ class ServeArgs(BaseModel):
     model_name: str | None = Field(None, description="Name clients use in 'model'; default: the checkpoint's directory name.")
     dtype: DType | None = Field(None, description="Compute dtype; default: the checkpoint's dtype.")
     max_num_seqs: int = Field(64, ge=1, description="Running sequences per replica; more requests wait in a queue.")
+    max_waiting: int = Field(
+        256, ge=0, description="Requests queued per replica beyond the running ones; more get 503 and Retry-After."
+    )
     max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one engine step.")
     max_model_len: int | None = Field(None, ge=2, description="Context length; default: max_position_embeddings.")
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")

@@ -31,7 +31,9 @@ class EngineServer:
         assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
         self.workers = start_workers(checkpoint, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
         wait_loaded([w.info.remote() for w in self.workers], progress=False)
-        self.engine = AsyncEngine(engine_over_workers(checkpoint, self.workers, engine), Telemetry(checkpoint.name))
+        self.engine = AsyncEngine(
+            engine_over_workers(checkpoint, self.workers, engine), Telemetry(checkpoint.name), max_waiting=engine.max_waiting
+        )
         self.coordinator = self.engine.engine.model
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:

@@ -10,19 +10,31 @@ NOT_FOUND over gRPC) before the engine sees the request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.engine.protocol import EngineClient, ModelInfo
+from cluster.engine.protocol import EngineClient, EngineOverloaded, EngineUnavailable, ModelInfo
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import check_request
 from cluster.errors import UserError
 from cluster.serve.chat import ChatRenderer
 from cluster.serve.detokenizer import Detokenizer
 from cluster.serve.openai_api import ApiError
+
+
+@contextlib.asynccontextmanager
+async def engine_errors() -> AsyncIterator[None]:
+    """The engine's refusals as HTTP-shaped errors (gRPC maps them on: UNAVAILABLE, INTERNAL)."""
+    try:
+        yield
+    except EngineOverloaded as e:
+        raise ApiError(503, str(e), kind="server_overloaded", retry_after_s=1) from None
+    except EngineUnavailable as e:
+        raise ApiError(503, str(e), kind="service_unavailable") from None
 
 
 @dataclass(frozen=True)
@@ -69,15 +81,18 @@ class Frontend:
                 code="model_not_found",
             )
 
-    def encode(self, text: str) -> list[int]:
-        """Text to token ids, with BOS, as the checkpoint's tokenizer does it."""
-        return list(self.tokenizer(text).input_ids)
+    async def encode(self, text: str) -> list[int]:
+        """Text to token ids, with BOS, as the checkpoint's tokenizer does it; on a worker thread,
+        so that a long prompt does not stall every other request's stream on this event loop."""
+        return await asyncio.to_thread(lambda: list(self.tokenizer(text).input_ids))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.chat is None:
+    async def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Messages in the Mixtral instruct format, as token ids; on a worker thread, as encode."""
+        chat = self.chat
+        if chat is None:
             raise ApiError(400, "this model has no tokenizer.model, so it cannot render chat prompts", param="messages")
         try:
-            return self.chat.render(messages)
+            return await asyncio.to_thread(chat.render, messages)
         except UserError as e:
             raise ApiError(400, str(e), param="messages") from None
 
@@ -104,15 +119,24 @@ class Frontend:
         except UserError as e:
             raise ApiError(400, str(e), param=param) from None
 
+    async def check_health(self) -> None:
+        try:
+            await self.engine.check_health()
+        except Exception as e:
+            raise ApiError(503, f"the engine is not healthy: {e}", kind="service_unavailable") from None
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """A checked request's output as text deltas. Stop strings end it early; closing it aborts the request."""
+        """A checked request's output as text deltas. Stop strings end it early; closing it aborts the request.
+
+        Raises ApiError: 503 (with Retry-After) when the engine's queue is full, 503 when it is
+        unavailable, 500 when the engine failed this request; never a success for a failure.
+        """
         detokenizer = Detokenizer(self.tokenizer, params.stop)
         stream = self.engine.generate(prompt_ids, params, uuid.uuid4().hex)
-        async with contextlib.aclosing(stream):  # type: ignore[type-var]  # a client that left frees its sequence
+        async with contextlib.aclosing(stream), engine_errors():  # type: ignore[type-var]  # a client that left frees its sequence
             async for event in stream:
                 if event.finish_reason == "error":
-                    yield Delta(detokenizer.flush(), [], [], [], "error")
-                    return
+                    raise ApiError(500, "the engine failed while generating this request; retry it", kind="server_error")
                 text = detokenizer.add(event.token_id)
                 finish = event.finish_reason or ("stop" if detokenizer.stopped else None)
                 if finish:

@@ -18,7 +18,16 @@ from cluster.serve.http import usage
 from cluster.serve.openai_api import ApiError
 from protos import moe_pb2
 
-STATUS = {404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT}
+STATUS = {
+    404: grpc.StatusCode.NOT_FOUND,
+    500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,
+}  # every other ApiError is the caller's mistake: INVALID_ARGUMENT
+
+
+def set_status(context: Any, e: ApiError) -> None:
+    context.set_code(STATUS.get(e.status, grpc.StatusCode.INVALID_ARGUMENT))
+    context.set_details(e.message)
 
 
 def sampling_params(p: moe_pb2.SamplingParams) -> SamplingParams:
@@ -41,7 +50,11 @@ class MoEServicer:
 
     async def Generate(self, request: moe_pb2.GenerateRequest, context: Any) -> moe_pb2.GenerateResponse:
         prompt_ids, params = await self._request(request, context)
-        merged = await self.frontend.complete(prompt_ids, params)
+        try:
+            merged = await self.frontend.complete(prompt_ids, params)
+        except ApiError as e:
+            set_status(context, e)
+            raise
         return moe_pb2.GenerateResponse(
             text=merged.text,
             token_ids=merged.token_ids,
@@ -53,27 +66,30 @@ class MoEServicer:
     async def GenerateStream(self, request: moe_pb2.GenerateRequest, context: Any) -> AsyncIterator[moe_pb2.GenerateChunk]:
         prompt_ids, params = await self._request(request, context)
         generated = 0
-        async for delta in self.frontend.generate(prompt_ids, params):
-            generated += len(delta.token_ids)
-            last = delta.finish_reason is not None
-            yield moe_pb2.GenerateChunk(
-                text=delta.text,
-                token_ids=delta.token_ids,
-                logprobs=delta.logprobs,
-                finish_reason=delta.finish_reason or "",
-                usage=moe_pb2.Usage(**usage(len(prompt_ids), generated)) if last else None,
-            )
+        try:
+            async for delta in self.frontend.generate(prompt_ids, params):
+                generated += len(delta.token_ids)
+                last = delta.finish_reason is not None
+                yield moe_pb2.GenerateChunk(
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    logprobs=delta.logprobs,
+                    finish_reason=delta.finish_reason or "",
+                    usage=moe_pb2.Usage(**usage(len(prompt_ids), generated)) if last else None,
+                )
+        except ApiError as e:
+            set_status(context, e)
+            raise
 
     async def _request(self, request: moe_pb2.GenerateRequest, context: Any) -> tuple[list[int], SamplingParams]:
         try:
             which = request.WhichOneof("prompt")
             if which is None:
                 raise ApiError(400, "set the prompt: text or token_ids", param="prompt")
-            prompt_ids = list(request.token_ids.ids) if which == "token_ids" else self.frontend.encode(request.text)
+            prompt_ids = list(request.token_ids.ids) if which == "token_ids" else await self.frontend.encode(request.text)
             params = sampling_params(request.params)
             await self.frontend.check(prompt_ids, params, param="prompt")
         except ApiError as e:
-            context.set_code(STATUS.get(e.status, grpc.StatusCode.INVALID_ARGUMENT))
-            context.set_details(e.message)
+            set_status(context, e)
             raise
         return prompt_ids, params

@@ -54,6 +54,32 @@ def chat_logprobs(frontend: Frontend, delta: Delta) -> list[dict[str, Any]]:
     ]
 
 
+async def started(deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    """The stream with its first delta already taken, so that an engine that refuses the request
+    (a full queue, a replica going away) answers with its status before a 200 is sent."""
+    try:
+        first = await deltas.__anext__()
+    except StopAsyncIteration:
+        return deltas
+
+    async def chained() -> AsyncIterator[Delta]:
+        yield first
+        async for delta in deltas:
+            yield delta
+
+    return chained()
+
+
+async def ending_in_error_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """SSE events; a request that fails after its stream began ends with an error event (the OpenAI
+    error body) instead of [DONE], so a client can tell a failure from a finished answer."""
+    try:
+        async for event in events:
+            yield event
+    except ApiError as e:
+        yield sse(e.body())
+
+
 async def read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -64,7 +90,7 @@ async def read_body(request: Request) -> bytes:
 async def completions(frontend: Frontend, request: Request) -> Response:
     body: CompletionRequest = parse_body(await read_body(request), CompletionRequest)
     frontend.check_model(body.model)
-    prompt_ids = body.prompt if isinstance(body.prompt, list) else frontend.encode(body.prompt)
+    prompt_ids = body.prompt if isinstance(body.prompt, list) else await frontend.encode(body.prompt)
     params = body.sampling(body.max_tokens, body.logprobs)
     await frontend.check(prompt_ids, params, param="prompt")
     head = {
@@ -81,10 +107,11 @@ async def completions(frontend: Frontend, request: Request) -> Response:
     if not body.stream:
         merged = await frontend.complete(prompt_ids, params)
         return JSONResponse(head | {"choices": [choice(merged, 0)], "usage": usage(len(prompt_ids), len(merged.token_ids))})
+    deltas = await started(frontend.generate(prompt_ids, params))
 
     async def events() -> AsyncIterator[str]:
         generated, offset = 0, 0
-        async for delta in frontend.generate(prompt_ids, params):
+        async for delta in deltas:
             generated += len(delta.token_ids)
             yield sse(head | {"choices": [choice(delta, offset)]} | ({"usage": None} if body.include_usage else {}))
             offset += len(delta.text)
@@ -92,13 +119,13 @@ async def completions(frontend: Frontend, request: Request) -> Response:
             yield sse(head | {"choices": [], "usage": usage(len(prompt_ids), generated)})
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(ending_in_error_events(events()), media_type="text/event-stream")
 
 
 async def chat_completions(frontend: Frontend, request: Request) -> Response:
     body: ChatCompletionRequest = parse_body(await read_body(request), ChatCompletionRequest)
     frontend.check_model(body.model)
-    prompt_ids = frontend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    prompt_ids = await frontend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     info = await frontend.info()
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, info.max_model_len - len(prompt_ids))
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
@@ -116,12 +143,14 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
             head | {"object": "chat.completion", "choices": [choice], "usage": usage(len(prompt_ids), len(merged.token_ids))}
         )
 
+    deltas = await started(frontend.generate(prompt_ids, params))
+
     async def events() -> AsyncIterator[str]:
         chunk = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage else {})
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         yield sse(chunk | {"choices": [first]})
         generated = 0
-        async for delta in frontend.generate(prompt_ids, params):
+        async for delta in deltas:
             generated += len(delta.token_ids)
             content = {"content": delta.text} if delta.text else {}
             part = {"index": 0, "delta": content, "logprobs": logprobs(delta), "finish_reason": delta.finish_reason}
@@ -130,7 +159,7 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
             yield sse(chunk | {"choices": [], "usage": usage(len(prompt_ids), generated)})
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(ending_in_error_events(events()), media_type="text/event-stream")
 
 
 def make_api(frontend: Frontend) -> FastAPI:
@@ -139,7 +168,7 @@ def make_api(frontend: Frontend) -> FastAPI:
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -147,7 +176,7 @@ def make_api(frontend: Frontend) -> FastAPI:
 
     @api.get("/health")
     async def health() -> Response:
-        await frontend.engine.check_health()
+        await frontend.check_health()
         return Response(status_code=200)
 
     @api.get("/v1/models")

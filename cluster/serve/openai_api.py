@@ -20,15 +20,27 @@ class ApiError(Exception):
     """An error with an OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.retry_after_s = retry_after_s  # sent as Retry-After (503 from a full queue)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Serve pickles a gRPC method's exception to carry its status to the proxy; the default
         # reduction would call ApiError(message) and fail.
-        return (ApiError, (self.status, self.message), {"param": self.param, "code": self.code, "kind": self.kind})
+        state = {"param": self.param, "code": self.code, "kind": self.kind, "retry_after_s": self.retry_after_s}
+        return (ApiError, (self.status, self.message), state)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -39,10 +51,10 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, ...)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # clients send fields we do not use (user, ...)
 
     model: str = Field(description="The served model's name, as GET /v1/models lists it.")
-    temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy.")] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy (so is anything below 1e-5).")] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling mass, in (0, 1].")] = 1.0
     top_k: Annotated[int, Field(ge=-1, description="Keep the k most likely tokens; -1 keeps all.")] = -1
     seed: int | None = Field(None, description="Same seed, same text.")
@@ -113,18 +125,36 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
 
 
+def _no_constants(name: str) -> Any:
+    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number")
+
+
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
-    """Bytes of a request body -> a validated request, or an ApiError that says what to fix."""
+    """Bytes of a request body -> a validated request, or an ApiError (4xx) that says what to fix.
+
+    Whatever the bytes: invalid UTF-8, NaN, numbers of thousands of digits, nesting thousands deep,
+    lone UTF-16 surrogates (valid JSON escapes that no text can hold) all end here as a 400.
+    """
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except ValueError as e:  # an integer literal past Python's digit limit
+        raise ApiError(400, f"the request body has a number out of range: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cluster.coordinator_actor import CoordinatorActor
 from cluster.engine.build import EngineOptions
 from cluster.errors import UserError
-from cluster.placement_options import PlacementOptions
+from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
 from workers.device import HUGE_PAGES_ENV
@@ -44,6 +44,20 @@ def bundles(args: MixtralArgs, options: PlacementOptions, *, gpus: bool, coordin
     coordinator = {"CPU": options.coordinator_cpus} | ({"GPU": 1} if coordinator_gpu else {})
     worker = {"CPU": options.worker_cpus} | ({"GPU": 1} if gpus else {})
     return [coordinator] + [dict(worker) for _ in range(args.num_local_experts)]
+
+
+def fitted(args: MixtralArgs, placement: PlacementOptions) -> PlacementOptions:
+    """The options with worker CPU shares sized from the cluster's CPUs (placement_options.fit_worker_cpus)."""
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    return fit_worker_cpus(placement, num_workers=args.num_local_experts, cluster_cpus=cpus)
+
+
+def check_placeable(replica_bundles: list[dict[str, float]], strategy: Strategy) -> None:
+    """Fail at once, saying what is missing, when no node layout of this cluster can hold the bundles."""
+    nodes = [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]]
+    problem = placement_problem(replica_bundles, strategy, nodes)
+    if problem:
+        raise UserError(problem)
 
 
 def wants_gpus(args: MixtralArgs, placement: PlacementOptions) -> tuple[bool, bool]:
@@ -89,14 +103,17 @@ def bring_up(
 ) -> ExpertCluster:
     """Reserve the placement group, start the workers and the coordinator, wait for their weights."""
     args = checkpoint.args
+    placement = fitted(args, placement)
     gpus, coordinator_gpu = wants_gpus(args, placement)
-    pg = placement_group(bundles(args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu), strategy=placement.strategy)
+    replica = bundles(args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu)
+    check_placeable(replica, placement.strategy)
+    pg = placement_group(replica, strategy=placement.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    if not ready:
+    if not ready:  # it fits the cluster, but other work holds the room
         remove_placement_group(pg)
         raise UserError(
-            f"the cluster cannot place 1 coordinator + {args.num_local_experts} workers with strategy "
-            f"{placement.strategy} (resources: {ray.cluster_resources()}); add nodes or choose PACK"
+            f"the placement group of 1 coordinator + {args.num_local_experts} workers waited {PLACEMENT_TIMEOUT_S} s for "
+            f"room (free now: {ray.available_resources()}); stop other work on the cluster or add nodes"
         )
     workers = start_workers(checkpoint, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
     coordinator: Any = (

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
@@ -15,3 +16,62 @@ class PlacementOptions:
     worker_cpus: float = 0.125  # 8 workers share one core on a CPU-only machine
     coordinator_threads: int | None = None  # None: every core of its node (workers.device.set_coordinator_threads)
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough GPUs
+
+
+MIN_WORKER_CPUS = 0.01  # below this a worker's share is not a share: the cluster is too small
+Bundle = dict[str, float]
+
+
+def fit_worker_cpus(options: PlacementOptions, *, num_workers: int, cluster_cpus: float) -> PlacementOptions:
+    """Worker CPU shares sized from what the cluster has: the default share where it fits, a smaller
+    one where not (16 workers and a coordinator on 2 CPUs), so any expert count runs on a small machine.
+    Workers sleep in recv while others compute, so a share is a scheduling token, not a speed."""
+    room = (cluster_cpus - options.coordinator_cpus) / num_workers
+    share = math.floor(min(options.worker_cpus, room) * 1000) / 1000
+    return replace(options, worker_cpus=share) if share >= MIN_WORKER_CPUS else options
+
+
+def _fits(bundle: Bundle, room: Bundle) -> bool:
+    return all(room.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def _take(room: Bundle, bundle: Bundle) -> None:
+    for k, v in bundle.items():
+        room[k] = room.get(k, 0.0) - v
+
+
+def can_place(bundles: list[Bundle], strategy: Strategy, nodes: list[Bundle]) -> bool:
+    """Whether the bundles fit on nodes with these resources, first fit by decreasing size (a
+    placement it finds is a real one; on the shapes here it finds one whenever one exists)."""
+    rooms = [dict(n) for n in nodes]
+    if strategy == "STRICT_PACK":
+        total: Bundle = {}
+        for bundle in bundles:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + v
+        return any(_fits(total, room) for room in rooms)
+    used: set[int] = set()
+    for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True):
+        candidates = [
+            i for i, room in enumerate(rooms) if _fits(bundle, room) and not (strategy == "STRICT_SPREAD" and i in used)
+        ]
+        if not candidates:
+            return False
+        _take(rooms[candidates[0]], bundle)
+        used.add(candidates[0])
+    return True
+
+
+def placement_problem(bundles: list[Bundle], strategy: Strategy, nodes: list[Bundle]) -> str | None:
+    """None if the bundles can be placed; else what is missing and what would fit, for the user."""
+    if can_place(bundles, strategy, nodes):
+        return None
+    worker = bundles[-1]
+    others: list[Strategy] = [s for s in get_args(Strategy) if s != strategy]
+    would_fit = [s for s in others if can_place(bundles, s, nodes)]
+    have = "; ".join(f"{n}" for n in nodes)
+    fix = f"use --strategy {would_fit[0]}, which fits this cluster" if would_fit else "add nodes"
+    return (
+        f"the cluster cannot place 1 coordinator {bundles[0]} + {len(bundles) - 1} workers {worker} each with strategy "
+        f"{strategy}; its nodes have {have}; {fix}"
+    )

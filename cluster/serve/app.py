@@ -10,7 +10,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.engine.build import EngineOptions
-from cluster.placement import bundles, wants_gpus
+from cluster.placement import bundles, check_placeable, fitted, wants_gpus
 from cluster.placement_options import PlacementOptions
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_deployment import EngineServer
@@ -33,8 +33,9 @@ def build_app(args: ServeArgs) -> Application:
         max_model_len=args.max_model_len,
         trace_path=args.trace_path,
     )
-    placement = PlacementOptions(strategy=args.strategy)
+    placement = fitted(model_args, PlacementOptions(strategy=args.strategy))
     gpus, coordinator_gpu = wants_gpus(model_args, placement)
+    check_placeable(bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu), args.strategy)
     engine_server = serve.deployment(EngineServer).options(
         placement_group_bundles=bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu),
         placement_group_strategy=args.strategy,

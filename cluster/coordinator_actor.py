@@ -34,9 +34,17 @@ class TimedToken:
 
 
 class CoordinatorActor:
-    def __init__(self, checkpoint: Checkpoint, workers: list[Any], options: EngineOptions, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        workers: list[Any],
+        channel_secret: bytes,
+        options: EngineOptions,
+        *,
+        threads: int | None = None,
+    ) -> None:
         set_coordinator_threads(threads)
-        engine = engine_over_workers(checkpoint, workers, options)
+        engine = engine_over_workers(checkpoint, workers, channel_secret, options)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.coordinator = self.engine.engine.model
         self._ids = 0

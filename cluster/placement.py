@@ -21,6 +21,7 @@ from cluster.errors import UserError
 from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
+from router.wire import new_secret
 from workers.device import HUGE_PAGES_ENV
 from workers.expert_worker import ExpertWorker, WorkerInfo
 
@@ -33,6 +34,7 @@ class ExpertCluster:
     coordinator: Any  # ActorHandle[CoordinatorActor]
     workers: list[Any]  # ActorHandle[ExpertWorker], indexed by expert
     worker_info: list[WorkerInfo]
+    channel_secret: bytes  # what the coordinator proves to its workers on every connection
 
     def shutdown(self) -> None:
         for actor in [self.coordinator, *self.workers]:
@@ -68,7 +70,7 @@ def wants_gpus(args: MixtralArgs, placement: PlacementOptions) -> tuple[bool, bo
 
 
 def start_workers(
-    checkpoint: Checkpoint, pg: PlacementGroup, *, dtype: str | None, placement: PlacementOptions, gpus: bool
+    checkpoint: Checkpoint, pg: PlacementGroup, *, secret: bytes, dtype: str | None, placement: PlacementOptions, gpus: bool
 ) -> list[Any]:
     """Expert worker e in bundle 1 + e of `pg`."""
     worker_cls = ray.remote(ExpertWorker)
@@ -77,11 +79,12 @@ def start_workers(
             num_cpus=placement.worker_cpus,
             num_gpus=1 if gpus else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + e),
-            # Workers hold only weights: a restarted one reloads its expert and Ray replays the call.
-            max_restarts=3,
-            max_task_retries=3,
+            # Workers hold only weights: a restarted one reloads its expert and the call is sent
+            # again. Without limit: a replica must outlive any number of worker deaths.
+            max_restarts=-1,
+            max_task_retries=-1,
             runtime_env={"env_vars": HUGE_PAGES_ENV},
-        ).remote(checkpoint, e, dtype=dtype, cpu_share=placement.worker_cpus)
+        ).remote(checkpoint, e, channel_secret=secret, dtype=dtype, cpu_share=placement.worker_cpus)
         for e in range(checkpoint.args.num_local_experts)
     ]
 
@@ -115,7 +118,8 @@ def bring_up(
             f"the placement group of 1 coordinator + {args.num_local_experts} workers waited {PLACEMENT_TIMEOUT_S} s for "
             f"room (free now: {ray.available_resources()}); stop other work on the cluster or add nodes"
         )
-    workers = start_workers(checkpoint, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
+    secret = new_secret()
+    workers = start_workers(checkpoint, pg, secret=secret, dtype=engine.dtype, placement=placement, gpus=gpus)
     coordinator: Any = (
         ray.remote(CoordinatorActor)
         .options(
@@ -124,7 +128,7 @@ def bring_up(
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
             runtime_env={"env_vars": HUGE_PAGES_ENV},
         )
-        .remote(checkpoint, workers, engine, threads=placement.coordinator_threads)
+        .remote(checkpoint, workers, secret, engine, threads=placement.coordinator_threads)
     )
     loaded = wait_loaded([w.info.remote() for w in workers] + [coordinator.engine_steps.remote()], progress=progress)
-    return ExpertCluster(pg, coordinator, workers, loaded[:-1])
+    return ExpertCluster(pg, coordinator, workers, loaded[:-1], secret)

@@ -8,7 +8,9 @@ micro-batch while the experts work on the other.
 
 from __future__ import annotations
 
+import itertools
 import socket
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,9 +18,12 @@ from typing import Any, Protocol
 
 import torch
 
-from router.wire import recv_tensor, send_tensor
+from router.wire import RemoteError, recv_tensor, send_tensor
 
-MAX_RESENDS = 3  # as many as Ray's restarts of a worker (cluster.placement)
+# Replacements of one worker within one reply before the step fails; Ray itself restarts a worker
+# without limit (cluster.placement), so a later step starts counting afresh.
+MAX_REPLACEMENTS = 8
+RECONNECT_DEADLINE_S = 300.0  # how long a restarting worker may take to load its expert again
 
 
 class ExpertTransport(Protocol):
@@ -46,75 +51,122 @@ class LocalTransport:
 
 @dataclass(frozen=True)
 class PendingLayer:
-    experts: list[int]  # busy experts, each owing one reply
+    request_ids: dict[int, int]  # busy expert -> the id of the request it owes
     device: torch.device  # where the outputs go (the coordinator's)
 
 
+@dataclass
+class Owed:
+    request_id: int
+    layer: int
+    x: torch.Tensor  # [T_e, D] on the CPU, kept until answered so it can be sent again
+
+
 class ChannelTransport:
-    """Experts as Ray actors, each reached over its own socket (workers.channel_server).
+    """Experts as Ray actors, each reached over its own authenticated socket (workers.channel_server).
 
     All busy workers get their tokens before any reply is read, so they compute in parallel.
-    Replies on a socket come in the order of its requests. A worker that dies is restarted by Ray
-    (it reloads its expert); every request it still owed is sent again on a new connection, in
-    order, so no request is lost, with one or two micro-batches in flight.
+    Every request has an id that its reply carries, so a reply is only ever taken for its own
+    request: replies to requests whose step failed are recognised and dropped. A worker that dies,
+    or does not answer within `timeout_s` (stopped, partitioned), is killed and restarted by Ray
+    (it reloads its expert), and every request it still owed is sent again on a new connection,
+    in order: no request is lost, and the tokens are the same.
     """
 
-    def __init__(self, workers: Sequence[Any], coordinator_node: str) -> None:
+    def __init__(self, workers: Sequence[Any], coordinator_node: str, secret: bytes, *, timeout_s: float = 60.0) -> None:
         import ray
 
         self.workers = workers
         self.coordinator_node = coordinator_node
+        self.secret = secret
+        self.timeout_s = timeout_s
+        self.replacements = 0  # workers killed and replaced for not answering or dying
+        self._ids = itertools.count(1)
         # All workers open their channels at once: one round of Ray calls, not one per worker.
         addresses = ray.get([w.open_channel.remote(coordinator_node) for w in workers])
-        self.sockets = [address.connect() for address in addresses]
-        self.owed: list[deque[tuple[int, torch.Tensor]]] = [deque() for _ in workers]  # (layer, tokens) sent, not answered
+        self.sockets = [address.connect(secret, timeout_s=timeout_s) for address in addresses]
+        self.owed: list[deque[Owed]] = [deque() for _ in workers]  # sent, not answered, oldest first
 
     def _connect(self, expert: int) -> socket.socket:
+        """A new connection, waiting (with backoff) for Ray to restart the worker if it is down."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        delay, deadline = 0.1, time.monotonic() + RECONNECT_DEADLINE_S
+        while True:
+            try:
+                address = ray.get(self.workers[expert].open_channel.remote(self.coordinator_node), timeout=self.timeout_s)
+                return address.connect(self.secret, timeout_s=self.timeout_s)
+            except (GetTimeoutError, RayActorError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    def _replace(self, expert: int, *, kill: bool) -> None:
+        """Kill the worker if it is stuck (Ray restarts it), reconnect, and send what it owed again."""
         import ray
 
-        # Waits for Ray to restart the worker if it is down.
-        return ray.get(self.workers[expert].open_channel.remote(self.coordinator_node)).connect()
-
-    def _resend(self, expert: int) -> None:
-        """A new connection to `expert`, and everything it owed sent again."""
         self.sockets[expert].close()
+        if kill:
+            ray.kill(self.workers[expert], no_restart=False)
+        self.replacements += 1
         self.sockets[expert] = self._connect(expert)
-        for layer, x in self.owed[expert]:
-            send_tensor(self.sockets[expert], layer, x)
+        for owed in self.owed[expert]:
+            send_tensor(self.sockets[expert], owed.layer, owed.x, owed.request_id)
 
     def submit(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> PendingLayer:
         device = next(iter(inputs.values())).device
+        ids = {}
         for e, x in inputs.items():
-            self.owed[e].append((layer, x.cpu()))
+            owed = Owed(next(self._ids), layer, x.cpu())
+            self.owed[e].append(owed)
+            ids[e] = owed.request_id
             try:
-                send_tensor(self.sockets[e], layer, self.owed[e][-1][1])
+                send_tensor(self.sockets[e], layer, owed.x, owed.request_id)
+            except TimeoutError:
+                self._replace(e, kill=True)
             except OSError:
-                self._resend(e)
-        return PendingLayer(list(inputs), device)
+                self._replace(e, kill=False)
+        return PendingLayer(ids, device)
 
     def gather(self, pending: PendingLayer) -> dict[int, torch.Tensor]:
-        try:
-            return {e: self._receive(e).to(pending.device) for e in pending.experts}
-        except Exception:
-            self._abandon()  # the step fails; no reply of it may be read as a later step's
-            raise
+        return {e: self._receive(e, request_id).to(pending.device) for e, request_id in pending.request_ids.items()}
 
-    def _abandon(self) -> None:
-        for e in range(len(self.workers)):
-            self.owed[e].clear()
-            self._resend(e)
-
-    def _receive(self, expert: int) -> torch.Tensor:
-        for attempt in range(MAX_RESENDS + 1):
+    def _receive(self, expert: int, request_id: int) -> torch.Tensor:
+        """The reply to `request_id`; replies to older requests (of a step that failed) are dropped."""
+        for attempt in range(MAX_REPLACEMENTS + 1):
             try:
-                _, y = recv_tensor(self.sockets[expert])
-                self.owed[expert].popleft()
-                return y
-            except OSError:  # ChannelClosed included: the worker died with our tokens
-                if attempt == MAX_RESENDS:
+                while True:
+                    reply_id, reply = self._next_reply(expert)
+                    self._settle(expert, reply_id)
+                    if reply_id == request_id:
+                        if isinstance(reply, RemoteError):
+                            raise reply
+                        return reply
+            except TimeoutError:  # stopped or partitioned: it holds our tokens and says nothing
+                if attempt == MAX_REPLACEMENTS:
                     raise
-                self._resend(expert)
+                self._replace(expert, kill=True)
+            except OSError:  # ChannelClosed included: the worker died with our tokens
+                if attempt == MAX_REPLACEMENTS:
+                    raise
+                self._replace(expert, kill=False)
         raise AssertionError("unreachable")
+
+    def _next_reply(self, expert: int) -> tuple[int, torch.Tensor | RemoteError]:
+        """(request id, output) of the next reply on `expert`'s socket; a failed call's error as its output."""
+        try:
+            _, reply_id, y = recv_tensor(self.sockets[expert])
+            return reply_id, y
+        except RemoteError as e:
+            return e.request_id, e
+
+    def _settle(self, expert: int, reply_id: int) -> None:
+        """Forget what `expert` owed up to this reply: replies come in request order."""
+        owed = self.owed[expert]
+        while owed and owed[0].request_id <= reply_id:
+            owed.popleft()
 
     def close(self) -> None:
         for sock in self.sockets:

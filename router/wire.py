@@ -1,24 +1,32 @@
-"""The frame that carries one expert's activations over a socket, each way.
+"""The frame that carries one expert's activations over a socket, each way, and the handshake.
 
-    frame = header(tag, rows, cols, dtype) + rows * cols elements, row-major
+    handshake: worker sends a 32-byte nonce; coordinator answers HMAC-SHA256(secret, nonce)
+    frame     = header(tag, rows, cols, dtype, request id) + rows * cols elements, row-major
 
-A request's tag is the layer; a reply's tag is OK, or ERROR with `rows` bytes of UTF-8 text
-instead of elements. Bytes go straight from the tensor's memory to the socket and back into a
-fresh tensor's memory: no pickling, no intermediate copy.
+The secret is made per replica and handed to both ends through Ray, so only the coordinator that
+started a worker can talk to it. A request's tag is the layer; a reply carries the request's id
+and tag OK, or ERROR with `rows` bytes of UTF-8 text instead of elements. Every header is checked
+against the receiver's limits before anything is allocated. Bytes go straight from the tensor's
+memory to the socket and back into a fresh tensor's memory: no pickling, no intermediate copy.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import socket
 import struct
 from dataclasses import dataclass
 
 import torch
 
-HEADER = struct.Struct("<iiii")  # tag, rows, cols, dtype code
+HEADER = struct.Struct("<iiiiQ")  # tag, rows, cols, dtype code, request id
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OK = 0
 ERROR = -1
+NONCE_BYTES = 32
+MAX_ERROR_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -29,22 +37,62 @@ class ChannelAddress:
     host: str | None = None  # or TCP
     port: int = 0
 
-    def connect(self) -> socket.socket:
+    def connect(self, secret: bytes, *, timeout_s: float | None = None) -> socket.socket:
+        """A connection that has passed the worker's handshake; reads and writes time out after timeout_s."""
         if self.path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout_s)
             sock.connect(self.path)
         else:
-            sock = socket.create_connection((self.host, self.port))
+            sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are latency-bound
+        answer_challenge(sock, secret)
         return sock
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a receiver accepts: a header outside these closes the connection, nothing allocated."""
+
+    max_bytes: int = 1 << 30  # of one frame's elements
+    cols: int | None = None  # the hidden size, when the receiver knows it
+    tags: range | None = None  # the layers, for a worker
 
 
 class ChannelClosed(ConnectionError):
     """The other end went away (a worker that died, or a coordinator that left)."""
 
 
+class BadFrame(ConnectionError):
+    """A header the receiver does not accept, or a peer that failed the handshake."""
+
+
 class RemoteError(RuntimeError):
     """The expert worker raised while computing; its message is carried over."""
+
+    def __init__(self, message: str, request_id: int = 0) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(32)
+
+
+def challenge(conn: socket.socket, secret: bytes) -> None:
+    """The worker's side of the handshake: raise BadFrame unless the peer knows the secret."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    conn.sendall(nonce)
+    answer = bytearray(32)
+    _recv_into(conn, memoryview(answer))
+    if not hmac.compare_digest(bytes(answer), hmac.new(secret, nonce, hashlib.sha256).digest()):
+        raise BadFrame("the peer does not know this replica's channel secret")
+
+
+def answer_challenge(sock: socket.socket, secret: bytes) -> None:
+    nonce = bytearray(NONCE_BYTES)
+    _recv_into(sock, memoryview(nonce))
+    sock.sendall(hmac.new(secret, bytes(nonce), hashlib.sha256).digest())
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -52,17 +100,17 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-def send_tensor(sock: socket.socket, tag: int, x: torch.Tensor) -> None:
+def send_tensor(sock: socket.socket, tag: int, x: torch.Tensor, request_id: int) -> None:
     """x [rows, cols] on the CPU."""
     x = x.contiguous()
-    sock.sendall(HEADER.pack(tag, x.shape[0], x.shape[1], DTYPES.index(x.dtype)))
+    sock.sendall(HEADER.pack(tag, x.shape[0], x.shape[1], DTYPES.index(x.dtype), request_id))
     if x.numel():
         sock.sendall(_bytes(x))
 
 
-def send_error(sock: socket.socket, message: str) -> None:
-    text = message.encode()
-    sock.sendall(HEADER.pack(ERROR, len(text), 0, 0) + text)
+def send_error(sock: socket.socket, message: str, request_id: int) -> None:
+    text = message.encode()[:MAX_ERROR_BYTES]
+    sock.sendall(HEADER.pack(ERROR, len(text), 0, 0, request_id) + text)
 
 
 def _recv_into(sock: socket.socket, buffer: memoryview) -> None:
@@ -73,16 +121,33 @@ def _recv_into(sock: socket.socket, buffer: memoryview) -> None:
         buffer = buffer[n:]
 
 
-def recv_tensor(sock: socket.socket) -> tuple[int, torch.Tensor]:
-    """The next frame: (tag, tensor). An ERROR frame raises RemoteError with its text."""
+def _check(tag: int, rows: int, cols: int, code: int, limits: FrameLimits) -> None:
+    if tag == ERROR:
+        if not 0 <= rows <= MAX_ERROR_BYTES:
+            raise BadFrame(f"an error frame of {rows} bytes")
+        return
+    if limits.tags is not None and tag not in limits.tags:
+        raise BadFrame(f"tag {tag} is not one of {limits.tags}")
+    if not 0 <= code < len(DTYPES):
+        raise BadFrame(f"dtype code {code}")
+    if rows < 0 or cols < 0 or (limits.cols is not None and cols != limits.cols):
+        raise BadFrame(f"a frame of [{rows}, {cols}]")
+    if rows * cols * DTYPES[code].itemsize > limits.max_bytes:
+        raise BadFrame(f"a frame of [{rows}, {cols}] {DTYPES[code]} is over {limits.max_bytes} bytes")
+
+
+def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits()) -> tuple[int, int, torch.Tensor]:
+    """The next frame: (tag, request id, tensor). An ERROR frame raises RemoteError with its text
+    (its request id in `RemoteError.request_id`); a header outside `limits` raises BadFrame."""
     header = bytearray(HEADER.size)
     _recv_into(sock, memoryview(header))
-    tag, rows, cols, code = HEADER.unpack(header)
+    tag, rows, cols, code, request_id = HEADER.unpack(header)
+    _check(tag, rows, cols, code, limits)
     if tag == ERROR:
         text = bytearray(rows)
         _recv_into(sock, memoryview(text))
-        raise RemoteError(text.decode(errors="replace"))
+        raise RemoteError(text.decode(errors="replace"), request_id)
     out = torch.empty(rows, cols, dtype=DTYPES[code])
     if out.numel():
         _recv_into(sock, _bytes(out))
-    return tag, out
+    return tag, request_id, out

@@ -1,9 +1,12 @@
-"""The expert channel on its own: frames over a real socket to a real ChannelServer, and the
-coordinator's ChannelTransport over real Ray actors that die and come back."""
+"""The expert channel on its own: frames over a real socket to a real ChannelServer, hostile peers,
+and the coordinator's ChannelTransport over real Ray actors that die, stop and come back."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import time
 from collections.abc import Iterator
 
@@ -12,10 +15,12 @@ import ray
 import torch
 
 from router.transport import ChannelTransport
-from router.wire import OK, ChannelAddress, RemoteError, recv_tensor, send_tensor
+from router.wire import HEADER, OK, ChannelAddress, ChannelClosed, FrameLimits, RemoteError, recv_tensor, send_tensor
 from workers.channel_server import ChannelServer
 
-LAYERS = 3
+LAYERS, D = 3, 64
+SECRET = b"s" * 32
+LIMITS = FrameLimits(cols=D, tags=range(LAYERS + 5))  # tags past LAYERS reach forward, which raises
 
 
 def fake_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -28,44 +33,99 @@ def fake_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(params=[True, False], ids=["unix", "tcp"])
 def address(request: pytest.FixtureRequest) -> ChannelAddress:
-    return ChannelServer(fake_expert).open(same_node=request.param, node_ip="127.0.0.1")
+    return ChannelServer(fake_expert, secret=SECRET, limits=LIMITS).open(same_node=request.param, node_ip="127.0.0.1")
 
 
 @pytest.fixture
-def sock(address: ChannelAddress) -> Iterator:  # type: ignore[type-arg]
-    s = address.connect()
-    s.settimeout(60)  # a hang fails the test instead of the suite
+def sock(address: ChannelAddress) -> Iterator[socket.socket]:
+    s = address.connect(SECRET, timeout_s=60)  # a hang fails the test instead of the suite
     yield s
     s.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_a_round_trip_carries_every_bit(sock, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    x = torch.randn(5, 64).to(dtype)
-    send_tensor(sock, 2, x)
-    tag, y = recv_tensor(sock)
-    assert tag == OK and y.dtype == dtype
+def test_a_round_trip_carries_every_bit_and_the_request_id(sock: socket.socket, dtype: torch.dtype) -> None:
+    x = torch.randn(5, D).to(dtype)
+    send_tensor(sock, 2, x, request_id=77)
+    tag, request_id, y = recv_tensor(sock)
+    assert (tag, request_id, y.dtype) == (OK, 77, dtype)
     assert torch.equal(y, fake_expert(2, x))
 
 
-def test_a_failing_call_is_raised_with_its_message_and_the_worker_keeps_serving(sock) -> None:  # type: ignore[no-untyped-def]
-    send_tensor(sock, 7, torch.randn(2, 64))  # there is no layer 7
-    with pytest.raises(RemoteError, match="layer 7: IndexError"):
+def test_a_failing_call_is_raised_with_its_message_and_the_worker_keeps_serving(sock: socket.socket) -> None:
+    send_tensor(sock, 7, torch.randn(2, D), request_id=1)  # there is no layer 7
+    with pytest.raises(RemoteError, match="layer 7: IndexError") as failed:
         recv_tensor(sock)
-    x = torch.randn(3, 64)
-    send_tensor(sock, 1, x)
-    assert torch.equal(recv_tensor(sock)[1], fake_expert(1, x))
+    assert failed.value.request_id == 1
+    x = torch.randn(3, D)
+    send_tensor(sock, 1, x, request_id=2)
+    assert torch.equal(recv_tensor(sock)[2], fake_expert(1, x))
 
 
-def test_requests_sent_before_replies_are_read_do_not_deadlock(sock) -> None:  # type: ignore[no-untyped-def]
+def test_requests_sent_before_replies_are_read_do_not_deadlock(sock: socket.socket) -> None:
     # Two micro-batches in flight: the second request goes out before the first reply is read.
     # Frames of 8 MiB are far larger than socket buffers, so a worker that stopped reading while
     # it sent its reply would block the sender forever.
-    xs = [torch.randn(32768, 64) for _ in range(2)]
+    xs = [torch.randn(32768, D) for _ in range(2)]
     for layer, x in enumerate(xs):
-        send_tensor(sock, layer, x)
+        send_tensor(sock, layer, x, request_id=layer)
     for layer, x in enumerate(xs):
-        assert torch.equal(recv_tensor(sock)[1], fake_expert(layer, x))
+        assert torch.equal(recv_tensor(sock)[2], fake_expert(layer, x))
+
+
+def raw_connection(address: ChannelAddress) -> socket.socket:
+    if address.path:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(address.path)
+    else:
+        s = socket.create_connection((address.host, address.port))
+    s.settimeout(30)
+    return s
+
+
+def closed(s: socket.socket) -> bool:
+    try:
+        while chunk := s.recv(1 << 16):
+            del chunk
+        return True
+    except (ConnectionResetError, ChannelClosed):
+        return True
+
+
+def test_a_peer_without_the_secret_is_refused_and_the_worker_lives(address: ChannelAddress) -> None:
+    intruder = raw_connection(address)
+    assert len(intruder.recv(32)) == 32  # the challenge
+    intruder.sendall(b"\0" * 32)  # a wrong answer
+    intruder.sendall(HEADER.pack(0, 1, D, 0, 1) + bytes(4 * D))  # and a frame anyway
+    assert closed(intruder)
+    assert closed(address.connect(b"x" * 32, timeout_s=30))  # another secret: refused too
+    good = address.connect(SECRET, timeout_s=30)
+    x = torch.randn(2, D)
+    send_tensor(good, 0, x, request_id=5)
+    assert torch.equal(recv_tensor(good)[2], fake_expert(0, x))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        HEADER.pack(0, 1, D, 99, 1),  # unknown dtype code
+        HEADER.pack(0, 1, D + 1, 0, 1),  # not the hidden size
+        HEADER.pack(0, 1 << 30, D, 0, 1),  # 256 GiB of float32: must not be allocated
+        HEADER.pack(0, -5, D, 0, 1),  # negative rows
+        HEADER.pack(1000, 1, D, 0, 1),  # no such layer
+        HEADER.pack(-1, 1 << 30, 0, 0, 1),  # an error frame of a GiB of text
+    ],
+    ids=["dtype", "cols", "huge", "negative", "layer", "error-frame"],
+)
+def test_a_malformed_header_drops_the_peer_not_the_worker(address: ChannelAddress, header: bytes) -> None:
+    bad = address.connect(SECRET, timeout_s=30)
+    start = time.monotonic()
+    bad.sendall(header)
+    assert closed(bad) and time.monotonic() - start < 10
+    good = address.connect(SECRET, timeout_s=30)
+    x = torch.randn(2, D)
+    send_tensor(good, 1, x, request_id=9)
+    assert torch.equal(recv_tensor(good)[2], fake_expert(1, x))
 
 
 def slow_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -73,13 +133,13 @@ def slow_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
     return fake_expert(layer, x)
 
 
-@ray.remote(num_cpus=0.01, max_restarts=2, max_task_retries=2)  # as cluster.placement starts workers
+@ray.remote(num_cpus=0.01, max_restarts=-1, max_task_retries=-1)  # as cluster.placement starts workers
 class FakeWorker:
     """An expert worker reduced to its channel: what ChannelTransport talks to."""
 
     def __init__(self, layers: int = LAYERS) -> None:
         self.layers = layers
-        self.server = ChannelServer(self.forward)
+        self.server = ChannelServer(self.forward, secret=SECRET, limits=LIMITS)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         if layer >= self.layers:
@@ -95,9 +155,9 @@ class FakeWorker:
 
 def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> None:  # type: ignore[no-untyped-def]
     worker = FakeWorker.remote()
-    transport = ChannelTransport([worker], coordinator_node="")
+    transport = ChannelTransport([worker], "", SECRET)
     first_pid = ray.get(worker.pid.remote())
-    xs = [torch.randn(4, 64) for _ in range(2)]
+    xs = [torch.randn(4, D) for _ in range(2)]
     pending = [transport.submit(layer, {0: x}) for layer, x in enumerate(xs)]  # two micro-batches
     ray.kill(worker, no_restart=False)
     for layer, (p, x) in enumerate(zip(pending, xs)):
@@ -109,12 +169,34 @@ def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> No
 
 def test_a_failed_layer_leaves_no_stale_reply_behind(ray_session) -> None:  # type: ignore[no-untyped-def]
     workers = [FakeWorker.remote(layers=2), FakeWorker.remote()]
-    transport = ChannelTransport(workers, coordinator_node="")
-    x = torch.randn(3, 64)
+    transport = ChannelTransport(workers, "", SECRET)
+    x = torch.randn(3, D)
     with pytest.raises(RemoteError, match="layer 2: IndexError"):
         transport.gather(transport.submit(2, {0: x, 1: x}))  # worker 0 has no layer 2; worker 1 answers
-    out = transport.gather(transport.submit(1, {0: x, 1: x}))  # not worker 1's reply for layer 2
+    # A step that fails between submit and gather: its replies are never read...
+    transport.submit(0, {0: x, 1: x})
+    # ...and the next step gets its own replies, not those.
+    out = transport.gather(transport.submit(1, {0: x, 1: x}))
     assert torch.equal(out[0], fake_expert(1, x)) and torch.equal(out[1], fake_expert(1, x))
     transport.close()
     for w in workers:
         ray.kill(w)
+
+
+def test_a_stopped_worker_is_killed_and_replaced_and_its_call_answered(ray_session) -> None:  # type: ignore[no-untyped-def]
+    worker = FakeWorker.remote()
+    transport = ChannelTransport([worker], "", SECRET, timeout_s=3)
+    stopped_pid = ray.get(worker.pid.remote())
+    os.kill(stopped_pid, signal.SIGSTOP)  # alive, holding the socket, answering nothing
+    x = torch.randn(4, D)
+    start = time.monotonic()
+    try:
+        out = transport.gather(transport.submit(1, {0: x}))
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # it was killed, as it should be
+            os.kill(stopped_pid, signal.SIGCONT)
+    assert torch.equal(out[0], fake_expert(1, x))
+    assert transport.replacements == 1 and ray.get(worker.pid.remote()) != stopped_pid
+    assert time.monotonic() - start < 60
+    transport.close()
+    ray.kill(worker)

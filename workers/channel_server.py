@@ -12,6 +12,7 @@ is TCP on the node's address, the one Ray itself uses.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import socket
@@ -23,9 +24,12 @@ from collections.abc import Callable
 
 import torch
 
-from router.wire import OK, ChannelAddress, ChannelClosed, recv_tensor, send_error, send_tensor
+from router.wire import OK, BadFrame, ChannelAddress, FrameLimits, challenge, recv_tensor, send_error, send_tensor
+
+log = logging.getLogger(__name__)
 
 Forward = Callable[[int, torch.Tensor], torch.Tensor]
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
 def _unix_socket_path() -> str:
@@ -37,8 +41,13 @@ def _unix_socket_path() -> str:
 
 
 class ChannelServer:
-    def __init__(self, forward: Forward) -> None:
+    """Serves `forward` to peers that pass the handshake with `secret`, for frames within `limits`.
+    A peer that fails either loses its connection; the worker and its other connections go on."""
+
+    def __init__(self, forward: Forward, *, secret: bytes, limits: FrameLimits = FrameLimits()) -> None:
         self.forward = forward
+        self.secret = secret
+        self.limits = limits
         self.addresses: dict[bool, ChannelAddress] = {}  # keyed by "same node as the caller"
 
     def open(self, *, same_node: bool, node_ip: str) -> ChannelAddress:
@@ -67,29 +76,42 @@ class ChannelServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="expert-channel-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
-        """Read requests here and answer them on a second thread, in order.
+        """Check the peer, then read requests here and answer them on a second thread, in order.
 
         Reading never waits for a reply to be taken: with two micro-batches in flight the
         coordinator sends the next request before it reads the last reply, and a worker blocked
         sending a large reply while the coordinator is blocked sending it a request would be a
         deadlock.
         """
-        requests: queue.SimpleQueue[tuple[int, torch.Tensor] | None] = queue.SimpleQueue()
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            challenge(conn, self.secret)
+            conn.settimeout(None)
+        except (BadFrame, OSError) as e:
+            log.warning("expert channel: refused a peer (%s)", e)
+            conn.close()
+            return
+        requests: queue.SimpleQueue[tuple[int, int, torch.Tensor] | None] = queue.SimpleQueue()
         threading.Thread(target=self._answer, args=(conn, requests), daemon=True, name="expert-channel-answer").start()
         try:
-            with contextlib.suppress(ChannelClosed, OSError):
-                while True:
-                    requests.put(recv_tensor(conn))
+            while True:
+                requests.put(recv_tensor(conn, self.limits))
+        except BadFrame as e:
+            log.warning("expert channel: dropped a peer that sent %s", e)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        except OSError:  # ChannelClosed included: the peer went away
+            pass
         finally:
             requests.put(None)
 
-    def _answer(self, conn: socket.socket, requests: queue.SimpleQueue[tuple[int, torch.Tensor] | None]) -> None:
+    def _answer(self, conn: socket.socket, requests: queue.SimpleQueue[tuple[int, int, torch.Tensor] | None]) -> None:
         with contextlib.closing(conn), contextlib.suppress(OSError):
             while (request := requests.get()) is not None:
-                layer, x = request
+                layer, request_id, x = request
                 try:
                     y = self.forward(layer, x)
                 except Exception as exc:  # the coordinator raises it; this worker keeps serving
-                    send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}")
+                    send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}", request_id)
                     continue
-                send_tensor(conn, OK, y)
+                send_tensor(conn, OK, y, request_id)

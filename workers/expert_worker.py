@@ -16,6 +16,7 @@ from mixtral import names
 from mixtral.checkpoint import Checkpoint, ReadLog
 from mixtral.config import resolve_dtype
 from mixtral.layers import expert_ffn
+from router.wire import FrameLimits
 from workers.channel_server import ChannelAddress, ChannelServer
 from workers.device import HUGE_PAGES_ENV, assigned_device, set_threads
 from workers.telemetry import Telemetry
@@ -42,7 +43,9 @@ class WorkerInfo:
 
 
 class ExpertWorker:
-    def __init__(self, checkpoint: Checkpoint, expert: int, *, dtype: str | None = None, cpu_share: float = 1.0) -> None:
+    def __init__(
+        self, checkpoint: Checkpoint, expert: int, *, channel_secret: bytes, dtype: str | None = None, cpu_share: float = 1.0
+    ) -> None:
         self.expert = expert
         self.threads = set_threads(cpu_share)
         self.device = assigned_device()
@@ -59,7 +62,8 @@ class ExpertWorker:
         ]
         self.stats = WorkerStats(expert)
         self.telemetry = Telemetry(checkpoint.name)
-        self.channel = ChannelServer(self.forward)
+        limits = FrameLimits(cols=args.hidden_size, tags=range(args.num_hidden_layers))
+        self.channel = ChannelServer(self.forward, secret=channel_secret, limits=limits)
 
     @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -118,13 +118,13 @@ def _attention_step(args: MixtralArgs, attn: Any, gate: torch.Tensor, x: torch.T
     return step
 
 
-def measure_dispatch(workers: list[Any], hidden: int, dtype: str) -> dict[str, float]:
+def measure_dispatch(workers: list[Any], secret: bytes, hidden: int, dtype: str) -> dict[str, float]:
     """Median round trip of one MoE layer's calls to `busy` workers, through the engine's own
     transport, with no tokens: the channel and the workers' wake-ups, not their compute, which
     `expert_ms` already counts."""
     from cluster.engine.build import channel_transport
 
-    transport = channel_transport(workers)
+    transport = channel_transport(workers, secret)
     x = torch.zeros(0, hidden, dtype=getattr(torch, dtype))
     out = {}
     try:

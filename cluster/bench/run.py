@@ -72,7 +72,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     theirs: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
     try:
         run_cluster(cluster.coordinator, prompts_for(spec, 1), 2)  # warm-up: first calls pay for imports
-        dispatch = measure_dispatch(cluster.workers, spec.checkpoint.args.hidden_size, spec.dtype)
+        dispatch = measure_dispatch(cluster.workers, cluster.channel_secret, spec.checkpoint.args.hidden_size, spec.dtype)
         # The planner's one end-to-end point: medians over three runs, since one run's TTFT swings
         # with how the simultaneous requests happen to reach the engine.
         calibration = [run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH), 16) for _ in range(3)]

@@ -17,6 +17,7 @@ from router.load import ExpertLoad
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
 from router.transport import ChannelTransport, ExpertTransport, LocalTransport
+from router.wire import new_secret
 from workers.device import assigned_device
 from workers.expert_worker import ExpertWorker
 from workers.telemetry import Telemetry
@@ -29,6 +30,9 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048  # per-step token budget (decode tokens + prefill chunks)
     max_waiting: int | None = 256  # requests queued beyond the running ones; more are refused (503). None: unbounded
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # An expert that has not answered a layer call in this long is killed, restarted by Ray, and
+    # sent the call again. Far above any one call's compute, which it must never cut short.
+    expert_timeout_s: float = 60.0
     trace_path: str | None = None  # record each token's chosen experts here (msgpack), opt-in
     trace_max_bytes: int = 64 << 20  # recording stops when the trace file reaches this size
     # Steps with at least this many tokens run as two micro-batches in flight (two-batch overlap):
@@ -77,17 +81,21 @@ def build_engine(
 
 def local_engine(checkpoint: Checkpoint, options: EngineOptions = EngineOptions()) -> Engine[Coordinator]:
     """Every expert in this process: for tests, and as the one-process baseline."""
-    experts = [ExpertWorker(checkpoint, e, dtype=options.dtype) for e in range(checkpoint.args.num_local_experts)]
+    experts = [
+        ExpertWorker(checkpoint, e, channel_secret=new_secret(), dtype=options.dtype)
+        for e in range(checkpoint.args.num_local_experts)
+    ]
     return build_engine(checkpoint, LocalTransport(experts), options)
 
 
-def channel_transport(workers: list[Any]) -> ChannelTransport:
+def channel_transport(workers: list[Any], secret: bytes, *, timeout_s: float = 60.0) -> ChannelTransport:
     """Sockets from this process (a Ray actor: the coordinator's) to each expert worker actor."""
     import ray
 
-    return ChannelTransport(workers, ray.get_runtime_context().get_node_id())
+    return ChannelTransport(workers, ray.get_runtime_context().get_node_id(), secret, timeout_s=timeout_s)
 
 
-def engine_over_workers(checkpoint: Checkpoint, workers: list[Any], options: EngineOptions) -> Engine[Coordinator]:
-    """In a Ray actor: the engine over expert worker actors, on the device Ray assigned this one."""
-    return build_engine(checkpoint, channel_transport(workers), options, device=assigned_device())
+def engine_over_workers(checkpoint: Checkpoint, workers: list[Any], secret: bytes, options: EngineOptions) -> Engine[Coordinator]:
+    """In a Ray actor: the engine over expert worker actors (their channel secret given), on the device Ray assigned."""
+    transport = channel_transport(workers, secret, timeout_s=options.expert_timeout_s)
+    return build_engine(checkpoint, transport, options, device=assigned_device())

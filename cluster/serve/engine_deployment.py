@@ -18,8 +18,11 @@ from cluster.engine.sampling import SamplingParams
 from cluster.placement import start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions
 from mixtral.checkpoint import Checkpoint
+from router.wire import new_secret
 from workers.device import set_coordinator_threads
 from workers.telemetry import Telemetry
+
+WORKER_PING_TIMEOUT_S = 10.0
 
 
 class EngineServer:
@@ -29,10 +32,13 @@ class EngineServer:
         set_coordinator_threads(placement.coordinator_threads)
         pg = ray.util.get_current_placement_group()
         assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
-        self.workers = start_workers(checkpoint, pg, dtype=engine.dtype, placement=placement, gpus=gpus)
+        secret = new_secret()  # per replica: only this coordinator can talk to its workers
+        self.workers = start_workers(checkpoint, pg, secret=secret, dtype=engine.dtype, placement=placement, gpus=gpus)
         wait_loaded([w.info.remote() for w in self.workers], progress=False)
         self.engine = AsyncEngine(
-            engine_over_workers(checkpoint, self.workers, engine), Telemetry(checkpoint.name), max_waiting=engine.max_waiting
+            engine_over_workers(checkpoint, self.workers, secret, engine),
+            Telemetry(checkpoint.name),
+            max_waiting=engine.max_waiting,
         )
         self.coordinator = self.engine.engine.model
 
@@ -64,6 +70,11 @@ class EngineServer:
             ]
         }
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Healthy when the engine loop runs and every expert worker answers a ping in time."""
         if not self.engine.is_alive():
             raise RuntimeError("the engine loop thread has stopped")
+        try:
+            await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), WORKER_PING_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"an expert worker did not answer a ping within {WORKER_PING_TIMEOUT_S:g} s") from None

@@ -54,9 +54,10 @@ def metrics_port() -> int:
 def ray_session(metrics_port: int) -> Iterator[None]:
     import ray
 
-    # Logical CPUs above the 2 physical ones: actors take fractional shares and sleep while waiting.
+    # As many logical CPUs as CI's machine has cores: replicas size their workers' shares from it
+    # (cluster.placement.fitted), and one replica at a time runs (module-scoped clusters).
     ray.init(
-        num_cpus=4,
+        num_cpus=2,
         include_dashboard=False,
         logging_level="ERROR",
         log_to_driver=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +84,23 @@ def test_a_lost_worker_loses_no_request(cluster: ExpertCluster) -> None:
     [after] = ray.get(cluster.coordinator.generate.remote(prompt, [greedy(8)]))
     assert after.token_ids == before.token_ids
     assert ray.get(cluster.workers[3].info.remote()).pid != cluster.worker_info[3].pid
+
+
+def test_all_workers_killed_ten_times_mid_stream_lose_no_token(cluster: ExpertCluster) -> None:
+    prompts = random_prompts([5, 9, 3, 12, 7, 4, 8, 6], 512, seed=31)
+    params = [greedy(150)] * 8
+    reference = ray.get(cluster.coordinator.generate.remote(prompts, params))
+    steps = ray.get(cluster.coordinator.engine_steps.remote())
+    running = cluster.coordinator.generate.remote(prompts, params)  # 8 concurrent greedy streams
+    while ray.get(cluster.coordinator.engine_steps.remote()) < steps + 3:
+        time.sleep(0.02)
+    for _ in range(10):  # SIGKILL every worker, ten times, a second apart: restarts overlap the kills
+        for worker in cluster.workers:
+            ray.kill(worker, no_restart=False)
+        time.sleep(1.0)
+    results = ray.get(running, timeout=600)
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+    assert [r.finish_reason for r in results] == ["length"] * 8
+    assert ray.get(cluster.coordinator.engine_steps.remote()) > steps + 150  # it ran through, step by step
+    infos = ray.get([w.info.remote() for w in cluster.workers], timeout=120)  # every worker is back and answers
+    assert not {i.pid for i in infos} & {i.pid for i in cluster.worker_info}

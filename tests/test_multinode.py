@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 from ray.cluster_utils import Cluster
 
 from tests.reference import hf_greedy, hf_model
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.test_cli import run_cli
 
 PROMPT = [1, 33, 400, 7, 7, 91]
 
@@ -44,34 +43,3 @@ def test_strict_spread_puts_each_worker_on_its_own_gpu_node(make_ckpt, cli_env) 
     ref_ids, ref_logprobs = hf_greedy(hf_model(checkpoint), PROMPT, 6)
     assert out["token_ids"] == ref_ids
     torch.testing.assert_close(torch.tensor(out["logprobs"]), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
-
-
-def test_sixteen_experts_top_4_generate_on_two_cpus_and_an_impossible_layout_fails_fast(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
-    checkpoint = make_ckpt(num_local_experts=16, num_experts_per_tok=4)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    env = cli_env | {"RAY_ADDRESS": cluster.address}
-    try:
-        proc = run_cli(
-            "generate",
-            str(checkpoint),
-            "--prompt-ids",
-            ",".join(map(str, PROMPT)),
-            "--max-tokens",
-            "6",
-            "--ignore-eos",
-            "--json",
-            env=env,
-        )
-        start = time.monotonic()
-        refused = run_cli("generate", str(checkpoint), "--prompt-ids", "1,2", "--strategy", "STRICT_SPREAD", env=env)
-        refused_after = time.monotonic() - start
-    finally:
-        cluster.shutdown()
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out["workers"]) == 16
-    ref_ids, ref_logprobs = hf_greedy(hf_model(checkpoint), PROMPT, 6)
-    assert out["token_ids"] == ref_ids
-    torch.testing.assert_close(torch.tensor(out["logprobs"]), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
-    assert_one_line_error(refused, "STRICT_SPREAD", "16 workers", "use --strategy PACK")
-    assert refused_after < 60  # seconds, most of it the CLI joining Ray; it used to wait 120 s before saying anything

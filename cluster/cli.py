@@ -183,7 +183,7 @@ def serve(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name made on first use.")] = "tiny",
     host: Annotated[str, typer.Option(help="HTTP address to bind; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (OpenAI-compatible API under /v1).")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (moe.MoEService).")] = 9000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (moe.MoEService); 0 turns gRPC off.")] = 9000,
     **settings: Any,
 ) -> None:
     """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
@@ -202,20 +202,20 @@ def serve(
         except ValidationError as e:
             first = e.errors()[0]
             raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        if serve_args.api_key is None and not is_loopback(host):
+            raise UserError(f"--host {host} serves other machines: set --api-key (clients send 'Authorization: Bearer KEY')")
+        if serve_args.api_key is None and grpc_port:
+            print("note: Ray Serve's gRPC proxy listens on every interface; --grpc-port 0 turns it off", file=sys.stderr)
         opened = Checkpoint.open(resolve_checkpoint(checkpoint))
         opened.reader().verify()
         from ray import serve as ray_serve
 
         start_ray()
-        ray_serve.start(
-            http_options={"host": host, "port": port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        )
+        grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None
+        ray_serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options)
         ray_serve.run(build_app(serve_args), name="moe", route_prefix="/")
-    print(
-        f"serving {serve_args.model_name or opened.name} at http://{host}:{port}/v1 and gRPC on port {grpc_port}; Ctrl-C stops",
-        flush=True,
-    )
+    grpc_note = f" and gRPC on port {grpc_port}" if grpc_port else ""
+    print(f"serving {serve_args.model_name or opened.name} at http://{host}:{port}/v1{grpc_note}; Ctrl-C stops", flush=True)
     # Explicit handlers: a shell that starts us in the background sets SIGINT to ignored, and
     # SIGTERM (systemd, Kubernetes) should stop us as cleanly as Ctrl-C.
     stop = threading.Event()
@@ -224,6 +224,17 @@ def serve(
     stop.wait()
     print("stopping", file=sys.stderr)
     ray_serve.shutdown()
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def with_serve_settings(command: Callable[..., None]) -> Callable[..., None]:

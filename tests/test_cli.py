@@ -135,3 +135,7 @@ def test_serve_has_an_option_for_every_app_setting(cli_env) -> None:  # type: ig
 )
 def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli("serve", *args, env=cli_env), fragment)
+
+
+def test_serving_other_machines_needs_an_api_key(cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli("serve", "--host", "0.0.0.0", env=cli_env), "--api-key")

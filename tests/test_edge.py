@@ -412,3 +412,49 @@ def post_stream(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]
     events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]", events[-1]
     return 200, json.loads(events[-2])
+
+
+def test_an_api_key_is_required_over_http_and_grpc_when_set(checkpoint: Path) -> None:
+    engine = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB)
+    frontend = Frontend(engine, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None, api_key="sesame")
+    with http_server(frontend) as port:
+        for key in (None, "wrong", "sesame"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+            conn.request("POST", "/v1/completions", body=completion(max_tokens=2), headers=headers)
+            response = conn.getresponse()
+            payload = json.loads(response.read())
+            conn.close()
+            if key == "sesame":
+                assert response.status == 200 and payload["usage"]["completion_tokens"] == 2
+            else:
+                assert response.status == 401 and payload["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(port).models.list()
+        keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+        assert [m.id for m in keyed.models.list()] == [MODEL]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/health")  # health needs no key
+        assert conn.getresponse().status == 200
+    assert len(engine.requests) == 1
+    with grpc_server(frontend) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = moe_pb2_grpc.MoEServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(grpc_request([1, 2], max_tokens=2))
+        reply = stub.Generate(grpc_request([1, 2], max_tokens=2), metadata=[("authorization", "Bearer sesame")])
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(reply.token_ids) == 2
+
+
+def test_a_chunked_upload_over_the_limit_is_a_413(http_port: int) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "moe-small", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536  # 2.5 MiB in all, with no Content-Length
+        yield b'"}'
+
+    conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+    conn.request("POST", "/v1/completions", body=chunks(), headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413 and "limit" in json.loads(response.read())["error"]["message"]
+    conn.close()

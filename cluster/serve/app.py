@@ -52,6 +52,7 @@ def build_app(args: ServeArgs) -> Application:
         str(checkpoint.path),
         args.model_name or checkpoint.name,
         args.guardrail,
+        args.api_key,
     )
 
 

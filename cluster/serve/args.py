@@ -24,4 +24,7 @@ class ServeArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="Context length; default: max_position_embeddings.")
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
     guardrail: bool = Field(False, description="Prepend the Mistral 7B paper's guardrail system prompt to chats.")
+    api_key: str | None = Field(
+        None, description="Require 'Authorization: Bearer KEY' over HTTP and gRPC; needed to bind a non-loopback --host."
+    )
     trace_path: str | None = Field(None, description="Record each token's chosen experts to this msgpack file.")

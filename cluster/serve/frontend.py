@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -60,8 +61,11 @@ def merge(parts: list[Delta]) -> Delta:
 
 
 class Frontend:
-    def __init__(self, engine: EngineClient, *, model_name: str, tokenizer: Any, chat: ChatRenderer | None) -> None:
+    def __init__(
+        self, engine: EngineClient, *, model_name: str, tokenizer: Any, chat: ChatRenderer | None, api_key: str | None = None
+    ) -> None:
         self.engine = engine
+        self.api_key = api_key  # None: no key asked for (the CLI allows that only on a loopback address)
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.chat = chat  # None: the checkpoint has no tokenizer.model, and chat answers 400
@@ -71,6 +75,19 @@ class Frontend:
         if self._info is None:
             self._info = await self.engine.model_info()
         return self._info
+
+    def authorize(self, authorization: str | None) -> None:
+        """Raise ApiError 401 unless `authorization` is "Bearer <the API key>" (or no key is set)."""
+        if self.api_key is None:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:

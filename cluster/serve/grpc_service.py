@@ -19,6 +19,7 @@ from cluster.serve.openai_api import ApiError
 from protos import moe_pb2
 
 STATUS = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -83,6 +84,7 @@ class MoEServicer:
 
     async def _request(self, request: moe_pb2.GenerateRequest, context: Any) -> tuple[list[int], SamplingParams]:
         try:
+            self.frontend.authorize(dict(context.invocation_metadata() or ()).get("authorization"))
             which = request.WhichOneof("prompt")
             if which is None:
                 raise ApiError(400, "set the prompt: text or token_ids", param="prompt")

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -81,10 +81,16 @@ async def ending_in_error_events(events: AsyncIterator[str]) -> AsyncIterator[st
 
 
 async def read_body(request: Request) -> bytes:
+    """The body, read no further than the limit: chunked uploads declare no length up front."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
-    return await request.body()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+    return bytes(body)
 
 
 async def completions(frontend: Frontend, request: Request) -> Response:
@@ -164,7 +170,13 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
 
 def make_api(frontend: Frontend) -> FastAPI:
     """The ASGI app: Serve's ingress runs it in its replica; tests run it under uvicorn."""
+
+    def authorized(request: Request) -> None:
+        frontend.authorize(request.headers.get("authorization"))
+
+    # Every route but /health needs the API key when one is set.
     api = FastAPI(title="moe-cluster", docs_url=None, redoc_url=None, openapi_url=None)
+    v1 = [Depends(authorized)]
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -179,7 +191,7 @@ def make_api(frontend: Frontend) -> FastAPI:
         await frontend.check_health()
         return Response(status_code=200)
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:
         info = await frontend.info()
         card = {
@@ -191,15 +203,15 @@ def make_api(frontend: Frontend) -> FastAPI:
         }
         return {"object": "list", "data": [card]}
 
-    @api.get("/v1/experts/load")
+    @api.get("/v1/experts/load", dependencies=v1)
     async def experts_load() -> dict[str, Any]:
         return {"model": frontend.model_name} | await frontend.engine.expert_load()
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", dependencies=v1)
     async def _completions(request: Request) -> Response:
         return await completions(frontend, request)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", dependencies=v1)
     async def _chat_completions(request: Request) -> Response:
         return await chat_completions(frontend, request)
 

@@ -69,12 +69,15 @@ def chat_renderer(checkpoint: str, *, guardrail: bool) -> ChatRenderer | None:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, engine: DeploymentHandle, checkpoint: str, model_name: str, guardrail: bool) -> None:
+    def __init__(
+        self, engine: DeploymentHandle, checkpoint: str, model_name: str, guardrail: bool, api_key: str | None = None
+    ) -> None:
         self.frontend = Frontend(
             HandleEngine(engine),
             model_name=model_name,
             tokenizer=load_tokenizer(checkpoint),
             chat=chat_renderer(checkpoint, guardrail=guardrail),
+            api_key=api_key,
         )
         self.servicer = MoEServicer(self.frontend)
 

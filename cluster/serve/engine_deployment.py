@@ -8,6 +8,8 @@ bundle 0, and starts expert worker e in bundle 1 + e. Its methods are the Engine
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +25,15 @@ from workers.device import set_coordinator_threads
 from workers.telemetry import Telemetry
 
 WORKER_PING_TIMEOUT_S = 10.0
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc), or its peak where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class EngineServer:
@@ -51,8 +62,8 @@ class EngineServer:
         return ModelInfo(max_model_len=self.coordinator.max_model_len, vocab_size=self.coordinator.vocab_size)
 
     def stats(self) -> dict[str, int]:
-        """Running and waiting sequences and engine steps so far."""
-        return self.engine.stats()
+        """Running and waiting sequences, engine steps so far, and this replica's resident memory."""
+        return self.engine.stats() | {"resident_bytes": resident_bytes()}
 
     async def expert_load(self) -> dict[str, Any]:
         """Load-balancing report since start: per layer and expert, and per worker."""

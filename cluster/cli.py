@@ -183,7 +183,10 @@ def serve(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name made on first use.")] = "tiny",
     host: Annotated[str, typer.Option(help="HTTP address to bind; 0.0.0.0 to serve other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port (OpenAI-compatible API under /v1).")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (moe.MoEService); 0 turns gRPC off.")] = 9000,
+    grpc_port: Annotated[
+        int,
+        typer.Option(help="gRPC port (moe.MoEService), e.g. 9000; it listens on every interface, so it needs --api-key. 0: off."),
+    ] = 0,
     **settings: Any,
 ) -> None:
     """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
@@ -192,7 +195,6 @@ def serve(
 
     from pydantic import ValidationError
 
-    from cluster.serve.app import GRPC_SERVICER, build_app
     from mixtral.checkpoint import Checkpoint
     from mixtral.synthetic import resolve_checkpoint
 
@@ -205,10 +207,14 @@ def serve(
         if serve_args.api_key is None and not is_loopback(host):
             raise UserError(f"--host {host} serves other machines: set --api-key (clients send 'Authorization: Bearer KEY')")
         if serve_args.api_key is None and grpc_port:
-            print("note: Ray Serve's gRPC proxy listens on every interface; --grpc-port 0 turns it off", file=sys.stderr)
+            raise UserError(
+                "gRPC (Ray Serve's proxy) listens on every interface, whatever --host says: set --api-key to turn it on"
+            )
         opened = Checkpoint.open(resolve_checkpoint(checkpoint))
         opened.reader().verify()
         from ray import serve as ray_serve
+
+        from cluster.serve.app import GRPC_SERVICER, build_app
 
         start_ray()
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None

@@ -149,8 +149,12 @@ class Coordinator:
         parts = split_for_overlap(lengths, self.overlap_min_tokens)
         batches = [self._micro_batch(tokens[part], slots[part], starts[part]) for part in parts]
         # Each micro-batch's pass yields while its experts work, and the other's takes its turn.
-        for _ in itertools.zip_longest(*(self._layers(mb) for mb in batches)):
-            pass
+        try:
+            for _ in itertools.zip_longest(*(self._layers(mb) for mb in batches)):
+                pass
+        except BaseException:
+            self.transport.abandon()  # nothing of this step may be sent again or taken for a later one's
+            raise
         self.observer.step_done()
         last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
         return F.linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()

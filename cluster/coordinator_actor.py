@@ -60,6 +60,8 @@ class CoordinatorActor:
 
         async def one(prompt: list[int], p: SamplingParams) -> GenerationResult:
             events = [e async for e in self.engine.stream(prompt, p, self._request_id())]
+            if events[-1].finish_reason == "error":
+                raise RuntimeError("the engine failed while generating this request")
             return GenerationResult(
                 [e.token_id for e in events], [e.logprob for e in events], events[-1].finish_reason or "length"
             )
@@ -73,10 +75,13 @@ class CoordinatorActor:
         do, but tokens come back in one reply instead of one Ray object each, which on a
         2-core machine would cost more than the step itself at high concurrency.
         """
-        return [
+        tokens = [
             TimedToken(e.token_id, time.time(), e.finish_reason)
             async for e in self.engine.stream(prompt, params, self._request_id())
         ]
+        if tokens[-1].finish_reason == "error":
+            raise RuntimeError("the engine failed while generating this request")
+        return tokens
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert, per layer, since start: [L][E]."""

@@ -12,12 +12,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from mixtral.config import MixtralArgs, load_args
 from mixtral.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: checking a path (the CLI's first step) needs none
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -22,14 +22,14 @@ def make_checkpoint(
     tokenizer: bool = True,
 ) -> Path:
     """Write a random MixtralForCausalLM with `save_pretrained` (sharded, with index) plus the tokenizer."""
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; choose a new directory")
+    import torch  # after the checks: a mistake is reported without loading torch and transformers
+    from transformers import MixtralConfig, MixtralForCausalLM
+
     fields = preset(preset_name) | (overrides or {})
     rope_theta = fields.pop("rope_theta", 1e6)
     config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})

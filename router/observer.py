@@ -6,10 +6,13 @@ took; RoutingObservers fans that out, so the coordinator's forward carries no bo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from router.routing import RoutingPlan
+
+log = logging.getLogger(__name__)
 
 
 class RoutingObserver(Protocol):
@@ -23,13 +26,23 @@ class RoutingObserver(Protocol):
 
 
 class RoutingObservers:
+    """Fans out to several observers. Watching must never stop the serving: an observer that
+    raises (a trace on a full disk) is logged and dropped, and the step goes on."""
+
     def __init__(self, observers: Sequence[RoutingObserver]) -> None:
         self.observers = list(observers)
 
     def layer_routed(self, layer: int, plan: RoutingPlan, seconds: float) -> None:
-        for observer in self.observers:
-            observer.layer_routed(layer, plan, seconds)
+        for observer in list(self.observers):
+            self._guarded(observer, lambda o: o.layer_routed(layer, plan, seconds))
 
     def step_done(self) -> None:
-        for observer in self.observers:
-            observer.step_done()
+        for observer in list(self.observers):
+            self._guarded(observer, lambda o: o.step_done())
+
+    def _guarded(self, observer: RoutingObserver, call: Callable[[RoutingObserver], None]) -> None:
+        try:
+            call(observer)
+        except Exception:
+            log.exception("routing observer %r failed; it is dropped", observer)
+            self.observers.remove(observer)

@@ -31,6 +31,10 @@ class ExpertTransport(Protocol):
 
     def gather(self, pending: Any) -> dict[int, torch.Tensor]: ...
 
+    def abandon(self) -> None:
+        """A step failed between submits and gathers: forget what it still has in flight."""
+        ...
+
 
 class ExpertLike(Protocol):
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
@@ -47,6 +51,9 @@ class LocalTransport:
 
     def gather(self, pending: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return pending
+
+    def abandon(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,19 @@ class ChannelTransport:
     in order: no request is lost, and the tokens are the same.
     """
 
-    def __init__(self, workers: Sequence[Any], coordinator_node: str, secret: bytes, *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        workers: Sequence[Any],
+        coordinator_node: str,
+        secret: bytes,
+        *,
+        timeout_s: float = 60.0,
+        max_replacements: int = MAX_REPLACEMENTS,
+    ) -> None:
         import ray
 
         self.workers = workers
+        self.max_replacements = max_replacements
         self.coordinator_node = coordinator_node
         self.secret = secret
         self.timeout_s = timeout_s
@@ -133,25 +149,36 @@ class ChannelTransport:
     def gather(self, pending: PendingLayer) -> dict[int, torch.Tensor]:
         return {e: self._receive(e, request_id).to(pending.device) for e, request_id in pending.request_ids.items()}
 
+    def abandon(self) -> None:
+        """The step failed: what the workers still owe for it is never sent again, and its
+        replies, if they come, are recognised by their ids and dropped."""
+        for owed in self.owed:
+            owed.clear()
+
     def _receive(self, expert: int, request_id: int) -> torch.Tensor:
         """The reply to `request_id`; replies to older requests (of a step that failed) are dropped."""
-        for attempt in range(MAX_REPLACEMENTS + 1):
+        stuck = False
+        for attempt in range(self.max_replacements + 1):
             try:
+                if attempt:
+                    self._replace(expert, kill=stuck)
                 while True:
                     reply_id, reply = self._next_reply(expert)
                     self._settle(expert, reply_id)
+                    if reply_id > request_id:
+                        raise RuntimeError(f"expert {expert} answered request {reply_id} before {request_id}")
                     if reply_id == request_id:
                         if isinstance(reply, RemoteError):
                             raise reply
                         return reply
             except TimeoutError:  # stopped or partitioned: it holds our tokens and says nothing
-                if attempt == MAX_REPLACEMENTS:
+                stuck = True
+                if attempt == self.max_replacements:
                     raise
-                self._replace(expert, kill=True)
             except OSError:  # ChannelClosed included: the worker died with our tokens
-                if attempt == MAX_REPLACEMENTS:
+                stuck = False
+                if attempt == self.max_replacements:
                     raise
-                self._replace(expert, kill=False)
         raise AssertionError("unreachable")
 
     def _next_reply(self, expert: int) -> tuple[int, torch.Tensor | RemoteError]:

@@ -46,7 +46,11 @@ class ChannelAddress:
         else:
             sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are latency-bound
-        answer_challenge(sock, secret)
+        try:
+            answer_challenge(sock, secret)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
 
@@ -122,6 +126,8 @@ def _recv_into(sock: socket.socket, buffer: memoryview) -> None:
 
 
 def _check(tag: int, rows: int, cols: int, code: int, limits: FrameLimits) -> None:
+    if tag == ERROR and limits.tags is not None:
+        raise BadFrame("an error frame sent to a worker")
     if tag == ERROR:
         if not 0 <= rows <= MAX_ERROR_BYTES:
             raise BadFrame(f"an error frame of {rows} bytes")

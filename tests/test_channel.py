@@ -19,6 +19,7 @@ from router.wire import HEADER, OK, ChannelAddress, ChannelClosed, FrameLimits, 
 from workers.channel_server import ChannelServer
 
 LAYERS, D = 3, 64
+POISON = 4
 SECRET = b"s" * 32
 LIMITS = FrameLimits(cols=D, tags=range(LAYERS + 5))  # tags past LAYERS reach forward, which raises
 
@@ -114,8 +115,9 @@ def test_a_peer_without_the_secret_is_refused_and_the_worker_lives(address: Chan
         HEADER.pack(0, -5, D, 0, 1),  # negative rows
         HEADER.pack(1000, 1, D, 0, 1),  # no such layer
         HEADER.pack(-1, 1 << 30, 0, 0, 1),  # an error frame of a GiB of text
+        HEADER.pack(-1, 5, 0, 0, 1) + b"hello",  # an error frame at all: only workers send those
     ],
-    ids=["dtype", "cols", "huge", "negative", "layer", "error-frame"],
+    ids=["dtype", "cols", "huge", "negative", "layer", "error-frame", "small-error-frame"],
 )
 def test_a_malformed_header_drops_the_peer_not_the_worker(address: ChannelAddress, header: bytes) -> None:
     bad = address.connect(SECRET, timeout_s=30)
@@ -142,6 +144,8 @@ class FakeWorker:
         self.server = ChannelServer(self.forward, secret=SECRET, limits=LIMITS)
 
     def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if layer == POISON:
+            os._exit(1)  # a request that kills its worker every time (as an out-of-memory kill would)
         if layer >= self.layers:
             raise IndexError(f"this worker has {self.layers} layers")
         return slow_expert(layer, x)
@@ -198,5 +202,17 @@ def test_a_stopped_worker_is_killed_and_replaced_and_its_call_answered(ray_sessi
     assert torch.equal(out[0], fake_expert(1, x))
     assert transport.replacements == 1 and ray.get(worker.pid.remote()) != stopped_pid
     assert time.monotonic() - start < 60
+    transport.close()
+    ray.kill(worker)
+
+
+def test_a_request_that_kills_its_worker_fails_its_step_and_not_the_next(ray_session) -> None:  # type: ignore[no-untyped-def]
+    worker = FakeWorker.remote()
+    transport = ChannelTransport([worker], "", SECRET, max_replacements=1)
+    x = torch.randn(2, D)
+    with pytest.raises(ConnectionError):
+        transport.gather(transport.submit(POISON, {0: x}))
+    transport.abandon()  # as the coordinator does when a step fails
+    assert torch.equal(transport.gather(transport.submit(1, {0: x}))[0], fake_expert(1, x))  # not sent the poison again
     transport.close()
     ray.kill(worker)

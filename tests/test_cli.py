@@ -139,3 +139,8 @@ def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, c
 
 def test_serving_other_machines_needs_an_api_key(cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli("serve", "--host", "0.0.0.0", env=cli_env), "--api-key")
+
+
+def test_grpc_needs_an_api_key_since_it_listens_on_every_interface(cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli("serve", "--grpc-port", "9000", env=cli_env), "--api-key")
+    assert_one_line_error(run_cli("serve", "--api-key", "short", env=cli_env), "--api-key")  # at least 8 characters

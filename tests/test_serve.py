@@ -281,10 +281,10 @@ def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> No
     import subprocess
     import sys
 
-    http_port, grpc_port = free_port(), free_port()
+    http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port), "--grpc-port", str(grpc_port)],
+        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port)],  # as `./dev serve` runs it
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -292,7 +292,7 @@ def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> No
     )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1"), line
+        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny"]
         assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
@@ -383,3 +383,30 @@ def test_200_requests_against_a_bounded_queue_lose_none_and_memory_comes_back(se
     stats = server.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert abs(stats["resident_bytes"] - before) <= 0.1 * before
+
+
+def test_hostile_requests_beside_ordinary_streams_fail_alone(server: Server) -> None:
+    from tests.test_edge import BAD_REQUESTS, HOSTILE_BODIES
+
+    bad = [(path.replace("moe-small", MODEL), body) for path, body in BAD_REQUESTS.values()]
+    bad += [("/v1/chat/completions" if b"messages" in body else "/v1/completions", body) for body in HOSTILE_BODIES.values()]
+    prompts, lengths = random_prompts([6, 11, 4, 9], 32000, seed=44), [24, 20, 28, 16]
+
+    async def run_all() -> tuple[list[str], list[int]]:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
+
+        async def ordinary(prompt: list[int], n: int) -> str:
+            chunks = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, stream=True, **GREEDY)
+            return "".join([c.choices[0].text async for c in chunks if c.choices])
+
+        async def hostile(path: str, body: bytes) -> int:
+            return (await asyncio.to_thread(post, server, path, body))[0]
+
+        streams = [asyncio.create_task(ordinary(p, n)) for p, n in zip(prompts, lengths)]
+        statuses = await asyncio.gather(*(hostile(path, body) for path, body in bad))
+        return await asyncio.gather(*streams), list(statuses)
+
+    texts, statuses = asyncio.run(run_all())
+    assert all(400 <= s < 500 for s in statuses), statuses
+    tokenizer = load_tokenizer(server.checkpoint)
+    assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in solo_greedy(server.checkpoint, prompts, lengths)]

@@ -19,6 +19,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -68,7 +69,12 @@ class ChannelServer:
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError as e:  # out of file descriptors, say: keep listening, never fall silent
+                log.warning("expert channel: accept failed (%s)", e)
+                time.sleep(0.1)
+                continue
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # One thread per connection: a coordinator that reconnects after a failure of its own

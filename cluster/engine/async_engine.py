@@ -5,8 +5,9 @@ tokens go back to each request's asyncio queue with call_soon_threadsafe. The th
 an event while there is no work, so an idle server costs no CPU.
 
 Failures stay with their request: a request the engine cannot take, or whose sampling fails, ends
-alone with an "error" event. A step that fails ends the requests in it. Should the loop itself
-die, every open stream gets an error and `is_alive` turns false at once, so health checks fail.
+alone with an "error" event. A step that fails ends the running requests (their caches are half
+written) and leaves the waiting ones. Should the loop itself die, every open stream gets an error
+and `is_alive` turns false at once, so health checks fail.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ Sink = Callable[[TokenEvent], None]
 ERROR = TokenEvent(-1, 0.0, [], "error")
 
 
+def _send(sink: Sink, event: TokenEvent) -> None:
+    """Hand an event to a request's stream; a stream whose event loop is gone must not end the engine loop."""
+    try:
+        sink(event)
+    except Exception:
+        log.exception("could not deliver an event to a request's stream")
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, telemetry: Telemetry | None = None, *, max_waiting: int | None = None) -> None:
         self.engine = engine
@@ -39,6 +48,10 @@ class AsyncEngine:
         self._sinks: dict[str, Sink] = {}
         self._wake = threading.Event()
         self._stopped = False
+        # Held while adding to the inbox and while the dying loop drains it for the last time, so
+        # no request can slip in after that drain and wait forever.
+        self._inbox_lock = threading.Lock()
+        self._adds_in_inbox = 0
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -49,13 +62,15 @@ class AsyncEngine:
         queue is full, EngineUnavailable when the loop has died; all before anything is queued.
         """
         self.engine.check_request(prompt_ids, params)  # a bad request fails here, before queueing
-        if not self.is_alive():
-            raise EngineUnavailable("the engine loop has stopped; this replica is being replaced")
-        if self.max_waiting is not None and self.queued() >= self.max_waiting:
-            raise EngineOverloaded(f"{self.queued()} requests are waiting, the most this replica queues; retry shortly")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._inbox.put(("add", request_id, prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
+        with self._inbox_lock:
+            if self._stopped:
+                raise EngineUnavailable("the engine loop has stopped; this replica is being replaced")
+            if self.max_waiting is not None and self.queued() >= self.max_waiting:
+                raise EngineOverloaded(f"{self.queued()} requests are waiting, the most this replica queues; retry shortly")
+            self._adds_in_inbox += 1
+            self._inbox.put(("add", request_id, prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
         self._wake.set()
         finished, arrival, previous = False, time.perf_counter(), None
         try:
@@ -87,7 +102,7 @@ class AsyncEngine:
 
     def queued(self) -> int:
         """Requests not yet running: in the inbox or the engine's waiting queue."""
-        return self._inbox.qsize() + len(self.engine.waiting)
+        return self._adds_in_inbox + len(self.engine.waiting)
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.engine.running), "waiting": self.queued(), "steps": self.engine.steps}
@@ -107,11 +122,13 @@ class AsyncEngine:
                 return
             if message[0] == "add":
                 _, request_id, prompt_ids, params, sink = message
+                with self._inbox_lock:
+                    self._adds_in_inbox -= 1
                 try:
                     self.engine.add_request(prompt_ids, params, request_id=request_id)
                 except Exception:
                     log.exception("request %s could not be queued; it alone ends with an error", request_id)
-                    sink(ERROR)
+                    _send(sink, ERROR)
                     continue
                 self._sinks[request_id] = sink
             else:
@@ -124,9 +141,10 @@ class AsyncEngine:
         except BaseException:  # the thread ends here either way; what matters is what follows
             log.exception("the engine loop died; failing every open request")
         finally:
-            self._stopped = True  # is_alive() is false from here on: health fails at once
-            self._fail_all()
-            self._drain_inbox_as_errors()
+            with self._inbox_lock:
+                self._stopped = True  # is_alive() is false from here on: health fails at once
+                self._fail(self.engine.running + list(self.engine.waiting))
+                self._drain_inbox_as_errors()
 
     def _run(self) -> None:
         while not self._stopped:
@@ -137,8 +155,8 @@ class AsyncEngine:
                 try:
                     updated = self.engine.step()
                 except Exception:
-                    log.exception("engine step failed; failing the running requests")
-                    self._fail_all()
+                    log.exception("engine step failed; failing the requests that were in it")
+                    self._fail(list(self.engine.running))  # their caches are half written; the waiting ones are untouched
                     break
                 for seq in updated:
                     self._emit(seq)
@@ -151,19 +169,20 @@ class AsyncEngine:
         if sink is None:
             return
         if seq.finish_reason == "error":
-            sink(ERROR)
+            _send(sink, ERROR)
         else:
             top = seq.top_logprobs[-1] if seq.params.logprobs else []
-            sink(TokenEvent(seq.output_ids[-1], seq.logprobs[-1], top, seq.finish_reason))
+            _send(sink, TokenEvent(seq.output_ids[-1], seq.logprobs[-1], top, seq.finish_reason))
         if seq.finished:
             del self._sinks[seq.request_id]
 
-    def _fail_all(self) -> None:
-        for seq in [*self.engine.running, *self.engine.waiting]:
+    def _fail(self, seqs: list[Sequence]) -> None:
+        """End these sequences with an error event each."""
+        for seq in seqs:
             self.engine.abort(seq.request_id)
-        for sink in self._sinks.values():
-            sink(ERROR)
-        self._sinks.clear()
+            sink = self._sinks.pop(seq.request_id, None)
+            if sink is not None:
+                _send(sink, ERROR)
 
     def _drain_inbox_as_errors(self) -> None:
         while True:
@@ -172,4 +191,5 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if message[0] == "add":
-                message[-1](ERROR)
+                self._adds_in_inbox -= 1
+                _send(message[-1], ERROR)

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
 # Below this a temperature is greedy, as vLLM treats it: dividing logits by 1e-300 gives inf and NaN.
 GREEDY_TEMPERATURE = 1e-5
-MAX_TEMPERATURE = 100.0
+MAX_TEMPERATURE = 2.0  # as OpenAI bounds it
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256  # characters of one stop string
 MAX_STOP_TOKEN_IDS = 64

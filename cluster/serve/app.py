@@ -46,6 +46,7 @@ def build_app(args: ServeArgs) -> Application:
         },
         max_ongoing_requests=1024,
         health_check_period_s=10,
+        health_check_timeout_s=engine.expert_timeout_s + 15,  # above check_health's own ping timeout
     )
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
         engine_server.bind(checkpoint, engine, placement, gpus),

@@ -18,13 +18,15 @@ class ServeArgs(BaseModel):
     dtype: DType | None = Field(None, description="Compute dtype; default: the checkpoint's dtype.")
     max_num_seqs: int = Field(64, ge=1, description="Running sequences per replica; more requests wait in a queue.")
     max_waiting: int = Field(
-        256, ge=0, description="Requests queued per replica beyond the running ones; more get 503 and Retry-After."
+        256, ge=1, description="Requests queued per replica beyond the running ones; more get 503 and Retry-After."
     )
     max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one engine step.")
     max_model_len: int | None = Field(None, ge=2, description="Context length; default: max_position_embeddings.")
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
     guardrail: bool = Field(False, description="Prepend the Mistral 7B paper's guardrail system prompt to chats.")
     api_key: str | None = Field(
-        None, description="Require 'Authorization: Bearer KEY' over HTTP and gRPC; needed to bind a non-loopback --host."
+        None,
+        min_length=8,
+        description="Require 'Authorization: Bearer KEY' over HTTP and gRPC; needed to bind a non-loopback --host.",
     )
     trace_path: str | None = Field(None, description="Record each token's chosen experts to this msgpack file.")

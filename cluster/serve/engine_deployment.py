@@ -24,8 +24,6 @@ from router.wire import new_secret
 from workers.device import set_coordinator_threads
 from workers.telemetry import Telemetry
 
-WORKER_PING_TIMEOUT_S = 10.0
-
 
 def resident_bytes() -> int:
     """This process's resident memory now (Linux /proc), or its peak where /proc is missing."""
@@ -52,6 +50,7 @@ class EngineServer:
             max_waiting=engine.max_waiting,
         )
         self.coordinator = self.engine.engine.model
+        self.ping_timeout_s = engine.expert_timeout_s
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         """Stream a request's tokens; a cancelled stream aborts it."""
@@ -85,7 +84,10 @@ class EngineServer:
         """Healthy when the engine loop runs and every expert worker answers a ping in time."""
         if not self.engine.is_alive():
             raise RuntimeError("the engine loop thread has stopped")
+        # As long as the transport gives a worker before replacing it: a worker being replaced is
+        # healing, and a failed check would have Serve kill the whole replica, running requests too.
+        timeout = self.ping_timeout_s
         try:
-            await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), WORKER_PING_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"an expert worker did not answer a ping within {WORKER_PING_TIMEOUT_S:g} s") from None
+            raise RuntimeError(f"an expert worker did not answer a ping within {timeout:g} s") from None

@@ -50,13 +50,13 @@ class Delta:
 
 
 def merge(parts: list[Delta]) -> Delta:
-    """A whole stream's deltas as one."""
+    """A whole stream's deltas as one (Frontend.generate ends every stream with a finish_reason)."""
     return Delta(
         text="".join(d.text for d in parts),
         token_ids=[t for d in parts for t in d.token_ids],
         logprobs=[lp for d in parts for lp in d.logprobs],
         top_logprobs=[a for d in parts for a in d.top_logprobs],
-        finish_reason=parts[-1].finish_reason if parts else "error",
+        finish_reason=parts[-1].finish_reason,
     )
 
 
@@ -73,7 +73,12 @@ class Frontend:
 
     async def info(self) -> ModelInfo:
         if self._info is None:
-            self._info = await self.engine.model_info()
+            try:
+                self._info = await self.engine.model_info()
+            except Exception as e:
+                raise ApiError(
+                    503, f"the engine is not reachable ({type(e).__name__}); retry shortly", kind="service_unavailable"
+                ) from None
         return self._info
 
     def authorize(self, authorization: str | None) -> None:
@@ -162,6 +167,7 @@ class Frontend:
                 yield Delta(text, [event.token_id], [event.logprob], top, finish)
                 if finish:
                     return
+        raise ApiError(500, "the engine's stream ended before the request finished; retry it", kind="server_error")
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
         """The whole output at once."""

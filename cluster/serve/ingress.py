@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from cluster.engine.protocol import EngineUnavailable, ModelInfo, TokenEvent
@@ -38,7 +38,7 @@ class HandleEngine:
         try:
             async for event in stream:
                 yield event
-        except (RayActorError, ActorUnavailableError) as e:  # the engine replica died or is restarting
+        except RayActorError as e:  # ActorUnavailableError included  # the engine replica died or is restarting
             raise EngineUnavailable(f"the engine replica is unavailable ({type(e).__name__}); retry the request") from None
         finally:
             stream.cancel()  # a client that left: the engine aborts the request and frees its sequence

@@ -270,12 +270,13 @@ def stats(
     url: Annotated[str, typer.Argument(help="Base URL of a running `moe-cluster serve`.")] = "http://127.0.0.1:8000",
     plot: Annotated[Optional[Path], typer.Option(help="Write a layer x expert heat map PNG here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON report instead of the table.")] = False,
+    api_key: Annotated[Optional[str], typer.Option(help="The server's --api-key, if it has one.")] = None,
 ) -> None:
     """Show how tokens spread over the experts: per layer and expert, and per worker."""
     from cluster.serve.stats_view import fetch_load, load_table, plot_heatmap
 
     with user_errors():
-        report = fetch_load(url)
+        report = fetch_load(url, api_key)
     print(json.dumps(report) if as_json else load_table(report))
     if plot:
         print(f"heat map: {plot_heatmap(report, plot)}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 from cluster.errors import UserError
 
 
-def fetch_load(url: str) -> dict[str, Any]:
+def fetch_load(url: str, api_key: str | None = None) -> dict[str, Any]:
     endpoint = url.rstrip("/") + "/v1/experts/load"
+    request = urllib.request.Request(endpoint, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
-        with urllib.request.urlopen(endpoint, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise UserError(f"{endpoint} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None
     except OSError as e:
         raise UserError(f"cannot read {endpoint} ({e}); is `moe-cluster serve` running there?") from None
 

@@ -25,9 +25,10 @@ from cluster.serve.args import ServeArgs
 from cluster.serve.chat import GUARDRAIL_PROMPT, ChatRenderer
 from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
-from protos import moe_pb2, moe_pb2_grpc
+from protos import moe_pb2_grpc
 from tests.reference import hf_greedy, hf_model
 from tests.test_cli import run_cli
+from tests.test_edge import grpc_request
 from tests.test_parity import random_prompts
 
 MODEL = "moe-small"
@@ -243,13 +244,6 @@ def test_client_disconnect_mid_stream_frees_its_sequence(server: Server) -> None
     assert stats["running"] == 0 and stats["waiting"] == 0
     # Freed by the abort, not by running to max_tokens (one sequence: one token per step).
     assert stats["steps"] - before["steps"] < max_tokens // 2
-
-
-def grpc_request(prompt: list[int] | str, **params: Any) -> moe_pb2.GenerateRequest:
-    sampling = moe_pb2.SamplingParams(ignore_eos=True, **params)
-    if isinstance(prompt, str):
-        return moe_pb2.GenerateRequest(text=prompt, params=sampling)
-    return moe_pb2.GenerateRequest(token_ids=moe_pb2.TokenIds(ids=prompt), params=sampling)
 
 
 def test_grpc_unary_and_streaming(server: Server) -> None:

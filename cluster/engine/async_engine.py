@@ -17,7 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 from cluster.engine.protocol import EngineOverloaded, EngineUnavailable, TokenEvent
 from cluster.engine.sampling import SamplingParams
@@ -114,12 +115,16 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
 
-    def _drain_inbox(self) -> None:
+    def _inbox_messages(self) -> Iterator[tuple[Any, ...]]:
+        """What has arrived in the inbox, until it is empty."""
         while True:
             try:
-                message = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for message in self._inbox_messages():
             if message[0] == "add":
                 _, request_id, prompt_ids, params, sink = message
                 with self._inbox_lock:
@@ -185,11 +190,7 @@ class AsyncEngine:
                 _send(sink, ERROR)
 
     def _drain_inbox_as_errors(self) -> None:
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._inbox_messages():
             if message[0] == "add":
                 self._adds_in_inbox -= 1
                 _send(message[-1], ERROR)

@@ -28,7 +28,7 @@ from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2_grpc
 from tests.reference import hf_greedy, hf_model
 from tests.test_cli import run_cli
-from tests.test_edge import grpc_request
+from tests.test_edge import completion, grpc_request, post
 from tests.test_parity import random_prompts
 
 MODEL = "moe-small"
@@ -198,25 +198,12 @@ def test_continuous_batching_16_concurrent_requests(server: Server) -> None:
     assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in solo_greedy(server.checkpoint, prompts, lengths)]
 
 
-def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"} | (headers or {}))
-    response = conn.getresponse()
-    status, payload = response.status, json.loads(response.read())
-    conn.close()
-    return status, payload
-
-
-def completion(**fields: Any) -> bytes:
-    return json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4} | fields).encode()
-
-
 def test_a_bad_request_is_a_4xx_from_the_real_app_and_it_keeps_serving(server: Server) -> None:
     # Every kind of bad input is covered over a fake engine (test_edge.py); this is the real app's wiring.
-    status, payload = post(server, "/v1/completions", completion(max_tokens=CONTEXT + 1))
+    status, payload = post(server.http_port, "/v1/completions", completion(max_tokens=CONTEXT + 1))
     assert status == 400 and payload["error"]["param"] == "max_tokens"
-    assert post(server, "/v1/completions", completion(model="gpt-4"))[0] == 404
-    status, ok = post(server, "/v1/completions", completion(max_tokens=1))
+    assert post(server.http_port, "/v1/completions", completion(model="gpt-4"))[0] == 404
+    status, ok = post(server.http_port, "/v1/completions", completion(max_tokens=1))
     assert status == 200 and ok["usage"]["completion_tokens"] == 1
 
 
@@ -394,7 +381,7 @@ def test_hostile_requests_beside_ordinary_streams_fail_alone(server: Server) -> 
             return "".join([c.choices[0].text async for c in chunks if c.choices])
 
         async def hostile(path: str, body: bytes) -> int:
-            return (await asyncio.to_thread(post, server, path, body))[0]
+            return (await asyncio.to_thread(post, server.http_port, path, body))[0]
 
         streams = [asyncio.create_task(ordinary(p, n)) for p, n in zip(prompts, lengths)]
         statuses = await asyncio.gather(*(hostile(path, body) for path, body in bad))

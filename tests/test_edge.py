@@ -458,3 +458,32 @@ def test_a_chunked_upload_over_the_limit_is_a_413(http_port: int) -> None:
     response = conn.getresponse()
     assert response.status == 413 and "limit" in json.loads(response.read())["error"]["message"]
     conn.close()
+
+
+def test_a_request_past_its_deadline_is_a_504_and_is_aborted(checkpoint: Path) -> None:
+    slow = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, delay_s=0.05)
+    frontend = Frontend(slow, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    with http_server(frontend) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        slow_body, deadline = completion(max_tokens=100), {"Content-Type": "application/json", "X-Request-Timeout": "0.4"}
+        conn.request("POST", "/v1/completions", body=slow_body, headers=deadline)
+        response = conn.getresponse()
+        assert response.status == 504 and json.loads(response.read())["error"]["type"] == "timeout"
+        conn.request("POST", "/v1/chat/completions", body=chat(max_tokens=100, stream=True), headers=deadline)
+        events = [line for line in conn.getresponse().read().decode().splitlines() if line.startswith("data: ")]
+        assert len(events) > 2 and json.loads(events[-1][6:])["error"]["type"] == "timeout"  # tokens, then the error
+        conn.request("POST", "/v1/completions", body=completion(max_tokens=2), headers=deadline)  # a quick one finishes
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 2
+        conn.request("POST", "/v1/completions", body=slow_body, headers={"X-Request-Timeout": "soon"})
+        response = conn.getresponse()
+        assert response.status == 400 and "X-Request-Timeout" in json.loads(response.read())["error"]["message"]
+        conn.close()
+    with grpc_server(frontend) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.RpcError) as late:
+            moe_pb2_grpc.MoEServiceStub(channel).Generate(grpc_request([1, 2], max_tokens=100), timeout=0.4)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline_end = time.monotonic() + 10
+    while len(slow.aborted) < 3 and time.monotonic() < deadline_end:
+        time.sleep(0.05)
+    assert len(slow.aborted) == 3  # the engine stopped working on all three late requests

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.engine.protocol import EngineClient, EngineOverloaded, EngineUnavailable, ModelInfo
+from cluster.engine.protocol import EngineClient, EngineOverloaded, EngineUnavailable, ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import check_request
 from cluster.errors import UserError
@@ -36,6 +36,25 @@ async def engine_errors() -> AsyncIterator[None]:
         raise ApiError(503, str(e), kind="server_overloaded", retry_after_s=1) from None
     except EngineUnavailable as e:
         raise ApiError(503, str(e), kind="service_unavailable") from None
+
+
+async def within(events: AsyncIterator[TokenEvent], timeout_s: float | None) -> AsyncIterator[TokenEvent]:
+    """The events that come before the deadline; then ApiError 504 (the caller's closing of the
+    stream aborts the request in the engine)."""
+    if timeout_s is None:
+        async for event in events:
+            yield event
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request did not finish within its deadline of {timeout_s:g} s", kind="timeout") from None
+        yield event
 
 
 @dataclass(frozen=True)
@@ -147,16 +166,19 @@ class Frontend:
         except Exception as e:
             raise ApiError(503, f"the engine is not healthy: {e}", kind="service_unavailable") from None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None
+    ) -> AsyncIterator[Delta]:
         """A checked request's output as text deltas. Stop strings end it early; closing it aborts the request.
 
         Raises ApiError: 503 (with Retry-After) when the engine's queue is full, 503 when it is
-        unavailable, 500 when the engine failed this request; never a success for a failure.
+        unavailable, 500 when the engine failed this request, 504 when it is not done within
+        `timeout_s` (the request is aborted); never a success for a failure.
         """
         detokenizer = Detokenizer(self.tokenizer, params.stop)
         stream = self.engine.generate(prompt_ids, params, uuid.uuid4().hex)
         async with contextlib.aclosing(stream), engine_errors():  # type: ignore[type-var]  # a client that left frees its sequence
-            async for event in stream:
+            async for event in within(stream, timeout_s):
                 if event.finish_reason == "error":
                     raise ApiError(500, "the engine failed while generating this request; retry it", kind="server_error")
                 text = detokenizer.add(event.token_id)
@@ -169,9 +191,9 @@ class Frontend:
                     return
         raise ApiError(500, "the engine's stream ended before the request finished; retry it", kind="server_error")
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Delta:
+    async def complete(self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None) -> Delta:
         """The whole output at once."""
-        return merge([d async for d in self.generate(prompt_ids, params)])
+        return merge([d async for d in self.generate(prompt_ids, params, timeout_s=timeout_s)])
 
     def token_text(self, token_id: int) -> str:
         # The piece itself, with SentencePiece's word marker as the space it stands for, so that

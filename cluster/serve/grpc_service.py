@@ -22,6 +22,7 @@ STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     500: grpc.StatusCode.INTERNAL,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
     503: grpc.StatusCode.UNAVAILABLE,
 }  # every other ApiError is the caller's mistake: INVALID_ARGUMENT
 
@@ -45,6 +46,13 @@ def sampling_params(p: moe_pb2.SamplingParams) -> SamplingParams:
     )
 
 
+def time_remaining(context: Any) -> float | None:
+    """The call's gRPC deadline, where the server's context tells it (grpc.aio does; Serve's proxy
+    enforces the deadline itself and cancels the call)."""
+    remaining = getattr(context, "time_remaining", lambda: None)()
+    return remaining if remaining is not None and remaining < 86400 else None
+
+
 class MoEServicer:
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -52,7 +60,7 @@ class MoEServicer:
     async def Generate(self, request: moe_pb2.GenerateRequest, context: Any) -> moe_pb2.GenerateResponse:
         prompt_ids, params = await self._request(request, context)
         try:
-            merged = await self.frontend.complete(prompt_ids, params)
+            merged = await self.frontend.complete(prompt_ids, params, timeout_s=time_remaining(context))
         except ApiError as e:
             set_status(context, e)
             raise
@@ -68,7 +76,7 @@ class MoEServicer:
         prompt_ids, params = await self._request(request, context)
         generated = 0
         try:
-            async for delta in self.frontend.generate(prompt_ids, params):
+            async for delta in self.frontend.generate(prompt_ids, params, timeout_s=time_remaining(context)):
                 generated += len(delta.token_ids)
                 last = delta.finish_reason is not None
                 yield moe_pb2.GenerateChunk(

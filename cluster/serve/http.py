@@ -80,6 +80,23 @@ async def ending_in_error_events(events: AsyncIterator[str]) -> AsyncIterator[st
         yield sse(e.body())
 
 
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def request_timeout(request: Request) -> float | None:
+    """The request's deadline in seconds from now, from its X-Request-Timeout header, if it has one."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not (0 < seconds < 86400):
+        raise ApiError(400, f"X-Request-Timeout must be a number of seconds above 0 and below a day, got {value!r}")
+    return seconds
+
+
 async def read_body(request: Request) -> bytes:
     """The body, read no further than the limit: chunked uploads declare no length up front."""
     declared = request.headers.get("content-length")
@@ -99,6 +116,7 @@ async def completions(frontend: Frontend, request: Request) -> Response:
     prompt_ids = body.prompt if isinstance(body.prompt, list) else await frontend.encode(body.prompt)
     params = body.sampling(body.max_tokens, body.logprobs)
     await frontend.check(prompt_ids, params, param="prompt")
+    timeout_s = request_timeout(request)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -111,9 +129,9 @@ async def completions(frontend: Frontend, request: Request) -> Response:
         return {"index": 0, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
     if not body.stream:
-        merged = await frontend.complete(prompt_ids, params)
+        merged = await frontend.complete(prompt_ids, params, timeout_s=timeout_s)
         return JSONResponse(head | {"choices": [choice(merged, 0)], "usage": usage(len(prompt_ids), len(merged.token_ids))})
-    deltas = await started(frontend.generate(prompt_ids, params))
+    deltas = await started(frontend.generate(prompt_ids, params, timeout_s=timeout_s))
 
     async def events() -> AsyncIterator[str]:
         generated, offset = 0, 0
@@ -136,20 +154,21 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, info.max_model_len - len(prompt_ids))
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     await frontend.check(prompt_ids, params, param="messages")
+    timeout_s = request_timeout(request)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": frontend.model_name}
 
     def logprobs(delta: Delta) -> dict[str, Any] | None:
         return {"content": chat_logprobs(frontend, delta)} if body.logprobs else None
 
     if not body.stream:
-        merged = await frontend.complete(prompt_ids, params)
+        merged = await frontend.complete(prompt_ids, params, timeout_s=timeout_s)
         message = {"role": "assistant", "content": merged.text}
         choice = {"index": 0, "message": message, "logprobs": logprobs(merged), "finish_reason": merged.finish_reason}
         return JSONResponse(
             head | {"object": "chat.completion", "choices": [choice], "usage": usage(len(prompt_ids), len(merged.token_ids))}
         )
 
-    deltas = await started(frontend.generate(prompt_ids, params))
+    deltas = await started(frontend.generate(prompt_ids, params, timeout_s=timeout_s))
 
     async def events() -> AsyncIterator[str]:
         chunk = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage else {})

@@ -17,17 +17,20 @@ layer, the coordinator runs the other's attention (two-batch overlap).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from cluster.errors import UserError
 from mixtral import names
 from mixtral.attention import AttentionWeights, attention
 from mixtral.checkpoint import Checkpoint, ReadLog
 from mixtral.config import MixtralArgs
-from mixtral.kv_cache import KVCache
+from mixtral.kv_cache import PagedKVCache
+from mixtral.kv_spec import GiB, KVSpec
 from mixtral.layers import rms_norm, rope_cos_sin
 from mixtral.layout import StepLayout, build_layout
 from router.load import ExpertLoad
@@ -35,6 +38,8 @@ from router.moe import finish_moe, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
 from router.transport import ExpertTransport
+
+DEFAULT_CPU_KV_BYTES = 4 * GiB
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,8 @@ class Coordinator:
         dtype: torch.dtype,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
         device: str = "cpu",
         load: ExpertLoad,
         observers: Sequence[RoutingObserver] = (),
@@ -124,30 +131,25 @@ class Coordinator:
         self.final_norm = w[names.FINAL_NORM]
         self.lm_head = w[names.EMBED] if args.tie_word_embeddings else w[names.LM_HEAD]
         self.layers = [_layer_weights(w, layer) for layer in range(args.num_hidden_layers)]
-        capacity = min(args.sliding_window or self.max_model_len, self.max_model_len)
-        self.cache = KVCache(
-            num_layers=args.num_hidden_layers,
-            num_slots=max_num_seqs,
-            num_kv_heads=args.num_key_value_heads,
-            head_dim=args.head_dim,
-            max_capacity=capacity,
-            dtype=dtype,
-            device=device,
-        )
+        spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
+        num_blocks = kv_cache_blocks(spec, kv_cache_bytes, max_num_seqs, self.max_model_len, args.sliding_window, device)
+        self.cache = PagedKVCache(spec, num_blocks, dtype=dtype, device=device)
         self.load = load
         self.observer = RoutingObservers([load, *observers])  # load first: the others may read its totals
         self.overlap_min_tokens = overlap_min_tokens  # None, or steps with fewer tokens: one micro-batch
 
     @torch.inference_mode()
-    def forward(self, tokens: list[list[int]], *, slots: list[int], starts: list[int]) -> torch.Tensor:
-        """Run one step: sequence b feeds tokens[b] at positions starts[b].. into cache slot slots[b].
+    def forward(
+        self, tokens: list[list[int]], *, starts: list[int], blocks: list[list[int]], first_block: list[int]
+    ) -> torch.Tensor:
+        """Run one step: sequence b feeds tokens[b] at positions starts[b].. into its blocks
+        (blocks[b] holding its logical blocks first_block[b], first_block[b] + 1, ...).
 
         Returns float32 logits [B, V] of each sequence's last new token.
         """
         lengths = [len(t) for t in tokens]
-        self.cache.reserve(max(s + n for s, n in zip(starts, lengths)))
         parts = split_for_overlap(lengths, self.overlap_min_tokens)
-        batches = [self._micro_batch(tokens[part], slots[part], starts[part]) for part in parts]
+        batches = [self._micro_batch(tokens[part], starts[part], blocks[part], first_block[part]) for part in parts]
         # Each micro-batch's pass yields while its experts work, and the other's takes its turn.
         try:
             for _ in itertools.zip_longest(*(self._layers(mb) for mb in batches)):
@@ -190,24 +192,31 @@ class Coordinator:
         ]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _micro_batch(self, tokens: list[list[int]], slots: list[int], starts: list[int]) -> MicroBatch:
+    def _micro_batch(
+        self, tokens: list[list[int]], starts: list[int], blocks: list[list[int]], first_block: list[int]
+    ) -> MicroBatch:
         lengths = [len(t) for t in tokens]
         offsets = [0, *itertools.accumulate(lengths)]
         groups = [
-            self._group(slots[part], starts[part], lengths[part], slice(offsets[part.start], offsets[part.stop]))
+            self._group(
+                starts[part], lengths[part], blocks[part], first_block[part], slice(offsets[part.start], offsets[part.stop])
+            )
             for part in attention_groups(lengths, starts)
         ]
         flat = torch.tensor([t for seq in tokens for t in seq], device=self.device)
         last_token = torch.tensor(offsets[1:], device=self.device) - 1
         return MicroBatch(groups=groups, last_token=last_token, x=self.embed[flat])  # x [T, D]
 
-    def _group(self, slots: list[int], starts: list[int], lengths: list[int], tokens: slice) -> AttentionGroup:
+    def _group(
+        self, starts: list[int], lengths: list[int], blocks: list[list[int]], first_block: list[int], tokens: slice
+    ) -> AttentionGroup:
         args = self.args
         layout = build_layout(
-            slots=slots,
+            blocks=blocks,
+            first_block=first_block,
             starts=starts,
             lengths=lengths,
-            capacity=self.cache.capacity,
+            block_size=self.cache.block_size,
             window=args.sliding_window,
             dtype=self.dtype,
         )
@@ -216,6 +225,32 @@ class Coordinator:
 
     def read_log(self) -> ReadLog:
         return self.reader.log
+
+
+def kv_cache_blocks(
+    spec: KVSpec, budget_bytes: int | None, max_num_seqs: int, max_model_len: int, window: int | None, device: str
+) -> int:
+    """Blocks of the KV pool: the budget's worth, or by default what max_num_seqs sequences of
+    max_model_len can hold at once, at most 90% of a GPU's free memory (4 GiB on a CPU, as vLLM's CPU default).
+
+    Raises UserError, with the numbers and the fix, when the pool cannot hold one sequence of max_model_len.
+    """
+    per_sequence = spec.blocks_per_sequence(max_model_len, window)
+    if budget_bytes is None:
+        cap = 0.9 * torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else DEFAULT_CPU_KV_BYTES
+        budget, blocks = cap, min(max_num_seqs * per_sequence, spec.blocks_in(cap))
+    else:
+        budget, blocks = budget_bytes, spec.blocks_in(budget_bytes)
+    if blocks < per_sequence:
+        need = spec.pool_bytes(per_sequence)
+        fits = blocks * spec.block_size if window is None and blocks else None
+        raise UserError(
+            f"the KV cache budget of {budget / GiB:.4g} GiB holds {blocks} blocks of {spec.block_size} tokens "
+            f"({spec.bytes_per_block} bytes each), but one sequence of max_model_len {max_model_len} needs "
+            f"{per_sequence} blocks ({need / GiB:.4g} GiB); give --kv-cache-memory {math.ceil(need / GiB * 1e4) / 1e4} or more"
+            + (f", or lower --max-model-len to {fits}" if fits else "")
+        )
+    return blocks
 
 
 def _layer_weights(w: dict[str, torch.Tensor], layer: int) -> LayerWeights:

@@ -1,69 +1,30 @@
-"""A KV cache for many sequences of different lengths, one slot each.
+"""The paged KV cache: a fixed pool of blocks, allocated once from a memory budget.
 
-Per layer, k and v are [S, G, C, Dh] (S slots, G kv heads, C columns): a slot's keys for one kv
-head are one [C, Dh] matrix, which attention multiplies without copying it into shape. The key
-of position p lives in column p mod C: with a sliding window W, C = W and this is the rolling-buffer cache of
-the Mistral 7B paper, so memory stops growing past W. Without a window C grows (doubling) with
-the longest sequence, up to max_model_len; it only grows while no sequence has wrapped, so a
-position's column never changes on growth.
+Per layer, k and v are [G, N * block_size, Dh] (G kv heads, N blocks): token slot s = block *
+block_size + offset. A sequence's keys are wherever its block table points; attention gathers
+them with one index_select along the slot axis, which yields [G, B * K, Dh] already in the
+[G, B, K, Dh] order its GEMMs take, with no second copy. Which block belongs to whom is the
+engine's business (cluster/engine/kv_manager.py); this holds only the memory.
 """
 
 from __future__ import annotations
 
 import torch
 
-MIN_CAPACITY = 16
+from mixtral.kv_spec import KVSpec
 
 
-class KVCache:
-    def __init__(
-        self,
-        *,
-        num_layers: int,
-        num_slots: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_capacity: int,
-        dtype: torch.dtype,
-        device: str = "cpu",
-    ) -> None:
-        self.num_slots = num_slots
-        self.max_capacity = max_capacity
-        self.capacity = min(MIN_CAPACITY, max_capacity)
-        shape = (num_slots, num_kv_heads, self.capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._free = list(range(num_slots - 1, -1, -1))
+class PagedKVCache:
+    def __init__(self, spec: KVSpec, num_blocks: int, *, dtype: torch.dtype, device: str = "cpu") -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.block_size = spec.block_size
+        # Zeros, not empty: padded key slots are read (and masked); garbage could hold NaN, and 0 * NaN is NaN.
+        shape = (spec.num_kv_heads, num_blocks * spec.block_size, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise RuntimeError("no free KV cache slot; the scheduler must cap running sequences")
-        return self._free.pop()
-
-    def release(self, slot: int) -> None:
-        # Stale keys stay in the slot: validity comes from positions, so nothing needs clearing.
-        self._free.append(slot)
-
-    def reserve(self, length: int) -> None:
-        """Make room for sequences up to `length` tokens (bounded by the window / max_model_len)."""
-        needed = min(length, self.max_capacity)
-        if needed <= self.capacity:
-            return
-        new_capacity = self.capacity
-        while new_capacity < needed:
-            new_capacity *= 2
-        new_capacity = min(new_capacity, self.max_capacity)
-        self.k = [_grow(t, new_capacity) for t in self.k]
-        self.v = [_grow(t, new_capacity) for t in self.v]
-        self.capacity = new_capacity
-
-
-def _grow(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    slots, heads, columns, head_dim = t.shape
-    grown = torch.zeros((slots, heads, capacity, head_dim), dtype=t.dtype, device=t.device)
-    grown[:, :, :columns] = t
-    return grown
+    def nbytes(self) -> int:
+        """Bytes the pool's tensors hold: what the budget bounds."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.block_pool import BlockPool
 from cluster.engine.build import local_engine
+from cluster.engine.kv_manager import KVManager
 from cluster.engine.protocol import EngineOverloaded, EngineUnavailable, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import Engine
 from mixtral.checkpoint import Checkpoint
-from mixtral.kv_cache import KVCache
 from tests.test_parity import random_prompts
 
 ODD = [
@@ -58,7 +59,7 @@ def test_a_row_whose_sampling_fails_ends_alone_with_an_error(checkpoint: Checkpo
     assert bad.finish_reason == "error" and bad.output_ids == []
     assert [s.finish_reason for s in seqs] == ["length"] * 3
     assert [s.output_ids for s in seqs] == [s.output_ids for s in local_engine(checkpoint).generate(prompts, [GREEDY] * 3)]
-    assert engine.slots.free_slots == 64  # the failed sequence's slot went back too
+    assert engine.kv.num_free == engine.kv.num_blocks  # the failed sequence's blocks went back too
 
 
 class SlowModel:
@@ -68,7 +69,9 @@ class SlowModel:
         self.max_model_len, self.vocab_size, self.delay, self.die_at, self.steps = 64, 50, delay, die_at, 0
         self.stepping = threading.Event()
 
-    def forward(self, tokens: list[list[int]], *, slots: list[int], starts: list[int]) -> torch.Tensor:
+    def forward(
+        self, tokens: list[list[int]], *, starts: list[int], blocks: list[list[int]], first_block: list[int]
+    ) -> torch.Tensor:
         self.steps += 1
         self.stepping.set()
         if self.steps == self.die_at:
@@ -78,8 +81,8 @@ class SlowModel:
 
 
 def async_engine(model: SlowModel, *, max_num_seqs: int = 8, max_waiting: int | None = None) -> AsyncEngine:
-    cache = KVCache(num_layers=1, num_slots=max_num_seqs, num_kv_heads=1, head_dim=1, max_capacity=64, dtype=torch.float32)
-    return AsyncEngine(Engine(model, cache, eos_token_ids=()), max_waiting=max_waiting)
+    kv = KVManager(BlockPool(64), block_size=16, window=None)
+    return AsyncEngine(Engine(model, kv, eos_token_ids=(), max_num_seqs=max_num_seqs), max_waiting=max_waiting)
 
 
 async def collect(engine: AsyncEngine, request_id: str, max_tokens: int = 5) -> list[TokenEvent]:

@@ -76,7 +76,8 @@ def _attention_step(args: MixtralArgs, attn: Any, gate: torch.Tensor, x: torch.T
     """One layer of the coordinator for T tokens: decode of T sequences at `context`, or (T > 256)
     prefill chunks of `context` tokens from position 0."""
     from mixtral.attention import attention
-    from mixtral.kv_cache import KVCache
+    from mixtral.kv_cache import PagedKVCache
+    from mixtral.kv_spec import KVSpec
     from mixtral.layers import rope_cos_sin
     from mixtral.layout import build_layout
 
@@ -87,17 +88,18 @@ def _attention_step(args: MixtralArgs, attn: Any, gate: torch.Tensor, x: torch.T
         sequences = max(1, t // context)
         starts, lengths = [0] * sequences, [t // sequences] * sequences
         lengths[-1] += t - sum(lengths)
-    cache = KVCache(
-        num_layers=1,
-        num_slots=sequences,
-        num_kv_heads=args.num_key_value_heads,
-        head_dim=args.head_dim,
-        max_capacity=context + max(lengths),
-        dtype=dt,
-    )
-    cache.reserve(max(s + n for s, n in zip(starts, lengths)))
+    spec = KVSpec(1, args.num_key_value_heads, args.head_dim, x.element_size())
+    per_sequence = spec.blocks_per_sequence(context + max(lengths), None)
+    cache = PagedKVCache(spec, sequences * per_sequence, dtype=dt)
+    blocks = [list(range(b * per_sequence, (b + 1) * per_sequence)) for b in range(sequences)]
     layout = build_layout(
-        slots=list(range(sequences)), starts=starts, lengths=lengths, capacity=cache.capacity, window=None, dtype=dt
+        blocks=blocks,
+        first_block=[0] * sequences,
+        starts=starts,
+        lengths=lengths,
+        block_size=spec.block_size,
+        window=None,
+        dtype=dt,
     )
     rope = rope_cos_sin(layout.positions, head_dim=args.head_dim, theta=args.rope_theta, dtype=dt)
 

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.coordinator import Coordinator
+from cluster.engine.block_pool import BlockPool
+from cluster.engine.kv_manager import KVManager
 from cluster.engine.routing_metrics import RoutingMetrics
 from cluster.engine.scheduler import Engine
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import DType, resolve_dtype
+from mixtral.kv_spec import BLOCK_SIZE, GiB
 from router.load import ExpertLoad
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
@@ -30,6 +33,11 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048  # per-step token budget (decode tokens + prefill chunks)
     max_waiting: int | None = 256  # requests queued beyond the running ones; more are refused (503). None: unbounded
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # The KV cache's memory in GiB, allocated once as a pool of blocks. None: enough for
+    # max_num_seqs sequences of max_model_len, at most 90% of a GPU's free memory or 4 GiB on a CPU.
+    kv_cache_memory_gb: float | None = None
+    block_size: int = BLOCK_SIZE  # tokens per KV block
+    prefix_caching: bool = True  # share the blocks of common prompt prefixes between requests
     # An expert that has not answered a layer call in this long is killed, restarted by Ray, and
     # sent the call again. Far above any one call's compute, which it must never cut short.
     expert_timeout_s: float = 60.0
@@ -65,14 +73,22 @@ def build_engine(
         dtype=resolve_dtype(args, options.dtype),
         max_num_seqs=options.max_num_seqs,
         max_model_len=options.max_model_len,
+        kv_cache_bytes=None if options.kv_cache_memory_gb is None else int(options.kv_cache_memory_gb * GiB),
+        block_size=options.block_size,
         device=device,
         load=load,
         observers=observers,
         overlap_min_tokens=options.overlap_min_tokens,
     )
+    kv = KVManager(
+        BlockPool(coordinator.cache.num_blocks),
+        block_size=options.block_size,
+        window=args.sliding_window,
+        prefix_caching=options.prefix_caching,
+    )
     return Engine(
         coordinator,
-        coordinator.cache,
+        kv,
         eos_token_ids=args.eos_token_ids,
         max_num_seqs=options.max_num_seqs,
         max_num_batched_tokens=options.max_num_batched_tokens,

@@ -1,9 +1,13 @@
-"""The engine loop: continuous batching over the coordinator.
+"""The engine loop: continuous batching over the coordinator, admitted by free KV blocks.
 
 Every step the scheduler builds one batch: each running sequence that is decoding feeds its last
-token; sequences still prefilling feed their next chunk; waiting requests join while there are
-free sequence slots and token budget left. After the step, each sequence whose tokens are all
-cached samples its next token. Finished sequences leave and free their KV slot at once.
+token; sequences still prefilling feed their next chunk (as much of it as free blocks allow);
+waiting requests join, oldest first, while there is token budget, a free place among max_num_seqs
+and room in the KV pool, taking what the prefix cache already holds of their prompt. When a running
+sequence cannot get the one block it needs, the most recently admitted sequence is preempted: its
+blocks go back and it waits at the head of the queue, to be recomputed from its tokens (no request
+fails for lack of memory). After the step, each sequence whose tokens are all cached samples its
+next token. Finished sequences leave and free their blocks at once.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from cluster.engine.kv_manager import BlockTable, KVManager
 from cluster.engine.sampling import FAILED, SamplingParams, make_generator, sample_batch
 from cluster.errors import UserError
 
@@ -25,22 +30,15 @@ class StepModel(Protocol):
     max_model_len: int
     vocab_size: int
 
-    def forward(self, tokens: list[list[int]], *, slots: list[int], starts: list[int]) -> torch.Tensor: ...
+    def forward(
+        self, tokens: list[list[int]], *, starts: list[int], blocks: list[list[int]], first_block: list[int]
+    ) -> torch.Tensor: ...
 
 
 ModelT = TypeVar("ModelT", bound=StepModel)
 
 
-class SlotAllocator(Protocol):
-    @property
-    def free_slots(self) -> int: ...
-
-    def allocate(self) -> int: ...
-
-    def release(self, slot: int) -> None: ...
-
-
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_ids: list[int]
@@ -49,7 +47,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs
-    slot: int = -1
+    table: BlockTable = field(default_factory=BlockTable)
     num_cached: int = 0  # tokens whose keys and values are in the cache
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
@@ -86,7 +84,7 @@ class Engine(Generic[ModelT]):
     def __init__(
         self,
         model: ModelT,
-        slots: SlotAllocator,
+        kv: KVManager,
         *,
         eos_token_ids: tuple[int, ...],
         max_num_seqs: int = 64,
@@ -94,13 +92,17 @@ class Engine(Generic[ModelT]):
     ) -> None:
         self.model = model
         self.vocab_size = model.vocab_size
-        self.slots = slots
+        self.kv = kv
         self.eos_token_ids = eos_token_ids
-        self.max_num_seqs = min(max_num_seqs, slots.free_slots)
+        self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Blocks kept free when admitting beside running sequences, so that their next decodes do
+        # not at once preempt what was just admitted (vLLM's watermark).
+        self.watermark = max(1, kv.num_blocks // 100)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.steps = 0
+        self.preemptions = 0
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None) -> Sequence:
@@ -121,21 +123,54 @@ class Engine(Generic[ModelT]):
         return bool(self.waiting or self.running)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
-        budget, batch = self.max_num_batched_tokens, []
+        batch: dict[Sequence, int] = {}
+        preemptions = self.preemptions
         # Decodes first (one token each), so a long prompt never stalls streaming sequences.
-        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_cached):
-            n = min(seq.num_tokens - seq.num_cached, budget)
-            if n > 0:
-                batch.append((seq, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.slot = self.slots.allocate()
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_cached > 1):
+            budget = self.max_num_batched_tokens - sum(batch.values())
+            if seq not in self.running or budget == 0:  # preempted for an older sequence's block
+                continue
+            want = min(seq.num_tokens - seq.num_cached, budget)
+            while (n := min(want, self.kv.room(seq.table, seq.num_cached))) == 0:
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.pop(victim, None)
+                if victim is seq:
+                    break
+            if n:
+                self.kv.allocate(seq.table, seq.num_cached, n)
+                batch[seq] = n
+        if self.preemptions == preemptions:  # else the pool is short: admitting now would only preempt again
+            self._admit(batch)
+        return list(batch.items())
+
+    def _admit(self, batch: dict[Sequence, int]) -> None:
+        """Waiting requests join, oldest first, while they fit; one that does not fit stops the rest."""
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            budget = self.max_num_batched_tokens - sum(batch.values())
+            if budget == 0:
+                return
+            seq = self.waiting[0]
+            hit = self.kv.match_prefix(seq.table, seq.tokens)
+            reserve = self.watermark if self.running else 0
+            n = min(seq.num_tokens - hit, budget, self.kv.room(seq.table, hit, reserve=reserve))
+            if n == 0:
+                self.kv.release(seq.table)
+                return
+            self.waiting.popleft()
+            self.kv.count_lookup(seq.num_tokens, hit)
+            seq.num_cached = hit
+            self.kv.allocate(seq.table, hit, n)
             self.running.append(seq)
-            n = min(seq.num_tokens, budget)
-            batch.append((seq, n))
-            budget -= n
-        return batch
+            batch[seq] = n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits first in line and is recomputed from its tokens."""
+        self.running.remove(seq)
+        self.kv.release(seq.table)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
 
     def step(self) -> list[Sequence]:
         """Run one engine step; return the sequences that got a token (or finished) in it."""
@@ -144,12 +179,14 @@ class Engine(Generic[ModelT]):
             return []
         logits = self.model.forward(
             [seq.tokens[seq.num_cached : seq.num_cached + n] for seq, n in batch],
-            slots=[seq.slot for seq, _ in batch],
             starts=[seq.num_cached for seq, _ in batch],
+            blocks=[seq.table.blocks for seq, _ in batch],
+            first_block=[seq.table.first_block for seq, _ in batch],
         )
         self.steps += 1
         for seq, n in batch:
             seq.num_cached += n
+            self.kv.after_step(seq.table, seq.tokens, seq.num_cached)
         # Sequences whose tokens are all cached sample their next one; prompts still prefilling don't.
         rows = [row for row, (seq, _) in enumerate(batch) if seq.num_cached == seq.num_tokens]
         if not rows:
@@ -182,7 +219,7 @@ class Engine(Generic[ModelT]):
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
-            self.slots.release(seq.slot)
+            self.kv.release(seq.table)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 

@@ -214,8 +214,10 @@ def serve(
         opened.reader().verify()
         from ray import serve as ray_serve
 
-        from cluster.serve.app import GRPC_SERVICER, build_app
+        from cluster.engine.build import check_kv_budget
+        from cluster.serve.app import GRPC_SERVICER, build_app, engine_options
 
+        check_kv_budget(opened.args, engine_options(serve_args))
         start_ray()
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None
         ray_serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options)
@@ -272,12 +274,12 @@ def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON report instead of the table.")] = False,
     api_key: Annotated[Optional[str], typer.Option(help="The server's --api-key, if it has one.")] = None,
 ) -> None:
-    """Show how tokens spread over the experts: per layer and expert, and per worker."""
-    from cluster.serve.stats_view import fetch_load, load_table, plot_heatmap
+    """Show how tokens spread over the experts (per layer and expert, and per worker), and the engine's state."""
+    from cluster.serve.stats_view import engine_summary, fetch_engine_stats, fetch_load, load_table, plot_heatmap
 
     with user_errors():
-        report = fetch_load(url, api_key)
-    print(json.dumps(report) if as_json else load_table(report))
+        report, engine = fetch_load(url, api_key), fetch_engine_stats(url, api_key)
+    print(json.dumps(report | {"engine": engine}) if as_json else f"{load_table(report)}\n\n{engine_summary(engine)}")
     if plot:
         print(f"heat map: {plot_heatmap(report, plot)}", file=sys.stderr)
 

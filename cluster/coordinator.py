@@ -17,7 +17,6 @@ layer, the coordinator runs the other's attention (two-batch overlap).
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -235,22 +234,15 @@ def kv_cache_blocks(
 
     Raises UserError, with the numbers and the fix, when the pool cannot hold one sequence of max_model_len.
     """
-    per_sequence = spec.blocks_per_sequence(max_model_len, window)
     if budget_bytes is None:
-        cap = 0.9 * torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else DEFAULT_CPU_KV_BYTES
-        budget, blocks = cap, min(max_num_seqs * per_sequence, spec.blocks_in(cap))
+        budget = 0.9 * torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else DEFAULT_CPU_KV_BYTES
+        wanted = spec.pool_bytes(max_num_seqs * spec.blocks_per_sequence(max_model_len, window))
+        budget = min(budget, wanted)
     else:
-        budget, blocks = budget_bytes, spec.blocks_in(budget_bytes)
-    if blocks < per_sequence:
-        need = spec.pool_bytes(per_sequence)
-        fits = blocks * spec.block_size if window is None and blocks else None
-        raise UserError(
-            f"the KV cache budget of {budget / GiB:.4g} GiB holds {blocks} blocks of {spec.block_size} tokens "
-            f"({spec.bytes_per_block} bytes each), but one sequence of max_model_len {max_model_len} needs "
-            f"{per_sequence} blocks ({need / GiB:.4g} GiB); give --kv-cache-memory {math.ceil(need / GiB * 1e4) / 1e4} or more"
-            + (f", or lower --max-model-len to {fits}" if fits else "")
-        )
-    return blocks
+        budget = budget_bytes
+    if problem := spec.budget_problem(budget, max_model_len, window):
+        raise UserError(problem)
+    return spec.blocks_in(budget)
 
 
 def _layer_weights(w: dict[str, torch.Tensor], layer: int) -> LayerWeights:

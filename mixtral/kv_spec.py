@@ -56,3 +56,17 @@ class KVSpec:
         if window is None:
             return whole
         return min(whole, (window + self.block_size - 2) // self.block_size + 1)
+
+    def budget_problem(self, budget_bytes: float, max_model_len: int, window: int | None) -> str | None:
+        """Why a pool of `budget_bytes` cannot serve one sequence of max_model_len, with the fix; None if it can."""
+        blocks, per_sequence = self.blocks_in(budget_bytes), self.blocks_per_sequence(max_model_len, window)
+        if blocks >= per_sequence:
+            return None
+        need = self.pool_bytes(per_sequence)
+        shorter = f", or lower --max-model-len to {blocks * self.block_size}" if window is None and blocks else ""
+        return (
+            f"the KV cache budget of {budget_bytes / GiB:.4g} GiB holds {blocks} blocks of {self.block_size} tokens "
+            f"({self.bytes_per_block} bytes each), but one sequence of max_model_len {max_model_len} needs "
+            f"{per_sequence} blocks ({need / GiB:.4g} GiB); give --kv-cache-memory {math.ceil(need / GiB * 1e4) / 1e4} "
+            f"or more{shorter}"
+        )

@@ -68,8 +68,8 @@ class FakeEngine:
     async def expert_load(self) -> dict[str, Any]:
         return {"layers": 1, "experts": 2, "top_k": 1, "tokens": [[3, 1]]}
 
-    async def stats(self) -> dict[str, int]:
-        return {"running": 0, "waiting": 0, "steps": len(self.requests)}
+    async def stats(self) -> dict[str, float]:
+        return {"running": 0, "waiting": 0, "steps": len(self.requests), "kv_cache_usage": 0.25}
 
     async def check_health(self) -> None:
         if not self.healthy:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.planning.cost_model import kv_bytes_per_token
+from cluster.planning.cost_model import kv_spec
 from cluster.planning.planner import model_args
 from router.trace import read_trace
 from tests.test_cli import assert_one_line_error, run_cli
@@ -69,7 +69,28 @@ def test_plan_mixtral_8x7b_bf16_fits_on_eight_24gb_gpus_plus_a_coordinator(cli_e
 
 
 def test_kv_cache_per_token_is_128_kib_for_mixtral() -> None:
-    assert kv_bytes_per_token(model_args("mixtral-8x7b"), 2) == 128 * 1024
+    assert kv_spec(model_args("mixtral-8x7b"), 2).bytes_per_token == 128 * 1024
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_the_planner_and_the_engine_count_the_same_kv_bytes(make_ckpt, window: int | None) -> None:  # type: ignore[no-untyped-def]
+    from cluster.engine.build import EngineOptions, local_engine
+    from cluster.planning.hardware import GPUS
+    from cluster.planning.planner import Workload, plan_tier
+    from mixtral.checkpoint import Checkpoint
+    from mixtral.kv_spec import GiB
+
+    checkpoint = Checkpoint.open(make_ckpt(**({"sliding_window": window} if window else {})))
+    workload = Workload(requests_per_s=1, prompt_len=90, output_len=37, ttft_ms=1e4, tpot_ms=1e4)  # 127: not whole blocks
+    tier = plan_tier("small", checkpoint.args, GPUS["T4"], None, workload, bytes_per_param=4, skew=1.0)
+    assert tier.batch > 1
+    context = workload.prompt_len + workload.output_len
+    for budget in (tier.kv_cache_memory, None):  # the budget the plan names, and the engine's default for the batch
+        options = EngineOptions(kv_cache_memory_gb=budget, max_model_len=context, max_num_seqs=tier.batch)
+        engine = local_engine(checkpoint, options)
+        assert engine.kv.num_blocks == tier.kv_blocks
+        assert engine.model.cache.nbytes == tier.kv_cache_memory * GiB
+        assert round(engine.model.cache.nbytes / 1e9, 2) == tier.memory_gb["coordinator"]["kv_cache"]
 
 
 def test_plan_takes_skew_from_a_routing_trace(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -131,7 +131,13 @@ def test_serve_has_an_option_for_every_app_setting(cli_env) -> None:  # type: ig
 
 @pytest.mark.parametrize(
     "args,fragment",
-    [(["--strategy", "ROUND"], "--strategy"), (["--max-num-seqs", "0"], "--max-num-seqs"), (["--dtype", "int4"], "--dtype")],
+    [
+        (["--strategy", "ROUND"], "--strategy"),
+        (["--max-num-seqs", "0"], "--max-num-seqs"),
+        (["--dtype", "int4"], "--dtype"),
+        # tiny: 4096 tokens of context in 256 blocks of 16 tokens, 8 MiB in float32
+        (["--kv-cache-memory", "0.001"], "one sequence of max_model_len 4096 needs 256 blocks"),
+    ],
 )
 def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli("serve", *args, env=cli_env), fragment)

@@ -6,6 +6,7 @@ is a fake with the same contract (cluster.engine.protocol), so every bad-input c
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -196,6 +197,8 @@ def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
     conn.request("GET", "/v1/experts/load")
     assert json.loads(conn.getresponse().read()) == {"model": MODEL} | {"layers": 1, "experts": 2, "top_k": 1, "tokens": [[3, 1]]}
+    conn.request("GET", "/v1/engine/stats")
+    assert json.loads(conn.getresponse().read()) == {"model": MODEL} | asyncio.run(engine.stats())
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
     conn.close()

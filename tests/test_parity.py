@@ -96,3 +96,29 @@ def test_routing_trace_stops_at_its_size_bound(make_ckpt, tmp_path) -> None:  # 
     assert path.stat().st_size <= 400
     trace = read_trace(path)
     assert trace.truncated and 0 < sum(map(sum, trace.counts)) < sum(map(sum, engine.model.load.snapshot()))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_preemption_and_prefix_hits_match_transformers(make_ckpt, window: int | None) -> None:  # type: ignore[no-untyped-def]
+    from mixtral.kv_spec import GiB, KVSpec
+
+    checkpoint = make_ckpt(**({"sliding_window": window} if window else {}))
+    system = random_prompts([21], 512, seed=5)[0]  # one full 16-token block shared, and a partial one
+    prompts = [system + p for p in random_prompts([3, 9, 1, 14], 512, seed=6)] + random_prompts([30], 512, seed=7)
+    max_tokens = [12, 6, 16, 9, 10]
+    spec = KVSpec.of(Checkpoint.open(checkpoint).args, "float32")
+    # A sequence of max_model_len 64 needs 4 blocks (2 with the window); the batch needs more than these.
+    blocks = {None: 4, 12: 5}[window]
+    assert blocks >= spec.blocks_per_sequence(64, window)
+    options = EngineOptions(kv_cache_memory_gb=spec.pool_bytes(blocks) / GiB, max_model_len=64)
+    engine = local_engine(Checkpoint.open(checkpoint), options)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
+    [first] = engine.generate(prompts[:1], params[:1])  # its blocks are cached for the rest
+    seqs = [first, *engine.generate(prompts[1:], params[1:])]
+    assert engine.kv.num_blocks == blocks and engine.preemptions > 0
+    assert engine.kv.prefix.hit_tokens >= 16 * 3  # the shared block, for each of the three later chats
+    model = hf_model(checkpoint)
+    for seq, prompt, n in zip(seqs, prompts, max_tokens):
+        ref_ids, ref_logprobs = hf_greedy(model, prompt, n)
+        assert seq.output_ids == ref_ids
+        torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)

@@ -313,6 +313,11 @@ def test_expert_counters_sum_to_routed_tokens_and_table_agrees(server: Server, c
     assert [[int(c) for c in row[1 : 1 + after["experts"]]] for row in rows] == after["tokens"]
     assert [float(row[-3]) for row in rows] == [round(b, 3) for b in after["balancedness"]]
     assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    engine = get_json(server, "/v1/engine/stats")
+    per_token = 2 * 2 * 2 * 16 * 4  # keys and values, 2 layers, 2 kv heads of 16, float32
+    assert engine["kv_blocks"] * 16 * per_token == engine["kv_cache_bytes"] == server.stats()["kv_cache_bytes"]
+    assert engine["prefix_cache_queried_tokens"] >= sum(map(len, prompts)) and 0 <= engine["kv_cache_usage"] <= 1
+    assert f"of {engine['kv_blocks']} blocks used" in proc.stdout
 
 
 def test_prometheus_exposes_moe_series(server: Server, metrics_port: int) -> None:
@@ -324,6 +329,9 @@ def test_prometheus_exposes_moe_series(server: Server, metrics_port: int) -> Non
         "ray_moe_time_to_first_token_seconds",
         "ray_moe_generation_tokens_total",
         "ray_moe_num_requests_running",
+        "ray_moe_kv_cache_usage_perc",
+        "ray_moe_kv_cache_free_blocks",
+        "ray_moe_prefix_cache_queries_total",
     ]
     deadline, text = time.monotonic() + 30, ""
     while time.monotonic() < deadline:

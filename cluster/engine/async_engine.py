@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 
 Sink = Callable[[TokenEvent], None]
+COUNTERS = {  # Prometheus counter: the engine stat it follows
+    "moe_num_preemptions": "preemptions",
+    "moe_prefix_cache_queries": "prefix_cache_queried_tokens",
+    "moe_prefix_cache_hits": "prefix_cache_hit_tokens",
+}
 ERROR = TokenEvent(-1, 0.0, [], "error")
 
 
@@ -47,6 +52,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting  # None: unbounded; else requests beyond it are refused (EngineOverloaded)
         self._inbox: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._published: dict[str, float] = {}  # counters' values when last sent to Prometheus
         self._wake = threading.Event()
         self._stopped = False
         # Held while adding to the inbox and while the dying loop drains it for the last time, so
@@ -105,8 +111,8 @@ class AsyncEngine:
         """Requests not yet running: in the inbox or the engine's waiting queue."""
         return self._adds_in_inbox + len(self.engine.waiting)
 
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self.engine.running), "waiting": self.queued(), "steps": self.engine.steps}
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats() | {"waiting": self.queued()}
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped
@@ -166,8 +172,18 @@ class AsyncEngine:
                 for seq in updated:
                     self._emit(seq)
                 self._drain_inbox()
-                self.telemetry.set("moe_num_requests_running", len(self.engine.running))
-                self.telemetry.set("moe_num_requests_waiting", len(self.engine.waiting))
+                self._publish()
+
+    def _publish(self) -> None:
+        """The engine's gauges, and its counters' growth since the last step, to Prometheus."""
+        stats, t = self.engine.stats(), self.telemetry
+        t.set("moe_num_requests_running", stats["running"])
+        t.set("moe_num_requests_waiting", stats["waiting"])
+        t.set("moe_kv_cache_usage_perc", stats["kv_cache_usage"])
+        t.set("moe_kv_cache_free_blocks", stats["kv_blocks_free"])
+        for metric, key in COUNTERS.items():
+            t.inc(metric, stats[key] - self._published.get(key, 0))
+            self._published[key] = stats[key]
 
     def _emit(self, seq: Sequence) -> None:
         sink = self._sinks.get(seq.request_id)

@@ -13,9 +13,10 @@ from cluster.engine.block_pool import BlockPool
 from cluster.engine.kv_manager import KVManager
 from cluster.engine.routing_metrics import RoutingMetrics
 from cluster.engine.scheduler import Engine
+from cluster.errors import UserError
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import DType, resolve_dtype
-from mixtral.kv_spec import BLOCK_SIZE, GiB
+from mixtral.config import DType, MixtralArgs, resolve_dtype
+from mixtral.kv_spec import BLOCK_SIZE, GiB, KVSpec
 from router.load import ExpertLoad
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
@@ -93,6 +94,17 @@ def build_engine(
         max_num_seqs=options.max_num_seqs,
         max_num_batched_tokens=options.max_num_batched_tokens,
     )
+
+
+def check_kv_budget(args: MixtralArgs, options: EngineOptions) -> None:
+    """Raise UserError if the KV budget asked for cannot hold one sequence of max_model_len (before any actor starts)."""
+    if options.kv_cache_memory_gb is None:
+        return
+    dtype = options.dtype or args.dtype
+    max_model_len = min(options.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+    spec = KVSpec.of(args, dtype, options.block_size)
+    if problem := spec.budget_problem(options.kv_cache_memory_gb * GiB, max_model_len, args.sliding_window):
+        raise UserError(problem)
 
 
 def local_engine(checkpoint: Checkpoint, options: EngineOptions = EngineOptions()) -> Engine[Coordinator]:

@@ -48,8 +48,8 @@ class EngineClient(Protocol):
         """The load-balancing report since start (router.load.ExpertLoad.report, plus per-worker stats)."""
         ...
 
-    async def stats(self) -> dict[str, int]:
-        """Running and waiting sequences, and engine steps so far."""
+    async def stats(self) -> dict[str, float]:
+        """Running and waiting sequences, steps, preemptions, KV blocks (total, free, usage) and prefix-cache hits."""
         ...
 
     async def check_health(self) -> None:

@@ -122,6 +122,22 @@ class Engine(Generic[ModelT]):
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> dict[str, float]:
+        """The engine's state for operators and autoscalers: sequences, KV blocks, preemptions, prefix cache."""
+        kv = self.kv
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "preemptions": self.preemptions,
+            "kv_blocks": kv.num_blocks,
+            "kv_blocks_free": kv.num_free,
+            "kv_cache_usage": kv.usage,
+            "prefix_cache_queried_tokens": kv.prefix.queried_tokens,
+            "prefix_cache_hit_tokens": kv.prefix.hit_tokens,
+            "prefix_cache_hit_rate": kv.prefix.hit_rate,
+        }
+
     def _schedule(self) -> list[tuple[Sequence, int]]:
         batch: dict[Sequence, int] = {}
         preemptions = self.preemptions

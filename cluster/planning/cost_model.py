@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from cluster.planning.hardware import Gpu, Interconnect
 from mixtral.config import MixtralArgs
+from mixtral.kv_spec import KVSpec
 
 BANDWIDTH_EFFICIENCY = 0.8  # of spec-sheet memory bandwidth reached by weight reads
 COMPUTE_EFFICIENCY = 0.5  # of spec-sheet tensor FLOP/s reached by these GEMMs
@@ -61,8 +62,9 @@ def busy_experts(tokens: int, experts: int, top_k: int) -> float:
     return experts * (1 - (1 - top_k / experts) ** tokens)
 
 
-def kv_bytes_per_token(args: MixtralArgs, bytes_per_param: int) -> int:
-    return args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * bytes_per_param
+def kv_spec(args: MixtralArgs, bytes_per_param: int) -> KVSpec:
+    """The engine's own KV accounting (blocks, window recycling) for this model at this precision."""
+    return KVSpec(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, bytes_per_param)
 
 
 def non_expert_params(args: MixtralArgs) -> int:
@@ -103,7 +105,7 @@ def memory_splits(
     coordinator = MemorySplit(
         expert_weights=0.0,
         attention_weights=non_expert_params(args) * bytes_per_param / 1e9,
-        kv_cache=kv_tokens * kv_bytes_per_token(args, bytes_per_param) / 1e9,
+        kv_cache=kv_tokens * kv_spec(args, bytes_per_param).bytes_per_token / 1e9,
         activations=activation_gb,
         reserve=RUNTIME_RESERVE_GB,
         total=gpu.memory_gb,
@@ -141,7 +143,7 @@ def step_seconds(
     b, k, e, d = bytes_per_param, args.num_experts_per_tok, args.num_local_experts, args.hidden_size
     attention = _roofline(
         (cost.attention_params + cost.gate_params) * b
-        + sequences * context * kv_bytes_per_token(args, b) / args.num_hidden_layers,
+        + sequences * context * kv_spec(args, b).bytes_per_token / args.num_hidden_layers,
         2 * tokens * (cost.attention_params + cost.gate_params),
         gpu,
     )

@@ -15,7 +15,7 @@ from cluster.planning.cost_model import (
     Layout,
     MemorySplit,
     expert_params_all_layers,
-    kv_bytes_per_token,
+    kv_spec,
     layout_for,
     memory_splits,
     non_expert_params,
@@ -23,6 +23,7 @@ from cluster.planning.cost_model import (
 )
 from cluster.planning.hardware import Gpu, Interconnect
 from mixtral.config import MixtralArgs, args_from_dict
+from mixtral.kv_spec import GiB
 from mixtral.presets import preset
 
 HOURS_PER_MONTH = 730
@@ -63,6 +64,8 @@ class TierPlan:
     gpus_per_replica: int
     memory_gb: dict[str, dict[str, float]]  # "coordinator" and "expert" GPUs (or the one dense "gpu") -> split
     batch: int  # decode batch per replica
+    kv_blocks: int  # KV cache blocks per replica: batch sequences of prompt + output tokens
+    kv_cache_memory: float  # GiB, what `serve --kv-cache-memory` takes to allocate exactly those blocks
     tpot_ms: float
     ttft_ms: float
     replica_tok_s: float  # output tokens/s one replica sustains at that batch
@@ -105,8 +108,11 @@ def plan_tier(
     coordinator, worker = memory_splits(args, gpu, layout, bytes_per_param, kv_tokens=0, activation_gb=ACTIVATION_GB)
     if dense:
         coordinator = replace(coordinator, attention_weights=weights_gb)
-    kv_per_seq_gb = context * kv_bytes_per_token(args, bytes_per_param) / 1e9
-    max_batch_by_kv = int(coordinator.headroom // kv_per_seq_gb) if kv_per_seq_gb else MAX_BATCH
+    # In the engine's blocks: a sequence holds whole blocks, and a sliding window recycles them.
+    spec = kv_spec(args, bytes_per_param)
+    blocks_per_seq = spec.blocks_per_sequence(context, args.sliding_window)
+    kv_per_seq_gb = spec.pool_bytes(blocks_per_seq) / 1e9
+    max_batch_by_kv = spec.blocks_in(max(0.0, coordinator.headroom) * 1e9) // blocks_per_seq
     fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0)
     reason = (
         "fits"
@@ -142,7 +148,8 @@ def plan_tier(
     demand = workload.requests_per_s * workload.output_len
     replicas = max(1, math.ceil(demand / replica_tok_s))
     usd_per_hour = replicas * layout.gpus * gpu.price_per_hour
-    coordinator = replace(coordinator, kv_cache=batch * kv_per_seq_gb)
+    kv_blocks = batch * blocks_per_seq  # the pool the engine allocates with --kv-cache-memory below
+    coordinator = replace(coordinator, kv_cache=spec.pool_bytes(kv_blocks) / 1e9)
     memory = (
         {"gpu": _split_dict(coordinator)} if dense else {"coordinator": _split_dict(coordinator), "expert": _split_dict(worker)}
     )
@@ -154,6 +161,8 @@ def plan_tier(
         gpus_per_replica=layout.gpus,
         memory_gb=memory,
         batch=batch,
+        kv_blocks=kv_blocks,
+        kv_cache_memory=spec.pool_bytes(kv_blocks) / GiB,
         tpot_ms=1e3 * tpot_s,
         ttft_ms=1e3 * ttft_s,
         replica_tok_s=replica_tok_s,

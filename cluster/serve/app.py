@@ -9,7 +9,7 @@ from __future__ import annotations
 from ray import serve
 from ray.serve import Application
 
-from cluster.engine.build import EngineOptions
+from cluster.engine.build import EngineOptions, check_kv_budget
 from cluster.placement import bundles, check_placeable, fitted, wants_gpus
 from cluster.placement_options import PlacementOptions
 from cluster.serve.args import ServeArgs
@@ -22,17 +22,24 @@ from workers.device import HUGE_PAGES_ENV
 GRPC_SERVICER = "protos.moe_pb2_grpc.add_MoEServiceServicer_to_server"
 
 
-def build_app(args: ServeArgs) -> Application:
-    checkpoint = Checkpoint.open(resolve_checkpoint(args.checkpoint))
-    model_args = checkpoint.args
-    engine = EngineOptions(
+def engine_options(args: ServeArgs) -> EngineOptions:
+    return EngineOptions(
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        kv_cache_memory_gb=args.kv_cache_memory,
+        prefix_caching=args.prefix_caching,
         trace_path=args.trace_path,
     )
+
+
+def build_app(args: ServeArgs) -> Application:
+    checkpoint = Checkpoint.open(resolve_checkpoint(args.checkpoint))
+    model_args = checkpoint.args
+    engine = engine_options(args)
+    check_kv_budget(model_args, engine)  # a budget too small for one sequence fails here, not in a replica
     placement = fitted(model_args, PlacementOptions(strategy=args.strategy))
     gpus, coordinator_gpu = wants_gpus(model_args, placement)
     check_placeable(bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu), args.strategy)

@@ -22,6 +22,13 @@ class ServeArgs(BaseModel):
     )
     max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one engine step.")
     max_model_len: int | None = Field(None, ge=2, description="Context length; default: max_position_embeddings.")
+    kv_cache_memory: float | None = Field(
+        None,
+        gt=0,
+        description="KV cache memory per replica in GiB, allocated at start as blocks; default: enough for "
+        "max-num-seqs sequences of max-model-len, at most 90% of free GPU memory or 4 GiB on a CPU.",
+    )
+    prefix_caching: bool = Field(True, description="Share the KV blocks of common prompt prefixes between requests.")
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
     guardrail: bool = Field(False, description="Prepend the Mistral 7B paper's guardrail system prompt to chats.")
     api_key: str | None = Field(

@@ -60,9 +60,9 @@ class EngineServer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(max_model_len=self.coordinator.max_model_len, vocab_size=self.coordinator.vocab_size)
 
-    def stats(self) -> dict[str, int]:
-        """Running and waiting sequences, engine steps so far, and this replica's resident memory."""
-        return self.engine.stats() | {"resident_bytes": resident_bytes()}
+    def stats(self) -> dict[str, float]:
+        """The engine's state (scheduler.Engine.stats), its KV pool's bytes, and this replica's resident memory."""
+        return self.engine.stats() | {"kv_cache_bytes": self.coordinator.cache.nbytes, "resident_bytes": resident_bytes()}
 
     async def expert_load(self) -> dict[str, Any]:
         """Load-balancing report since start: per layer and expert, and per worker."""

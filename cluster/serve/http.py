@@ -3,6 +3,7 @@
 GET  /health                 the engine's health (workers and loop), 200 or 5xx
 GET  /v1/models              the served model
 GET  /v1/experts/load        tokens per expert per layer since start, with balancedness and worker stats
+GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage, preemptions, prefix-cache hits
 POST /v1/completions         text or token-id prompts; SSE with `stream`
 POST /v1/chat/completions    messages in the Mixtral instruct format; SSE with `stream`
 """
@@ -225,6 +226,10 @@ def make_api(frontend: Frontend) -> FastAPI:
     @api.get("/v1/experts/load", dependencies=v1)
     async def experts_load() -> dict[str, Any]:
         return {"model": frontend.model_name} | await frontend.engine.expert_load()
+
+    @api.get("/v1/engine/stats", dependencies=v1)
+    async def engine_stats() -> dict[str, Any]:
+        return {"model": frontend.model_name} | await frontend.engine.stats()
 
     @api.post("/v1/completions", dependencies=v1)
     async def _completions(request: Request) -> Response:

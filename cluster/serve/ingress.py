@@ -49,7 +49,7 @@ class HandleEngine:
     async def expert_load(self) -> dict[str, Any]:
         return await self.handle.expert_load.remote()
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, float]:
         return await self.handle.stats.remote()
 
     async def check_health(self) -> None:

@@ -1,4 +1,4 @@
-"""The expert-load report for people: a terminal table and a layer x expert heat map."""
+"""A running server's reports for people: the expert-load table and heat map, and the engine's state."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from cluster.errors import UserError
 
 
 def fetch_load(url: str, api_key: str | None = None) -> dict[str, Any]:
-    endpoint = url.rstrip("/") + "/v1/experts/load"
+    return fetch_json(url, "/v1/experts/load", api_key)
+
+
+def fetch_engine_stats(url: str, api_key: str | None = None) -> dict[str, Any]:
+    return fetch_json(url, "/v1/engine/stats", api_key)
+
+
+def fetch_json(url: str, path: str, api_key: str | None) -> dict[str, Any]:
+    endpoint = url.rstrip("/") + path
     request = urllib.request.Request(endpoint, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -48,6 +56,17 @@ def load_table(report: dict[str, Any]) -> str:
             mb_in, mb_out = w["bytes_in"] / 1e6, w["bytes_out"] / 1e6
             lines.append(f"{w['expert']:>6}  {w['calls']:>5}  {w['forward_ms']:>10.1f}  {mb_in:>5.1f}  {mb_out:>6.1f}")
     return "\n".join(lines)
+
+
+def engine_summary(stats: dict[str, Any]) -> str:
+    """Two lines: the sequences, and the KV cache."""
+    return (
+        f"sequences: {stats['running']} running, {stats['waiting']} waiting, {stats['steps']} steps, "
+        f"{stats['preemptions']} preempted\n"
+        f"KV cache: {stats['kv_cache_usage']:.1%} of {stats['kv_blocks']} blocks used ({stats['kv_blocks_free']} free), "
+        f"prefix cache hit rate {stats['prefix_cache_hit_rate']:.1%} "
+        f"({stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens)"
+    )
 
 
 def plot_heatmap(report: dict[str, Any], out: str | Path) -> Path:

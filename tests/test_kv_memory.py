@@ -1,0 +1,73 @@
+"""KV memory is a budget: the pool is allocated once at its size, long prompts and bursts beyond it are
+served (by preemption, never failure), and a budget that cannot hold one sequence is refused up front."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.build import EngineOptions, check_kv_budget, local_engine
+from cluster.engine.sampling import SamplingParams
+from cluster.errors import UserError
+from mixtral.checkpoint import Checkpoint
+from mixtral.kv_spec import GiB, KVSpec
+from tests.test_parity import random_prompts
+
+GREEDY = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_ckpt) -> Checkpoint:  # type: ignore[no-untyped-def]
+    return Checkpoint.open(make_ckpt())  # 256 tokens of context
+
+
+def test_a_prompt_of_max_model_len_is_served_within_the_budget(checkpoint: Checkpoint) -> None:
+    spec = KVSpec.of(checkpoint.args, "float32")
+    budget = spec.pool_bytes(16) + spec.bytes_per_block - 1  # one sequence of 256 tokens, and not another block
+    engine = local_engine(checkpoint, EngineOptions(kv_cache_memory_gb=budget / GiB))
+    cache = engine.model.cache
+    tensors = [*cache.k, *cache.v]
+    assert cache.num_blocks == 16 and cache.nbytes == spec.pool_bytes(16) <= budget
+    [seq] = engine.generate(random_prompts([255], 512, seed=3), [GREEDY])
+    assert seq.finish_reason == "length" and seq.num_tokens == 256
+    # The pool is the same memory, never grown or replaced, and every block came back.
+    assert all(a is b for a, b in zip([*cache.k, *cache.v], tensors))
+    assert cache.nbytes <= budget and engine.kv.num_free == 16
+
+
+def test_64_concurrent_requests_beyond_the_pool_all_finish_with_the_same_tokens(checkpoint: Checkpoint) -> None:
+    spec = KVSpec.of(checkpoint.args, "float32")
+    prompts = random_prompts([8 + i % 24 for i in range(64)], 512, seed=4)
+    params = [dataclasses.replace(GREEDY, max_tokens=12 + i % 9) for i in range(64)]
+    need = sum(spec.blocks_per_sequence(len(p) + sp.max_tokens, None) for p, sp in zip(prompts, params))
+    small = local_engine(checkpoint, EngineOptions(kv_cache_memory_gb=spec.pool_bytes(24) / GiB, max_model_len=128))
+    assert need > 3 * small.kv.num_blocks  # far beyond what the pool holds at once
+    engine = AsyncEngine(small)
+
+    async def one(i: int) -> tuple[list[int], str | None]:
+        events = [e async for e in engine.stream(prompts[i], params[i], f"r{i}")]
+        return [e.token_id for e in events], events[-1].finish_reason
+
+    async def burst() -> list[tuple[list[int], str | None]]:
+        return await asyncio.gather(*(one(i) for i in range(64)))
+
+    try:
+        outcomes = asyncio.run(burst())
+    finally:
+        engine.shutdown()
+    assert [reason for _, reason in outcomes] == ["length"] * 64
+    assert small.preemptions > 0 and small.kv.num_free == 24
+    roomy = local_engine(checkpoint).generate(prompts, params)
+    assert [tokens for tokens, _ in outcomes] == [s.output_ids for s in roomy]
+
+
+def test_a_budget_that_cannot_hold_one_sequence_is_refused_with_the_numbers(checkpoint: Checkpoint) -> None:
+    spec = KVSpec.of(checkpoint.args, "float32")
+    options = EngineOptions(kv_cache_memory_gb=spec.pool_bytes(15) / GiB)  # 256 tokens need 16 blocks
+    for attempt in (lambda: check_kv_budget(checkpoint.args, options), lambda: local_engine(checkpoint, options)):
+        with pytest.raises(UserError, match=r"holds 15 blocks .* needs 16 blocks .*--kv-cache-memory .* --max-model-len to 240"):
+            attempt()
+    check_kv_budget(checkpoint.args, dataclasses.replace(options, max_model_len=240))  # the fix it names works

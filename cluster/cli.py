@@ -287,11 +287,28 @@ def stats(
 @app.command()
 def bench(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name (tiny, mini) made on first use.")],
-    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,8,64",
-    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 128,
-    output_len: Annotated[int, typer.Option(help="Generated tokens per request (EOS ignored).")] = 64,
+    workload: Annotated[
+        Literal["equal", "mixed"],
+        typer.Option(
+            help="equal: every request the same lengths, at each --concurrency. mixed: --requests requests at once, "
+            "prompt and output lengths drawn (seeded) from 1/16 of --prompt-len/--output-len up to them."
+        ),
+    ] = "equal",
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels (equal workload).")] = "1,8,64",
+    prompt_len: Annotated[
+        Optional[int], typer.Option(help="Prompt tokens per request; the most, for mixed. Default: 128 (equal), 512 (mixed).")
+    ] = None,
+    output_len: Annotated[
+        Optional[int],
+        typer.Option(help="Generated tokens per request (EOS ignored); the most, for mixed. Default: 64 (equal), 256 (mixed)."),
+    ] = None,
+    requests: Annotated[int, typer.Option(help="Requests of the mixed workload, all sent at once.")] = 64,
     baseline: Annotated[Optional[Literal["hf"]], typer.Option(help="'hf': also run transformers' generate, same run.")] = None,
+    hf_batch_size: Annotated[
+        Optional[int], typer.Option(help="Mixed: transformers' static batch size. Default: all requests in one batch.")
+    ] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Compute dtype; default: the checkpoint's.")] = None,
+    kv_cache_memory: Annotated[Optional[float], typer.Option(help="KV cache memory in GiB, as serve's.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and profile.json.")] = Path("bench-out"),
     repeats: Annotated[
         int,
@@ -299,11 +316,15 @@ def bench(
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object with the results.")] = False,
 ) -> None:
-    """Measure output tokens/s, TTFT and TPOT per concurrency, against transformers in the same run."""
+    """Measure output tokens/s, TTFT and TPOT, against transformers in the same run."""
     from cluster.bench.run import BenchSpec, run_bench, summary
+    from cluster.engine.build import EngineOptions, check_kv_budget
     from mixtral.checkpoint import Checkpoint
     from mixtral.synthetic import resolve_checkpoint
 
+    mixed = workload == "mixed"
+    prompt_len = prompt_len or (512 if mixed else 128)
+    output_len = output_len or (256 if mixed else 64)
     with user_errors():
         try:
             levels = [int(c) for c in concurrency.split(",")]
@@ -311,12 +332,15 @@ def bench(
             raise UserError(f"--concurrency must be comma-separated integers such as 1,8,64; got {concurrency!r}") from None
         if any(c < 1 for c in levels):
             raise UserError("--concurrency levels must be at least 1")
-        if prompt_len < 1 or output_len < 2 or repeats < 1:
-            raise UserError("--prompt-len and --repeats must be at least 1 and --output-len at least 2")
+        if prompt_len < 1 or output_len < 2 or repeats < 1 or requests < 1 or (hf_batch_size or 1) < 1:
+            raise UserError(
+                "--prompt-len, --requests, --hf-batch-size and --repeats must be at least 1 and --output-len at least 2"
+            )
         opened = Checkpoint.open(resolve_checkpoint(checkpoint))
         context = opened.args.max_position_embeddings
         if prompt_len + output_len > context:
             raise UserError(f"--prompt-len + --output-len exceeds the model's context of {context}")
+        check_kv_budget(opened.args, EngineOptions(dtype=dtype, kv_cache_memory_gb=kv_cache_memory))
         opened.reader().verify()
         start_ray()
         report = run_bench(
@@ -329,6 +353,10 @@ def bench(
                 baseline=baseline == "hf",
                 out=out,
                 repeats=repeats,
+                workload=workload,
+                requests=requests,
+                hf_batch_size=hf_batch_size,
+                kv_cache_memory_gb=kv_cache_memory,
             )
         )
     print(summary(report))

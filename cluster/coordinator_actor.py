@@ -90,5 +90,9 @@ class CoordinatorActor:
     def engine_steps(self) -> int:
         return self.engine.engine.steps
 
+    def stats(self) -> dict[str, float]:
+        """The engine's state: sequences, KV blocks, preemptions, prefix-cache hits (scheduler.Engine.stats)."""
+        return self.engine.stats()
+
     def read_log(self) -> ReadLog:
         return self.coordinator.read_log()

@@ -13,15 +13,16 @@ import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
 from cluster.bench.calibrate import measure_dispatch, measure_parts
-from cluster.bench.machine import decode_floor_seconds, measure_machine
+from cluster.bench.machine import Machine, decode_floor_seconds, measure_machine
+from cluster.bench.mixed import mixed_requests, mixed_row, mixed_table, run_hf_static, write_mixed
 from cluster.bench.report import plot, result_row, table
-from cluster.bench.runs import RunResult, load_hf, percentile, run_cluster, run_hf
+from cluster.bench.runs import RunResult, load_hf, median_run, percentile, run_cluster, run_hf
 from cluster.engine.build import EngineOptions
 from cluster.placement import bring_up
 from cluster.placement_options import PlacementOptions
@@ -41,6 +42,10 @@ class BenchSpec:
     out: Path
     seed: int = 0
     repeats: int = 1  # runs per level (each side); the run with the median tokens/s is reported
+    workload: Literal["equal", "mixed"] = "equal"
+    requests: int = 64  # mixed: how many (prompt_len and output_len are then the largest drawn)
+    hf_batch_size: int | None = None  # mixed: the baseline's static batch; None: all requests in one
+    kv_cache_memory_gb: float | None = None
 
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
@@ -63,10 +68,12 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     import ray
 
     machine = measure_machine(tuple(dict.fromkeys(("float32", spec.dtype))))
+    if spec.workload == "mixed":
+        return run_mixed(spec, machine)
     cluster = bring_up(
         spec.checkpoint,
         placement=PlacementOptions(),
-        engine=EngineOptions(dtype=spec.dtype, max_num_seqs=max(spec.concurrency)),
+        engine=engine_options(spec, max_num_seqs=max(spec.concurrency)),
     )
     ours: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
     theirs: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
@@ -103,7 +110,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         for c in spec.concurrency
     ]
     report = {
-        "machine": machine.to_dict() | {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "machine": machine_dict(machine),
+        "workload": "equal",
         "checkpoint": str(spec.checkpoint.path),
         "dtype": spec.dtype,
         "prompt_len": spec.prompt_len,
@@ -121,11 +129,76 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     return report
 
 
+def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
+    """The mixed workload (cluster.bench.mixed): all requests at once, against static batches of them."""
+    import ray
+
+    requests = mixed_requests(
+        spec.requests,
+        max_prompt=spec.prompt_len,
+        max_output=spec.output_len,
+        vocab_size=spec.checkpoint.args.vocab_size,
+        seed=spec.seed,
+    )
+    hf_batch_size = spec.hf_batch_size or len(requests)
+    prompts, output_lens = [r.prompt for r in requests], [r.output_len for r in requests]
+    cluster = bring_up(
+        spec.checkpoint,
+        placement=PlacementOptions(),
+        engine=engine_options(spec),
+    )
+    ours: list[RunResult] = []
+    theirs: list[RunResult] = []
+    try:
+        run_cluster(cluster.coordinator, prompts[:1], 2)  # warm-up: first calls pay for imports
+        model = load_baseline(spec, machine.cores) if spec.baseline else None
+        for _ in tqdm(range(spec.repeats), desc="mixed workload" + (", and transformers" if model else ""), unit="run"):
+            ours.append(run_cluster(cluster.coordinator, prompts, output_lens))
+            if model is not None:
+                theirs.append(run_hf_static(model, requests, hf_batch_size))
+        del model
+        engine_stats = ray.get(cluster.coordinator.stats.remote())
+    finally:
+        cluster.shutdown()
+    row = mixed_row(median_run(ours), median_run(theirs) if theirs else None, engine_stats)
+    report = {
+        "machine": machine_dict(machine),
+        "workload": "mixed",
+        "checkpoint": str(spec.checkpoint.path),
+        "dtype": spec.dtype,
+        "prompt_len": [min(map(len, prompts)), max(map(len, prompts))],
+        "output_len": [min(output_lens), max(output_lens)],
+        "hf_batch_size": hf_batch_size if spec.baseline else None,
+        "repeats": spec.repeats,
+        "results": [row],
+    }
+    title = f"{spec.checkpoint.name}, {spec.dtype}: {len(requests)} requests of mixed lengths"
+    write_mixed(report, spec.out, title)
+    return report
+
+
+def engine_options(spec: BenchSpec, **options: Any) -> EngineOptions:
+    # Prefix caching off: the same prompts come back in the warm-up, the calibration runs and every
+    # repeat, and served from the cache they would measure the cache rather than the engine.
+    return EngineOptions(dtype=spec.dtype, kv_cache_memory_gb=spec.kv_cache_memory_gb, prefix_caching=False, **options)
+
+
+def machine_dict(machine: Machine) -> dict[str, Any]:
+    return machine.to_dict() | {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+
+
 def summary(report: dict[str, Any]) -> str:
     m = report["machine"]
     rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["matmul_gflops"].items())
+    head = f"machine: {m['cores']} cores ({m['cpu']}), memory read {m['bandwidth_gbs']:.1f} GB/s, matmul {rates}\n"
+    if report["workload"] == "mixed":
+        (low_p, high_p), (low_o, high_o) = report["prompt_len"], report["output_len"]
+        return (
+            head + f"{report['checkpoint']} in {report['dtype']}, prompts of {low_p}-{high_p} tokens, "
+            f"outputs of {low_o}-{high_o}\n" + mixed_table(report["results"][0], report["hf_batch_size"])
+        )
     return (
-        f"machine: {m['cores']} cores ({m['cpu']}), memory read {m['bandwidth_gbs']:.1f} GB/s, matmul {rates}\n"
-        f"{report['checkpoint']} in {report['dtype']}, prompt {report['prompt_len']}, output {report['output_len']}\n"
+        head
+        + f"{report['checkpoint']} in {report['dtype']}, prompt {report['prompt_len']}, output {report['output_len']}\n"
         + table(report["results"])
     )

@@ -122,3 +122,29 @@ def test_preemption_and_prefix_hits_match_transformers(make_ckpt, window: int | 
         ref_ids, ref_logprobs = hf_greedy(model, prompt, n)
         assert seq.output_ids == ref_ids
         torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+
+
+def test_a_second_chat_prefills_only_past_the_shared_system_prompt(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    from cluster.serve.chat import ChatRenderer
+
+    path = make_ckpt(tokenizer=True, vocab_size=32000)
+    renderer = ChatRenderer(path, guardrail=True)
+    chats = [renderer.render([{"role": "user", "content": text}]) for text in ("What is a mixture of experts?", "Name a prime.")]
+    shared = next(i for i, (a, b) in enumerate(zip(*chats)) if a != b)
+    assert shared > 40  # the guardrail system prompt
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    seqs, prefilled = {}, {}
+    for caching in (True, False):
+        engine = local_engine(Checkpoint.open(path), EngineOptions(prefix_caching=caching))
+        seqs[caching], prefilled[caching] = [], []
+        for prompt in chats:
+            before = sum(engine.model.load.snapshot()[0])  # layer 0: every fed token, top_k times
+            seqs[caching] += engine.generate([prompt], [greedy])
+            fed = (sum(engine.model.load.snapshot()[0]) - before) // engine.model.args.num_experts_per_tok
+            prefilled[caching].append(fed - (greedy.max_tokens - 1))  # less the decoded tokens
+    assert prefilled[False] == [len(c) for c in chats]
+    # The second chat's prefill starts at the last whole 16-token block of the shared prefix.
+    assert prefilled[True] == [len(chats[0]), len(chats[1]) - shared // 16 * 16]
+    for cached, plain in zip(seqs[True], seqs[False]):
+        assert cached.output_ids == plain.output_ids
+        torch.testing.assert_close(torch.tensor(cached.logprobs), torch.tensor(plain.logprobs), rtol=0, atol=1e-4)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from cluster.planning.planner import TierPlan
+from mixtral.kv_spec import BLOCK_SIZE
 
 
 def plan_table(plans: list[TierPlan]) -> str:
@@ -21,6 +23,8 @@ def plan_table(plans: list[TierPlan]) -> str:
             f"  {p.gpus_per_replica} GPUs per replica, batch {p.batch}: TPOT {p.tpot_ms:.1f} ms, TTFT {p.ttft_ms:.0f} ms, "
             f"{p.replica_tok_s:.0f} output tok/s per replica"
         )
+        budget = math.ceil(p.kv_cache_memory * 1e4) / 1e4  # rounded up: never fewer blocks than planned
+        lines.append(f"  KV cache: {p.kv_blocks} blocks of {BLOCK_SIZE} tokens per replica (serve --kv-cache-memory {budget})")
         lines.append(
             f"  for this load: {p.replicas} replicas, {p.gpus} GPUs, ${p.usd_per_hour:.2f}/h, "
             f"${p.usd_per_million_tokens:.2f} per million output tokens"

@@ -135,12 +135,17 @@ def test_serve_has_an_option_for_every_app_setting(cli_env) -> None:  # type: ig
         (["--strategy", "ROUND"], "--strategy"),
         (["--max-num-seqs", "0"], "--max-num-seqs"),
         (["--dtype", "int4"], "--dtype"),
-        # tiny: 4096 tokens of context in 256 blocks of 16 tokens, 8 MiB in float32
-        (["--kv-cache-memory", "0.001"], "one sequence of max_model_len 4096 needs 256 blocks"),
+        (["--kv-cache-memory", "0"], "--kv-cache-memory"),
     ],
 )
 def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli("serve", *args, env=cli_env), fragment)
+
+
+def test_a_kv_budget_below_one_sequence_is_one_clear_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    # 256 tokens of context in 16 blocks of 8 KiB; 0.0001 GiB holds 13 of them.
+    proc = run_cli("serve", str(make_ckpt()), "--kv-cache-memory", "0.0001", env=cli_env)
+    assert_one_line_error(proc, "holds 13 blocks", "needs 16 blocks", "--kv-cache-memory 0.0002", "--max-model-len to 208")
 
 
 def test_serving_other_machines_needs_an_api_key(cli_env) -> None:  # type: ignore[no-untyped-def]

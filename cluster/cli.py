@@ -332,14 +332,14 @@ def bench(
             raise UserError(f"--concurrency must be comma-separated integers such as 1,8,64; got {concurrency!r}") from None
         if any(c < 1 for c in levels):
             raise UserError("--concurrency levels must be at least 1")
-        if prompt_len < 1 or output_len < 2 or repeats < 1 or requests < 1 or (hf_batch_size or 1) < 1:
+        if prompt_len < 1 or output_len < 2 or repeats < 1 or requests < 1 or (hf_batch_size is not None and hf_batch_size < 1):
             raise UserError(
                 "--prompt-len, --requests, --hf-batch-size and --repeats must be at least 1 and --output-len at least 2"
             )
         opened = Checkpoint.open(resolve_checkpoint(checkpoint))
         context = opened.args.max_position_embeddings
         if prompt_len + output_len > context:
-            raise UserError(f"--prompt-len + --output-len exceeds the model's context of {context}")
+            raise UserError(f"--prompt-len {prompt_len} + --output-len {output_len} exceeds the model's context of {context}")
         check_kv_budget(opened.args, EngineOptions(dtype=dtype, kv_cache_memory_gb=kv_cache_memory))
         opened.reader().verify()
         start_ray()

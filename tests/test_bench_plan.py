@@ -55,37 +55,16 @@ def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cl
     assert profile["cores"] >= 1 and len(profile["expert_ms"]) == len(profile["tokens"])
 
 
-def test_bench_mixed_workload_against_static_batches(make_ckpt, cli_env, ray_address, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from cluster.bench.mixed import mixed_requests
-
-    out = tmp_path / "mixed"
-    args = ["--workload", "mixed", "--requests", "6", "--prompt-len", "64", "--output-len", "32", "--hf-batch-size", "4"]
-    proc = run_cli(
-        "bench",
-        str(make_ckpt()),
-        *args,
-        "--baseline",
-        "hf",
-        "--out",
-        str(out),
-        "--json",
-        env=cli_env | {"RAY_ADDRESS": ray_address},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    [row] = last_json(proc.stdout)["results"]
-    drawn = mixed_requests(6, max_prompt=64, max_output=32, vocab_size=512, seed=0)
-    assert {len(r.prompt) for r in drawn} != {64} and len({r.output_len for r in drawn}) > 1
-    assert all(4 <= len(r.prompt) <= 64 and 2 <= r.output_len <= 32 for r in drawn)
-    # Both sides made exactly the drawn tokens; the ratio is of their rates.
-    assert row["requests"] == 6 and row["output_tokens"] == sum(r.output_len for r in drawn)
-    assert row["ratio"] == pytest.approx(row["tok_s"] / row["baseline_tok_s"])
-    # Static batches of 4 and 2: a request's reply is complete when its whole batch is.
-    assert sorted(row["baseline_done_s"].count(t) for t in set(row["baseline_done_s"])) == [2, 4]
-    assert max(row["done_s"]) == pytest.approx(row["wall_s"]) and row["preemptions"] == 0
-    assert "static batches of 4" in proc.stdout and "ratio" in proc.stdout
-    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "bench.json").read_text())["results"] == [row]
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--workload", "steady"], "--workload"),
+        (["--workload", "mixed", "--hf-batch-size", "0"], "--hf-batch-size"),
+        (["--kv-cache-memory", "0.0001"], "needs 16 blocks"),
+    ],
+)
+def test_bench_bad_input_is_one_clear_line(make_ckpt, cli_env, args: list[str], fragment: str) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli("bench", str(make_ckpt()), *args, env=cli_env), fragment)
 
 
 def test_plan_mixtral_8x7b_bf16_fits_on_eight_24gb_gpus_plus_a_coordinator(cli_env) -> None:  # type: ignore[no-untyped-def]

@@ -55,6 +55,39 @@ def test_ray_actors_match_transformers(cluster: ExpertCluster, checkpoint: Path)
         torch.testing.assert_close(torch.tensor(result.logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
 
 
+def test_bench_mixed_workload_against_static_batches(cluster: ExpertCluster, checkpoint: Path, tmp_path: Path) -> None:
+    from cluster.bench.machine import measure_machine
+    from cluster.bench.mixed import mixed_requests
+    from cluster.bench.run import BenchSpec, mixed_on, summary
+
+    spec = BenchSpec(
+        checkpoint=Checkpoint.open(checkpoint),
+        dtype="float32",
+        concurrency=[],
+        prompt_len=64,
+        output_len=32,
+        baseline=True,
+        out=tmp_path,
+        workload="mixed",
+        requests=6,
+        hf_batch_size=4,
+    )
+    report = mixed_on(cluster.coordinator, spec, measure_machine(("float32",)))
+    [row] = report["results"]
+    drawn = mixed_requests(6, max_prompt=64, max_output=32, vocab_size=512, seed=0)
+    assert len({len(r.prompt) for r in drawn}) > 1 and len({r.output_len for r in drawn}) > 1
+    assert all(4 <= len(r.prompt) <= 64 and 2 <= r.output_len <= 32 for r in drawn)
+    # Both sides made exactly the drawn tokens; the ratio is of their rates.
+    assert row["requests"] == 6 and row["output_tokens"] == sum(r.output_len for r in drawn)
+    assert row["ratio"] == pytest.approx(row["tok_s"] / row["baseline_tok_s"])
+    # Static batches of 4 and 2: a request's reply is complete when its whole batch is.
+    assert sorted(row["baseline_done_s"].count(t) for t in set(row["baseline_done_s"])) == [2, 4]
+    assert max(row["done_s"]) == pytest.approx(row["wall_s"])
+    assert "static batches of 4" in summary(report) and "ratio" in summary(report)
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == [row]
+
+
 def test_each_actor_reads_only_its_own_tensors(cluster: ExpertCluster, checkpoint: Path) -> None:
     args = load_args(checkpoint)
     weight_map = json.loads((checkpoint / INDEX_FILE).read_text())["weight_map"]

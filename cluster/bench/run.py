@@ -130,7 +130,17 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
 
 
 def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
-    """The mixed workload (cluster.bench.mixed): all requests at once, against static batches of them."""
+    """The mixed workload (cluster.bench.mixed) on a cluster of its own."""
+    cluster = bring_up(spec.checkpoint, placement=PlacementOptions(), engine=engine_options(spec))
+    try:
+        return mixed_on(cluster.coordinator, spec, machine)
+    finally:
+        cluster.shutdown()
+
+
+def mixed_on(coordinator: Any, spec: BenchSpec, machine: Machine) -> dict[str, Any]:
+    """All the mixed requests at once into this coordinator actor, against static batches of them;
+    writes bench.json and bench.png into spec.out and returns the report."""
     import ray
 
     requests = mixed_requests(
@@ -142,25 +152,16 @@ def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
     )
     hf_batch_size = spec.hf_batch_size or len(requests)
     prompts, output_lens = [r.prompt for r in requests], [r.output_len for r in requests]
-    cluster = bring_up(
-        spec.checkpoint,
-        placement=PlacementOptions(),
-        engine=engine_options(spec),
-    )
+    run_cluster(coordinator, [[1, 2, 3, 4]], 2)  # warm-up, with a prompt of its own: first calls pay for imports
+    model = load_baseline(spec, machine.cores) if spec.baseline else None
     ours: list[RunResult] = []
     theirs: list[RunResult] = []
-    try:
-        run_cluster(cluster.coordinator, prompts[:1], 2)  # warm-up: first calls pay for imports
-        model = load_baseline(spec, machine.cores) if spec.baseline else None
-        for _ in tqdm(range(spec.repeats), desc="mixed workload" + (", and transformers" if model else ""), unit="run"):
-            ours.append(run_cluster(cluster.coordinator, prompts, output_lens))
-            if model is not None:
-                theirs.append(run_hf_static(model, requests, hf_batch_size))
-        del model
-        engine_stats = ray.get(cluster.coordinator.stats.remote())
-    finally:
-        cluster.shutdown()
-    row = mixed_row(median_run(ours), median_run(theirs) if theirs else None, engine_stats)
+    for _ in tqdm(range(spec.repeats), desc="mixed workload" + (", and transformers" if model else ""), unit="run"):
+        ours.append(run_cluster(coordinator, prompts, output_lens))
+        if model is not None:
+            theirs.append(run_hf_static(model, requests, hf_batch_size))
+    del model
+    row = mixed_row(median_run(ours), median_run(theirs) if theirs else None, ray.get(coordinator.stats.remote()))
     report = {
         "machine": machine_dict(machine),
         "workload": "mixed",

@@ -323,8 +323,8 @@ def bench(
     from mixtral.synthetic import resolve_checkpoint
 
     mixed = workload == "mixed"
-    prompt_len = prompt_len or (512 if mixed else 128)
-    output_len = output_len or (256 if mixed else 64)
+    prompt_len = prompt_len if prompt_len is not None else 512 if mixed else 128
+    output_len = output_len if output_len is not None else 256 if mixed else 64
     with user_errors():
         try:
             levels = [int(c) for c in concurrency.split(",")]

@@ -75,25 +75,18 @@ def test_a_prefix_is_matched_block_by_block_and_the_last_token_is_always_compute
     kv = KVManager(BlockPool(16), block_size=4, window=None)
     shared = list(range(100, 110))  # 2 full blocks and 2 tokens
     first = filled(kv, shared + [1, 2, 3])
+    shared_blocks = first.blocks[:2]
     kv.release(first)
 
     same_start = BlockTable()
     assert kv.match_prefix(same_start, shared + [7, 8, 9, 10, 11]) == 8
-    assert same_start.blocks == first_blocks(kv, shared) and same_start.first_block == 0
+    assert same_start.blocks == shared_blocks and same_start.first_block == 0
     exact = BlockTable()
     # 12 tokens cached (3 blocks), but the 12th token's logits are needed: only 2 blocks are taken.
     assert kv.match_prefix(exact, shared + [1, 2]) == 8
     assert kv.match_prefix(BlockTable(), [100, 101, 102, 999, 104]) == 0  # differs in the first block
     other = BlockTable()
     assert kv.match_prefix(other, [5] * 4 + shared) == 0  # same tokens at other positions: another prefix
-
-
-def first_blocks(kv: KVManager, tokens: list[int]) -> list[int]:
-    table = BlockTable()
-    kv.match_prefix(table, tokens + [0])
-    blocks = list(table.blocks)
-    kv.release(table)
-    return blocks
 
 
 def test_with_a_window_a_prefix_needs_only_the_blocks_its_next_query_reads() -> None:

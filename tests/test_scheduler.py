@@ -175,8 +175,10 @@ def test_when_blocks_run_out_the_newest_sequence_is_preempted_and_recomputed_and
     while engine.has_unfinished():
         running, preempted = list(engine.running), engine.preemptions
         engine.step()
-        held = {b for blocks in engine.model.calls[-1].blocks for b in blocks}
-        assert len(held) <= 6
+        # Every block is held by one running sequence or free; a waiting sequence holds none.
+        held = [b for seq in engine.running for b in seq.table.blocks]
+        assert len(set(held)) == len(held) and len(held) + kv.num_free == 6
+        assert not any(seq.table.blocks for seq in engine.waiting)
         if engine.preemptions > preempted:  # the most recently admitted went back, first in line
             assert engine.waiting[0] is running[-1]
     assert engine.preemptions > 0 and kv.num_free == 6

@@ -168,6 +168,7 @@ class AsyncEngine:
                 except Exception:
                     log.exception("engine step failed; failing the requests that were in it")
                     self._fail(list(self.engine.running))  # their caches are half written; the waiting ones are untouched
+                    self._publish()
                     break
                 for seq in updated:
                     self._emit(seq)

@@ -3,7 +3,8 @@
 A sequence holds the blocks of its logical blocks first_block, first_block + 1, ...; position p is
 in logical block p // block_size. With a sliding window W the next query, at position c (c tokens
 cached), reads keys from c - W + 1 on, so blocks wholly before that go back to the pool after each
-step: a sequence holds at most W tokens plus a block (the Mistral 7B paper's rolling buffer, in blocks).
+step: fed a token at a time, a sequence holds at most W tokens plus a block (the Mistral 7B paper's rolling
+buffer, in blocks); a prompt chunk adds the blocks of its own tokens for its step.
 
 Prefix caching: every full block is keyed by a hash chained over its tokens and all tokens before
 it, so equal keys mean equal keys and values in every layer. A new sequence takes the longest run of
@@ -82,6 +83,7 @@ class KVManager:
 
     def match_prefix(self, table: BlockTable, tokens: list[int]) -> int:
         """Take the cached blocks of the longest usable prefix of `tokens`; return the tokens they hold."""
+        assert not table.blocks, "only a sequence holding no blocks looks up its prefix"
         if not self.prefix_caching:
             return 0
         usable = (len(tokens) - 1) // self.block_size  # full blocks before the last token

@@ -49,6 +49,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs
     table: BlockTable = field(default_factory=BlockTable)
     num_cached: int = 0  # tokens whose keys and values are in the cache
+    admitted: bool = False  # once running (a preempted sequence waits again, admitted)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
@@ -174,7 +175,9 @@ class Engine(Generic[ModelT]):
                 self.kv.release(seq.table)
                 return
             self.waiting.popleft()
-            self.kv.count_lookup(seq.num_tokens, hit)
+            if not seq.admitted:  # a preempted sequence finding its own blocks again is no prompt hit
+                self.kv.count_lookup(len(seq.prompt_ids), hit)
+                seq.admitted = True
             seq.num_cached = hit
             self.kv.allocate(seq.table, hit, n)
             self.running.append(seq)

@@ -97,7 +97,10 @@ def test_a_peer_without_the_secret_is_refused_and_the_worker_lives(address: Chan
     intruder = raw_connection(address)
     assert len(intruder.recv(32)) == 32  # the challenge
     intruder.sendall(b"\0" * 32)  # a wrong answer
-    intruder.sendall(HEADER.pack(0, 1, D, 0, 1) + bytes(4 * D))  # and a frame anyway
+    try:
+        intruder.sendall(HEADER.pack(0, 1, D, 0, 1) + bytes(4 * D))  # and a frame anyway
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the worker already hung up on the wrong answer: refused either way
     assert closed(intruder)
     assert closed(address.connect(b"x" * 32, timeout_s=30))  # another secret: refused too
     good = address.connect(SECRET, timeout_s=30)

@@ -87,6 +87,36 @@ def solo_greedy(checkpoint: Path, prompts: list[list[int]], max_tokens: list[int
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
+def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
+    # First in this file: it runs before the module's own Serve app exists, as `./dev serve` runs on a quiet machine.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port)],  # as `./dev serve` runs it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_models_list_names_the_model(server: Server) -> None:
     assert [m.id for m in server.client.models.list()] == [MODEL]
 
@@ -254,35 +284,6 @@ def test_grpc_invalid_request_is_invalid_argument(server: Server) -> None:
             list(stub.GenerateStream(grpc_request([1, 2, 3], max_tokens=0)))
     assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port)],  # as `./dev serve` runs it
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["tiny"]
-        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def get_json(server: Server, path: str) -> dict[str, Any]:

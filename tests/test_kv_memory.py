@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from cluster.engine.sampling import SamplingParams
 from cluster.errors import UserError
 from mixtral.checkpoint import Checkpoint
 from mixtral.kv_spec import GiB, KVSpec
+from mixtral.synthetic import cached_preset_checkpoint
 from tests.test_parity import random_prompts
 
 GREEDY = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -24,18 +26,21 @@ def checkpoint(make_ckpt) -> Checkpoint:  # type: ignore[no-untyped-def]
     return Checkpoint.open(make_ckpt())  # 256 tokens of context
 
 
-def test_a_prompt_of_max_model_len_is_served_within_the_budget(checkpoint: Checkpoint) -> None:
-    spec = KVSpec.of(checkpoint.args, "float32")
-    budget = spec.pool_bytes(16) + spec.bytes_per_block - 1  # one sequence of 256 tokens, and not another block
-    engine = local_engine(checkpoint, EngineOptions(kv_cache_memory_gb=budget / GiB))
+def test_a_prompt_of_max_model_len_on_tiny_is_served_within_the_budget(tmp_path: Path) -> None:
+    checkpoint = Checkpoint.open(cached_preset_checkpoint("tiny", cache_dir=tmp_path))
+    spec = KVSpec.of(checkpoint.args, checkpoint.args.dtype)
+    max_model_len = 1024  # of tiny's 4096, to keep the prefill short on two cores
+    blocks = spec.blocks_per_sequence(max_model_len, checkpoint.args.sliding_window)
+    budget = spec.pool_bytes(blocks) + spec.bytes_per_block - 1  # one sequence of max_model_len, and not another block
+    engine = local_engine(checkpoint, EngineOptions(kv_cache_memory_gb=budget / GiB, max_model_len=max_model_len))
     cache = engine.model.cache
     tensors = [*cache.k, *cache.v]
-    assert cache.num_blocks == 16 and cache.nbytes == spec.pool_bytes(16) <= budget
-    [seq] = engine.generate(random_prompts([255], 512, seed=3), [GREEDY])
-    assert seq.finish_reason == "length" and seq.num_tokens == 256
+    assert cache.num_blocks == blocks == 64 and cache.nbytes == spec.pool_bytes(blocks) <= budget
+    [seq] = engine.generate(random_prompts([max_model_len - 1], checkpoint.args.vocab_size, seed=3), [GREEDY])
+    assert seq.finish_reason == "length" and seq.num_tokens == max_model_len
     # The pool is the same memory, never grown or replaced, and every block came back.
-    assert all(a is b for a, b in zip([*cache.k, *cache.v], tensors))
-    assert cache.nbytes <= budget and engine.kv.num_free == 16
+    assert all(a is b for a, b in zip([*cache.k, *cache.v], tensors, strict=True))
+    assert cache.nbytes <= budget and engine.kv.num_free == blocks
 
 
 def test_64_concurrent_requests_beyond_the_pool_all_finish_with_the_same_tokens(checkpoint: Checkpoint) -> None:

@@ -123,7 +123,7 @@ class Coordinator:
         self.device = device
         self.transport = transport
         self.vocab_size = args.vocab_size
-        self.max_model_len = min(max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+        self.max_model_len = args.context_length(max_model_len)
         self.reader = checkpoint.reader()
         w = dict(self.reader.read(non_expert_weights(args), dtype=dtype, device=device))
         self.embed = w[names.EMBED]  # [V, D]

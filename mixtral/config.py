@@ -39,6 +39,10 @@ class MixtralArgs:
     eos_token_ids: tuple[int, ...]
     dtype: DType  # the checkpoint's own dtype
 
+    def context_length(self, max_model_len: int | None) -> int:
+        """The context served: max_model_len if given, never past max_position_embeddings."""
+        return min(max_model_len or self.max_position_embeddings, self.max_position_embeddings)
+
 
 def load_args(checkpoint: str | Path) -> MixtralArgs:
     """Read and check `checkpoint/config.json`; raise CheckpointError saying what is wrong."""

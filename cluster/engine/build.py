@@ -101,7 +101,7 @@ def check_kv_budget(args: MixtralArgs, options: EngineOptions) -> None:
     if options.kv_cache_memory_gb is None:
         return
     dtype = options.dtype or args.dtype
-    max_model_len = min(options.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
+    max_model_len = args.context_length(options.max_model_len)
     spec = KVSpec.of(args, dtype, options.block_size)
     if problem := spec.budget_problem(options.kv_cache_memory_gb * GiB, max_model_len, args.sliding_window):
         raise UserError(problem)

@@ -196,16 +196,17 @@ class Engine(Generic[ModelT]):
         batch = self._schedule()
         if not batch:
             return []
+        histories = [seq.tokens for seq, _ in batch]  # each sequence's prompt + outputs, joined once a step
         logits = self.model.forward(
-            [seq.tokens[seq.num_cached : seq.num_cached + n] for seq, n in batch],
+            [h[seq.num_cached : seq.num_cached + n] for h, (seq, n) in zip(histories, batch)],
             starts=[seq.num_cached for seq, _ in batch],
             blocks=[seq.table.blocks for seq, _ in batch],
             first_block=[seq.table.first_block for seq, _ in batch],
         )
         self.steps += 1
-        for seq, n in batch:
+        for history, (seq, n) in zip(histories, batch):
             seq.num_cached += n
-            self.kv.after_step(seq.table, seq.tokens, seq.num_cached)
+            self.kv.after_step(seq.table, history, seq.num_cached)
         # Sequences whose tokens are all cached sample their next one; prompts still prefilling don't.
         rows = [row for row, (seq, _) in enumerate(batch) if seq.num_cached == seq.num_tokens]
         if not rows:

@@ -64,8 +64,10 @@ def check_placeable(replica_bundles: list[dict[str, float]], strategy: Strategy)
 
 def wants_gpus(args: MixtralArgs, placement: PlacementOptions) -> tuple[bool, bool]:
     """(a GPU per worker, a GPU for the coordinator too) from the option or what the cluster has."""
+    if placement.use_gpus is not None:  # asked for: the coordinator takes one too, as the planner counts
+        return placement.use_gpus, placement.use_gpus
     available = ray.cluster_resources().get("GPU", 0)
-    gpus = placement.use_gpus if placement.use_gpus is not None else available >= args.num_local_experts
+    gpus = available >= args.num_local_experts
     return gpus, gpus and available > args.num_local_experts
 
 

@@ -39,6 +39,32 @@ class ExpertLoad:
     def snapshot(self) -> list[list[int]]:
         return [list(row) for row in self.total]
 
+    def counters(self) -> dict[str, Any]:
+        """The raw sums behind the report: what replicas publish, so that their loads can be added."""
+        return {
+            "top_k": self.top_k,
+            "tokens": self.snapshot(),
+            "entropy_sum": list(self.entropy_sum),
+            "layer_tokens": list(self.tokens),
+            "dispatch_seconds": list(self.dispatch_seconds),
+            "dispatch_calls": list(self.dispatch_calls),
+        }
+
+    @classmethod
+    def summed(cls, counters: list[dict[str, Any]]) -> ExpertLoad:
+        """One load over several replicas' counters (ExpertLoad.counters) of one model."""
+        first = counters[0]
+        load = cls(len(first["tokens"]), len(first["tokens"][0]), first["top_k"])
+        for c in counters:
+            for layer in range(load.num_layers):
+                for e, n in enumerate(c["tokens"][layer]):
+                    load.total[layer][e] += n
+                load.entropy_sum[layer] += c["entropy_sum"][layer]
+                load.tokens[layer] += c["layer_tokens"][layer]
+                load.dispatch_seconds[layer] += c["dispatch_seconds"][layer]
+                load.dispatch_calls[layer] += c["dispatch_calls"][layer]
+        return load
+
     def report(self) -> dict[str, Any]:
         """The JSON of GET /v1/experts/load (without the model name and worker stats)."""
         return {

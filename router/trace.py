@@ -8,6 +8,7 @@ Opt-in and bounded: recording stops (and the header-less tail says so) once the 
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -78,8 +79,29 @@ class Trace:
         return sum(ratios) / len(ratios) if ratios else 1.0
 
 
+def replica_trace_path(path: Path, replica: str) -> Path:
+    """Where one Serve replica writes the trace asked for at `path`: routes.msgpack -> routes.<replica>.msgpack."""
+    return path.with_name(f"{path.stem}.{replica}{path.suffix}")
+
+
 def read_trace(path: str | Path) -> Trace:
-    with Path(path).open("rb") as f:
+    """The trace at `path`, or, where replicas wrote one each (replica_trace_path), all of them added up."""
+    path = Path(path)
+    if path.is_file():
+        return _read_one(path)
+    files = sorted(path.parent.glob(f"{glob.escape(path.stem)}.*{glob.escape(path.suffix)}"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no routing trace there, nor per-replica ones ({path.stem}.<replica>{path.suffix})")
+    traces = [_read_one(f) for f in files]
+    first = traces[0]
+    if any((t.layers, t.experts, t.top_k) != (first.layers, first.experts, first.top_k) for t in traces):
+        raise ValueError(f"{path}: the per-replica traces are of different models")
+    counts = [[sum(t.counts[layer][e] for t in traces) for e in range(first.experts)] for layer in range(first.layers)]
+    return Trace(first.layers, first.experts, first.top_k, counts, sum(t.steps for t in traces), any(t.truncated for t in traces))
+
+
+def _read_one(path: Path) -> Trace:
+    with path.open("rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False)
         header = next(unpacker)
         if header.get("version") != VERSION:

@@ -68,8 +68,11 @@ class FakeEngine:
     async def expert_load(self) -> dict[str, Any]:
         return {"layers": 1, "experts": 2, "top_k": 1, "tokens": [[3, 1]]}
 
-    async def stats(self) -> dict[str, float]:
+    async def stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "steps": len(self.requests), "kv_cache_usage": 0.25}
+
+    async def metrics(self) -> bytes:
+        return b"# TYPE moe_fake_steps counter\nmoe_fake_steps_total %d\n" % len(self.requests)
 
     async def check_health(self) -> None:
         if not self.healthy:

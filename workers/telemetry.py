@@ -1,13 +1,18 @@
-"""Prometheus metrics through Ray's metrics export (ray.util.metrics), with a model label.
+"""Prometheus metrics through Ray's metrics export (ray.util.metrics), with a model label, and
+the same series kept in this process (prometheus_client) for the serving port's /metrics.
 
 Ray exports each series with its own `ray_` prefix, so `moe_expert_tokens` is scraped as
-`ray_moe_expert_tokens_total`. Outside a Ray worker every call is a no-op, so the same model code
-runs in tests and benchmarks without a Ray runtime. Used by the expert workers and the coordinator.
+`ray_moe_expert_tokens_total`. Outside a Ray worker the Ray half is a no-op, so the same model
+code runs in tests and benchmarks without a Ray runtime. Used by the expert workers and the
+coordinator; a Serve replica publishes its process's series (local_families) to the replica
+registry, and /metrics on the HTTP port renders every replica's with a replica label.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import prometheus_client
 
 # Seconds: from 1 ms to 60 s, for latencies from one decode step to a whole request.
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -47,16 +52,23 @@ class Telemetry:
         return self._metrics.get(name)
 
     def inc(self, name: str, value: float = 1.0, **tags: object) -> None:
-        if value and (metric := self._get(name)) is not None:
-            metric.inc(value, tags=self._tags(tags))
+        if value:
+            labels = self._tags(tags)
+            _local(name).labels(**labels).inc(value)
+            if (metric := self._get(name)) is not None:
+                metric.inc(value, tags=labels)
 
     def set(self, name: str, value: float, **tags: object) -> None:
+        labels = self._tags(tags)
+        _local(name).labels(**labels).set(value)
         if (metric := self._get(name)) is not None:
-            metric.set(value, tags=self._tags(tags))
+            metric.set(value, tags=labels)
 
     def observe(self, name: str, value: float, **tags: object) -> None:
+        labels = self._tags(tags)
+        _local(name).labels(**labels).observe(value)
         if (metric := self._get(name)) is not None:
-            metric.observe(value, tags=self._tags(tags))
+            metric.observe(value, tags=labels)
 
     def _tags(self, tags: dict[str, object]) -> dict[str, str]:
         return {"model": self.model} | {k: str(v) for k, v in tags.items()}
@@ -84,3 +96,37 @@ def _create() -> dict[str, Any]:
         else:
             metrics[name] = Histogram(name, description=description, boundaries=LATENCY_BUCKETS, tag_keys=tag_keys)
     return metrics
+
+
+# This process's copy of every series, created on first use: one registry per process, because
+# the coordinator's engine and its routing metrics each hold a Telemetry and add to the same series.
+_LOCAL_REGISTRY = prometheus_client.CollectorRegistry(auto_describe=False)
+_LOCAL: dict[str, Any] = {}
+
+
+def _local(name: str) -> Any:
+    if name not in _LOCAL:
+        kind, description, tags = SPECS[name]
+        labels = ("model", *tags)
+        if kind == "counter":
+            _LOCAL[name] = prometheus_client.Counter(name, description, labels, registry=_LOCAL_REGISTRY)
+        elif kind == "gauge":
+            _LOCAL[name] = prometheus_client.Gauge(name, description, labels, registry=_LOCAL_REGISTRY)
+        else:
+            _LOCAL[name] = prometheus_client.Histogram(
+                name, description, labels, buckets=LATENCY_BUCKETS, registry=_LOCAL_REGISTRY
+            )
+    return _LOCAL[name]
+
+
+def local_families() -> list[dict[str, Any]]:
+    """This process's series as plain data: [{name, type, documentation, samples: [[name, labels, value]]}]."""
+    return [
+        {
+            "name": family.name,
+            "type": family.type,
+            "documentation": family.documentation,
+            "samples": [[s.name, dict(s.labels), s.value] for s in family.samples if not s.name.endswith("_created")],
+        }
+        for family in _LOCAL_REGISTRY.collect()
+    ]

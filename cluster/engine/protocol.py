@@ -48,8 +48,12 @@ class EngineClient(Protocol):
         """The load-balancing report since start (router.load.ExpertLoad.report, plus per-worker stats)."""
         ...
 
-    async def stats(self) -> dict[str, float]:
+    async def stats(self) -> dict[str, Any]:
         """Running and waiting sequences, steps, preemptions, KV blocks (total, free, usage) and prefix-cache hits."""
+        ...
+
+    async def metrics(self) -> bytes:
+        """Prometheus text exposition of the engine's moe_ series."""
         ...
 
     async def check_health(self) -> None:

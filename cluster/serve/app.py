@@ -6,20 +6,31 @@
 
 from __future__ import annotations
 
+import os
+
+import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, DeploymentActorConfig
 
 from cluster.engine.build import EngineOptions, check_kv_budget
+from cluster.errors import UserError
 from cluster.placement import bundles, check_placeable, fitted, wants_gpus
 from cluster.placement_options import PlacementOptions
 from cluster.serve.args import ServeArgs
+from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import OpenAIIngress
+from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
 from mixtral.checkpoint import Checkpoint
 from mixtral.synthetic import resolve_checkpoint
 from workers.device import HUGE_PAGES_ENV
 
 GRPC_SERVICER = "protos.moe_pb2_grpc.add_MoEServiceServicer_to_server"
+# How often a replica hands Serve its record_autoscaling_stats (Serve's default is 10 s): an LLM
+# engine's queue fills in seconds, and the policy's decisions are only as fresh as this.
+AUTOSCALING_METRICS_PUSH_S = "2"
+ACCELERATOR = {"auto": None, "gpu": True, "cpu": False}
 
 
 def engine_options(args: ServeArgs) -> EngineOptions:
@@ -40,28 +51,65 @@ def build_app(args: ServeArgs) -> Application:
     model_args = checkpoint.args
     engine = engine_options(args)
     check_kv_budget(model_args, engine)  # a budget too small for one sequence fails here, not in a replica
-    placement = fitted(model_args, PlacementOptions(strategy=args.strategy))
+    placement = fitted(model_args, PlacementOptions(strategy=args.strategy, use_gpus=ACCELERATOR[args.accelerator]))
     gpus, coordinator_gpu = wants_gpus(model_args, placement)
-    check_placeable(bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu), args.strategy)
+    replica_bundles = bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu)
+    if args.accelerator != "gpu":  # asked-for GPUs may be on nodes an autoscaler has yet to start
+        check_placeable(replica_bundles, args.strategy)
     engine_server = serve.deployment(EngineServer).options(
-        placement_group_bundles=bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu),
+        placement_group_bundles=replica_bundles,
         placement_group_strategy=args.strategy,
         ray_actor_options={
             "num_cpus": placement.coordinator_cpus,
             "num_gpus": 1 if coordinator_gpu else 0,
-            "runtime_env": {"env_vars": HUGE_PAGES_ENV},
+            "runtime_env": {
+                "env_vars": HUGE_PAGES_ENV | {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": AUTOSCALING_METRICS_PUSH_S}
+            },
         },
         max_ongoing_requests=1024,
         health_check_period_s=10,
         health_check_timeout_s=engine.expert_timeout_s + 15,  # above check_health's own ping timeout
+        # Scale-down drains: Serve stops routing to the replica and waits for its running requests.
+        graceful_shutdown_timeout_s=args.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
+        deployment_actors=[
+            DeploymentActorConfig(name=REGISTRY_ACTOR, actor_class=ray.remote(ReplicaRegistry), actor_options={"num_cpus": 0})
+        ],
+        **replicas(args),
     )
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
         engine_server.bind(checkpoint, engine, placement, gpus),
         str(checkpoint.path),
         args.model_name or checkpoint.name,
         args.guardrail,
-        args.api_key,
+        api_key(args),
     )
+
+
+def replicas(args: ServeArgs) -> dict[str, object]:
+    """num_replicas, or an autoscaling_config on the engine's load (cluster.serve.autoscaling)."""
+    if not args.autoscaling:
+        return {"num_replicas": args.min_replicas}
+    return {
+        "autoscaling_config": AutoscalingConfig(
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            upscale_delay_s=args.upscale_delay_s,
+            downscale_delay_s=args.downscale_delay_s,
+            metrics_interval_s=float(AUTOSCALING_METRICS_PUSH_S),
+            look_back_period_s=max(2 * float(AUTOSCALING_METRICS_PUSH_S), 5.0),
+            policy=AutoscalingPolicy(policy_function=EngineLoadPolicy, policy_kwargs={"target_load": args.target_load}),
+        )
+    }
+
+
+def api_key(args: ServeArgs) -> str | None:
+    if args.api_key_env is None:
+        return args.api_key
+    key = os.environ.get(args.api_key_env, "")
+    if len(key) < 8:
+        raise UserError(f"api_key_env: set {args.api_key_env} to the API key (at least 8 characters) where the app is built")
+    return key
 
 
 def app_builder(args: dict) -> Application:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.placement_options import Strategy
 from mixtral.config import DType
@@ -30,10 +32,52 @@ class ServeArgs(BaseModel):
     )
     prefix_caching: bool = Field(True, description="Share the KV blocks of common prompt prefixes between requests.")
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="gpu: the coordinator and every expert worker take a GPU (set it where an autoscaler brings "
+        "the GPU nodes, so the cluster has none at start); cpu: no GPU; auto: GPUs if the cluster has one per expert.",
+    )
+    min_replicas: int = Field(1, ge=1, description="Engine replicas (each a coordinator and its expert workers) kept up.")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Most engine replicas under load; above min-replicas turns autoscaling on. Default: min."
+    )
+    target_load: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="Autoscaling: replicas are added while the mean replica load exceeds this. A replica's load is "
+        "the larger of (running + waiting) / max-num-seqs and its KV cache usage.",
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Autoscaling: seconds of load above target before adding a replica.")
+    downscale_delay_s: float = Field(
+        120.0, ge=0, description="Autoscaling: seconds of load below target before removing a replica."
+    )
+    drain_timeout_s: float = Field(
+        600.0, gt=0, description="A replica being removed takes no new requests and waits this long for its running ones."
+    )
     guardrail: bool = Field(False, description="Prepend the Mistral 7B paper's guardrail system prompt to chats.")
     api_key: str | None = Field(
         None,
         min_length=8,
         description="Require 'Authorization: Bearer KEY' over HTTP and gRPC; needed to bind a non-loopback --host.",
     )
-    trace_path: str | None = Field(None, description="Record each token's chosen experts to this msgpack file.")
+    api_key_env: str | None = Field(
+        None,
+        min_length=1,
+        description="Read the API key from this environment variable (keeps it out of config files); not with api-key.",
+    )
+    trace_path: str | None = Field(
+        None, description="Record each token's chosen experts, one msgpack file per replica: PATH's stem + '.<replica>'."
+    )
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServeArgs:
+        if self.max_replicas is not None and self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None and self.max_replicas > self.min_replicas

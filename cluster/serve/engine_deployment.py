@@ -2,15 +2,22 @@
 
 Serve reserves one placement group per replica (placement_group_bundles): the replica runs in
 bundle 0, and starts expert worker e in bundle 1 + e. Its methods are the EngineClient contract
-(cluster.engine.protocol) that the ingress reaches through a DeploymentHandle.
+(cluster.engine.protocol) that the ingress reaches through a DeploymentHandle. Load, stats and
+metrics answer for every replica (cluster.serve.fleet), from the snapshots each publishes to the
+deployment's ReplicaRegistry; record_autoscaling_stats feeds cluster.serve.autoscaling's policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
+import threading
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from cluster.engine.async_engine import AsyncEngine
@@ -19,10 +26,17 @@ from cluster.engine.protocol import ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.placement import start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions
+from cluster.serve.fleet import fleet_load, fleet_metrics, fleet_stats
+from cluster.serve.replica_registry import HEARTBEAT_S, REGISTRY_ACTOR, ReplicaSnapshot
 from mixtral.checkpoint import Checkpoint
+from router.trace import replica_trace_path
 from router.wire import new_secret
 from workers.device import set_coordinator_threads
-from workers.telemetry import Telemetry
+from workers.telemetry import Telemetry, local_families
+
+log = logging.getLogger("ray.serve")  # into the replica's Serve log
+
+PUBLISH_PERIOD_S = 2.0  # while it works, a replica's snapshot in the registry is at most this old
 
 
 def resident_bytes() -> int:
@@ -37,7 +51,11 @@ def resident_bytes() -> int:
 class EngineServer:
     def __init__(self, checkpoint: Checkpoint, engine: EngineOptions, placement: PlacementOptions, gpus: bool) -> None:
         import ray
+        from ray import serve
 
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        if engine.trace_path:  # one file per replica: replicas never write over each other's trace
+            engine = replace(engine, trace_path=str(replica_trace_path(Path(engine.trace_path), self.replica)))
         set_coordinator_threads(placement.coordinator_threads)
         pg = ray.util.get_current_placement_group()
         assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
@@ -51,6 +69,12 @@ class EngineServer:
         )
         self.coordinator = self.engine.engine.model
         self.ping_timeout_s = engine.expert_timeout_s
+        self.max_num_seqs = engine.max_num_seqs
+        self.registry = serve.get_deployment_actor(REGISTRY_ACTOR)
+        self._stopping = threading.Event()
+        self._publish_lock = threading.Lock()
+        self._publisher = threading.Thread(target=self._publish_loop, name="replica-publisher", daemon=True)
+        self._publisher.start()
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         """Stream a request's tokens; a cancelled stream aborts it."""
@@ -60,15 +84,45 @@ class EngineServer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(max_model_len=self.coordinator.max_model_len, vocab_size=self.coordinator.vocab_size)
 
-    def stats(self) -> dict[str, float]:
-        """The engine's state (scheduler.Engine.stats), its KV pool's bytes, and this replica's resident memory."""
+    def own_stats(self) -> dict[str, float]:
+        """This replica's engine state (scheduler.Engine.stats), its KV pool's bytes, and its resident memory."""
         return self.engine.stats() | {"kv_cache_bytes": self.coordinator.cache.nbytes, "resident_bytes": resident_bytes()}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What cluster.serve.autoscaling.EngineLoadPolicy reads; Serve calls it on the replica's metrics period."""
+        stats = self.engine.stats()
+        return {
+            "running": stats["running"],
+            "waiting": stats["waiting"],
+            "max_num_seqs": self.max_num_seqs,
+            "kv_cache_usage": stats["kv_cache_usage"],
+        }
+
     async def expert_load(self) -> dict[str, Any]:
-        """Load-balancing report since start: per layer and expert, and per worker."""
-        workers = await asyncio.gather(*(w.worker_stats.remote() for w in self.workers))
-        return self.coordinator.load.report() | {
-            "workers": [
+        """Load-balancing report since start over every replica: per layer and expert, per worker, per replica."""
+        return fleet_load(await self._fleet())
+
+    async def stats(self) -> dict[str, Any]:
+        """Engine stats over every replica (cluster.serve.fleet.fleet_stats)."""
+        return fleet_stats(await self._fleet())
+
+    async def metrics(self) -> bytes:
+        """Prometheus text of every serving replica's moe_ series."""
+        return fleet_metrics(await self._fleet())
+
+    async def _fleet(self) -> list[ReplicaSnapshot]:
+        await asyncio.to_thread(self._publish)  # this replica's own numbers are never stale
+        return await self.registry.all.remote()
+
+    def _snapshot(self, *, serving: bool) -> ReplicaSnapshot:
+        import ray
+
+        workers = ray.get([w.worker_stats.remote() for w in self.workers], timeout=self.ping_timeout_s)
+        return ReplicaSnapshot(
+            replica=self.replica,
+            serving=serving,
+            load=self.coordinator.load.counters(),
+            workers=[
                 {
                     "expert": w.expert,
                     "calls": w.calls,
@@ -77,8 +131,40 @@ class EngineServer:
                     "bytes_out": w.bytes_out,
                 }
                 for w in workers
-            ]
-        }
+            ],
+            stats=self.own_stats(),
+            families=local_families(),
+        )
+
+    def _publish(self, *, serving: bool = True) -> None:
+        import ray
+
+        with self._publish_lock:
+            ray.get(self.registry.publish.remote(self._snapshot(serving=serving)), timeout=self.ping_timeout_s)
+
+    def _publish_loop(self) -> None:
+        """Publish after every period that had engine steps, and at least every HEARTBEAT_S."""
+        published_steps, published_at = -1, 0.0
+        while not self._stopping.wait(PUBLISH_PERIOD_S):
+            steps = self.engine.engine.steps
+            if steps == published_steps and time.monotonic() - published_at < HEARTBEAT_S:
+                continue
+            try:
+                self._publish()
+                published_steps, published_at = steps, time.monotonic()
+            except Exception as e:  # a worker being replaced: try again next period
+                log.warning("could not publish this replica's snapshot (%s); retrying", e)
+
+    async def __del__(self) -> None:
+        """Serve awaits this once the replica has drained (graceful shutdown): its last snapshot says it stopped."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        try:
+            await asyncio.to_thread(self._publish, serving=False)
+        except Exception as e:
+            log.warning("could not publish this replica's last snapshot (%s)", e)
+        self.engine.shutdown()
 
     async def check_health(self) -> None:
         """Healthy when the engine loop runs and every expert worker answers a ping in time."""

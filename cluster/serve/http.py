@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP over a Frontend: routes, and small pure functions that format bodies and SSE.
 
 GET  /health                 the engine's health (workers and loop), 200 or 5xx
+GET  /metrics                Prometheus text: every replica's moe_ series, labelled by replica (no API key, as vLLM)
 GET  /v1/models              the served model
-GET  /v1/experts/load        tokens per expert per layer since start, with balancedness and worker stats
-GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage, preemptions, prefix-cache hits
+GET  /v1/experts/load        tokens per expert per layer since start, with balancedness, worker stats, per replica
+GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage, preemptions, prefix-cache hits, per replica
 POST /v1/completions         text or token-id prompts; SSE with `stream`
 POST /v1/chat/completions    messages in the Mixtral instruct format; SSE with `stream`
 """
@@ -21,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.serve.frontend import Delta, Frontend
 from cluster.serve.openai_api import MAX_BODY_BYTES, ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -210,6 +213,10 @@ def make_api(frontend: Frontend) -> FastAPI:
     async def health() -> Response:
         await frontend.check_health()
         return Response(status_code=200)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await frontend.engine.metrics(), media_type=PROMETHEUS_TEXT)
 
     @api.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:

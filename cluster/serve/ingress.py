@@ -49,8 +49,11 @@ class HandleEngine:
     async def expert_load(self) -> dict[str, Any]:
         return await self.handle.expert_load.remote()
 
-    async def stats(self) -> dict[str, float]:
+    async def stats(self) -> dict[str, Any]:
         return await self.handle.stats.remote()
+
+    async def metrics(self) -> bytes:
+        return await self.handle.metrics.remote()
 
     async def check_health(self) -> None:
         await self.handle.check_health.remote()

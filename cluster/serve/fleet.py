@@ -1,0 +1,72 @@
+"""One view over every replica of the engine deployment: expert load, engine stats and Prometheus series.
+
+Built from the replicas' snapshots (cluster.serve.replica_registry): counters summed over every
+replica that ever served (a stopped one's tokens were still served), gauges over the replicas
+serving now, and a per-replica breakdown beside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from cluster.serve.replica_registry import ReplicaSnapshot
+from router.load import ExpertLoad
+
+COUNTERS = ("steps", "preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
+GAUGES = ("running", "waiting", "kv_blocks", "kv_blocks_free", "kv_cache_bytes", "resident_bytes")
+
+
+def fleet_load(snapshots: list[ReplicaSnapshot]) -> dict[str, Any]:
+    """ExpertLoad.report over every replica, workers summed per expert, and each replica's own counts."""
+    workers: dict[int, dict[str, Any]] = {}
+    for s in snapshots:
+        for w in s.workers:
+            total = workers.setdefault(
+                w["expert"], {"expert": w["expert"], "calls": 0, "forward_ms": 0.0, "bytes_in": 0, "bytes_out": 0}
+            )
+            for key in ("calls", "forward_ms", "bytes_in", "bytes_out"):
+                total[key] += w[key]
+    replicas = [{"replica": s.replica, "serving": s.serving, "tokens": s.load["tokens"], "workers": s.workers} for s in snapshots]
+    return ExpertLoad.summed([s.load for s in snapshots]).report() | {
+        "workers": [workers[e] for e in sorted(workers)],
+        "replicas": replicas,
+    }
+
+
+def fleet_stats(snapshots: list[ReplicaSnapshot]) -> dict[str, Any]:
+    """Counters summed over every replica, gauges over the serving ones, and each replica's own stats."""
+    serving = [s for s in snapshots if s.serving]
+    out: dict[str, Any] = {key: sum(s.stats[key] for s in snapshots) for key in COUNTERS}
+    out |= {key: sum(s.stats[key] for s in serving) for key in GAUGES}
+    out["kv_cache_usage"] = 1.0 - out["kv_blocks_free"] / out["kv_blocks"] if out["kv_blocks"] else 0.0
+    queried = out["prefix_cache_queried_tokens"]
+    out["prefix_cache_hit_rate"] = out["prefix_cache_hit_tokens"] / queried if queried else 0.0
+    out["num_replicas"] = len(serving)
+    out["replicas"] = [{"replica": s.replica, "serving": s.serving} | s.stats for s in snapshots]
+    return out
+
+
+def fleet_metrics(snapshots: list[ReplicaSnapshot]) -> bytes:
+    """Prometheus text of every serving replica's series, each sample labelled with its replica."""
+    families: dict[str, Metric] = {}
+    for s in snapshots:
+        if not s.serving:
+            continue  # a stopped process's series end with it, as in any scrape
+        for f in s.families:
+            metric = families.setdefault(f["name"], Metric(f["name"], f["documentation"], f["type"]))
+            for name, labels, value in f["samples"]:
+                metric.add_sample(name, labels | {"replica": s.replica}, value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families

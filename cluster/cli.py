@@ -385,6 +385,20 @@ def plan(
     concurrency: Annotated[str, typer.Option(help="With --profile: concurrency levels to predict.")] = "1,8,64",
     plot: Annotated[Optional[Path], typer.Option(help="Write a cost plot PNG here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = False,
+    emit: Annotated[
+        Optional[Path],
+        typer.Option(help="Write the expert-parallel plan here as deploy files: Serve config, Ray cluster launcher, RayService."),
+    ] = None,
+    max_replicas: Annotated[
+        Optional[int], typer.Option(help="With --emit: most replicas under load (default: twice the plan's).")
+    ] = None,
+    checkpoint_path: Annotated[
+        Optional[str],
+        typer.Option(help="With --emit: the checkpoint's directory on every node (default: /home/ray/models/MODEL)."),
+    ] = None,
+    image: Annotated[
+        str, typer.Option(help="With --emit: the container image KubeRay runs (deploy/Dockerfile builds one).")
+    ] = "moe-cluster:latest",
 ) -> None:
     """Plan GPUs, latency and cost for a workload; or, with --profile, predict bench on the profiled machine."""
     from cluster.planning import hardware
@@ -413,6 +427,24 @@ def plan(
             name=Path(model).name,
         )
     print(plan_table(plans))
+    if emit is not None:
+        from cluster.planning.emit import deploy_spec, write_files
+
+        with user_errors():
+            if max_replicas is not None and max_replicas < 1:
+                raise UserError("--max-replicas must be at least 1")
+            spec = deploy_spec(
+                plans[0],
+                model=Path(model).name,
+                experts=args.num_local_experts,
+                context_length=args.context_length(None),
+                plan_context=prompt_len + output_len,
+                max_replicas=max_replicas,
+                checkpoint_path=checkpoint_path,
+                image=image,
+            )
+            for path in write_files(spec, emit):
+                print(f"wrote {path}", file=sys.stderr)
     if plot:
         print(f"cost plot: {plot_costs(plans, plot)}", file=sys.stderr)
     if as_json:

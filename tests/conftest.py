@@ -25,6 +25,15 @@ SMALL = dict(
 torch.set_num_threads(1)  # the test process shares 2 cores with Ray's actors
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "own_ray_cluster: starts a Ray cluster of its own; runs first, before the session's Ray")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests with a Ray cluster of their own go first: AutoscalingCluster stops every Ray process of the user."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is None)
+
+
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """make_ckpt(tokenizer=False, seed=0, **config overrides) -> a checkpoint dir, made once per key."""

@@ -1,0 +1,53 @@
+"""Nodes follow replicas: `plan --emit` files run on a fake-GPU AutoscalingCluster (tests/autoscaling_scenario.py).
+
+The scenario runs in a process of its own, and first in the session (conftest.py), because
+AutoscalingCluster.start stops every Ray process of the user, the session's own included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from tests.autoscaling_scenario import MAX_NUM_SEQS
+from tests.test_serve import free_port
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.own_ray_cluster
+
+
+def test_plan_emit_files_bring_up_gpu_nodes_for_a_burst_and_let_them_go(tmp_path: Path, make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = make_ckpt(tokenizer=True, vocab_size=32000, num_local_experts=2, max_position_embeddings=2048)
+    emitted = tmp_path / "deploy"
+    options = ["--gpu", "L4", "--requests-per-s", "0.05", "--max-replicas", "2", "--checkpoint-path", str(checkpoint)]
+    result = CliRunner().invoke(app, ["plan", "--model", str(checkpoint), *options, "--emit", str(emitted)])
+    assert result.exit_code == 0, result.output
+
+    # The emitted Serve config, with what a test on two cores needs: a loopback port, a small batch
+    # that a burst overflows, and delays of seconds instead of minutes.
+    port = free_port()
+    config = yaml.safe_load((emitted / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"] |= {"max_num_seqs": MAX_NUM_SEQS, "upscale_delay_s": 0, "downscale_delay_s": 3}
+    assert config["applications"][0]["args"]["min_replicas"] == 1
+    (emitted / "serve_config.yaml").write_text(yaml.safe_dump(config))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.autoscaling_scenario", str(emitted), str(port)],
+        cwd=REPOSITORY,
+        env=os.environ | cli_env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    print(proc.stdout)  # the steps with their times, for -s
+    assert "two replicas on 2 GPU nodes" in proc.stdout and "back to one replica on 1 GPU node" in proc.stdout

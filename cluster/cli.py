@@ -203,6 +203,8 @@ def serve(
             serve_args = ServeArgs(checkpoint=checkpoint, **settings)
         except ValidationError as e:
             first = e.errors()[0]
+            if not first["loc"]:  # a check across fields (ServeArgs' model validators)
+                raise UserError(first["msg"].removeprefix("Value error, ").replace("_", "-")) from None
             raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
         if serve_args.api_key is None and not is_loopback(host):
             raise UserError(f"--host {host} serves other machines: set --api-key (clients send 'Authorization: Bearer KEY')")

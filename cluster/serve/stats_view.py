@@ -59,14 +59,23 @@ def load_table(report: dict[str, Any]) -> str:
 
 
 def engine_summary(stats: dict[str, Any]) -> str:
-    """Two lines: the sequences, and the KV cache."""
-    return (
+    """Two lines: the sequences, and the KV cache; then, over several replicas, a line for each."""
+    lines = [
         f"sequences: {stats['running']} running, {stats['waiting']} waiting, {stats['steps']} steps, "
-        f"{stats['preemptions']} preempted\n"
+        f"{stats['preemptions']} preempted",
         f"KV cache: {stats['kv_cache_usage']:.1%} of {stats['kv_blocks']} blocks used ({stats['kv_blocks_free']} free), "
         f"prefix cache hit rate {stats['prefix_cache_hit_rate']:.1%} "
-        f"({stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens)"
-    )
+        f"({stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens)",
+    ]
+    replicas = stats.get("replicas", [])
+    if len(replicas) > 1:
+        lines.append(f"replicas: {stats['num_replicas']} serving of {len(replicas)}")
+        lines += [
+            f"  {r['replica']} {'serving' if r['serving'] else 'stopped'}: {r['running']} running, {r['waiting']} waiting, "
+            f"{r['steps']} steps, KV {r['kv_cache_usage']:.1%}"
+            for r in replicas
+        ]
+    return "\n".join(lines)
 
 
 def plot_heatmap(report: dict[str, Any], out: str | Path) -> Path:

@@ -206,9 +206,10 @@ def serve(
             if not first["loc"]:  # a check across fields (ServeArgs' model validators)
                 raise UserError(first["msg"].removeprefix("Value error, ").replace("_", "-")) from None
             raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-        if serve_args.api_key is None and not is_loopback(host):
+        keyed = serve_args.api_key is not None or serve_args.api_key_env is not None
+        if not keyed and not is_loopback(host):
             raise UserError(f"--host {host} serves other machines: set --api-key (clients send 'Authorization: Bearer KEY')")
-        if serve_args.api_key is None and grpc_port:
+        if not keyed and grpc_port:
             raise UserError(
                 "gRPC (Ray Serve's proxy) listens on every interface, whatever --host says: set --api-key to turn it on"
             )
@@ -217,8 +218,9 @@ def serve(
         from ray import serve as ray_serve
 
         from cluster.engine.build import check_kv_budget
-        from cluster.serve.app import GRPC_SERVICER, build_app, engine_options
+        from cluster.serve.app import GRPC_SERVICER, api_key, build_app, engine_options
 
+        api_key(serve_args)  # an --api-key-env naming an unset variable fails here, before Ray starts
         check_kv_budget(opened.args, engine_options(serve_args))
         start_ray()
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None

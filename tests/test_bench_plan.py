@@ -11,7 +11,7 @@ import pytest
 from cluster.planning.cost_model import kv_spec
 from cluster.planning.planner import model_args
 from router.trace import read_trace
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.test_cli import assert_one_line_error, run_cli, run_cli_here
 
 
 def last_json(stdout: str) -> dict:
@@ -56,7 +56,7 @@ def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cl
 
 
 def test_bench_bad_mixed_input_is_one_clear_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
-    proc = run_cli("bench", str(make_ckpt()), "--workload", "mixed", "--hf-batch-size", "0", env=cli_env)
+    proc = run_cli_here("bench", str(make_ckpt()), "--workload", "mixed", "--hf-batch-size", "0", env=cli_env)
     assert_one_line_error(proc, "--hf-batch-size")
 
 
@@ -123,7 +123,7 @@ def test_plan_takes_skew_from_a_routing_trace(make_ckpt, cli_env, tmp_path) -> N
     ],
 )
 def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
-    assert_one_line_error(run_cli("plan", *args, env=cli_env), fragment)
+    assert_one_line_error(run_cli_here("plan", *args, env=cli_env), fragment)
 
 
 @pytest.mark.skipif(

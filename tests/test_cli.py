@@ -1,7 +1,9 @@
-"""The moe-cluster command line, run as a user runs it (a subprocess)."""
+"""The moe-cluster command line, run as a user runs it: a subprocess, or its entry point here for mistakes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from tests.reference import hf_greedy, hf_model
@@ -23,6 +26,33 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
     """
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
     return subprocess.run([sys.executable, "-m", "cluster", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_cli_here(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`moe-cluster` through its entry point, cluster.cli.main, in this process: for the paths that
+    end in a user's mistake before Ray starts, without an interpreter start and a torch import each
+    (3 s apiece on two busy cores). Exit status and output are what a subprocess would give."""
+    from cluster.cli import main
+
+    def no_ray(*_: object, **__: object) -> None:
+        raise AssertionError("the CLI went on to start Ray: a user's mistake must be caught before")
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray, "init", no_ray)
+        patch.setattr(sys, "argv", ["moe-cluster", *args])
+        patch.delenv("RAY_ADDRESS", raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        code: int | str | None = 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code
+    return subprocess.CompletedProcess(
+        ["moe-cluster", *args], code if isinstance(code, int) else 1, stdout.getvalue(), stderr.getvalue()
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -66,7 +96,7 @@ def corrupt_checkpoints(make_ckpt, tmp_path_factory) -> dict[str, Path]:  # type
 )
 def test_bad_checkpoint_is_one_clear_line(case: str, fragment: str, corrupt_checkpoints, tmp_path, cli_env) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "nowhere" if case == "missing" else corrupt_checkpoints[case]
-    proc = run_cli("generate", str(path), "--prompt-ids", "1,2,3", "--max-tokens", "4", env=cli_env)
+    proc = run_cli_here("generate", str(path), "--prompt-ids", "1,2,3", "--max-tokens", "4", env=cli_env)
     assert_one_line_error(proc, fragment)
 
 
@@ -85,12 +115,12 @@ def test_bad_checkpoint_is_one_clear_line(case: str, fragment: str, corrupt_chec
     ],
 )
 def test_bad_request_is_one_clear_line(args: list[str], fragment: str, make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
-    proc = run_cli("generate", str(make_ckpt()), *args, env=cli_env)
+    proc = run_cli_here("generate", str(make_ckpt()), *args, env=cli_env)
     assert_one_line_error(proc, fragment)
 
 
 def test_make_checkpoint_refuses_a_full_directory(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
-    assert_one_line_error(run_cli("make-checkpoint", str(make_ckpt()), env=cli_env), "not empty")
+    assert_one_line_error(run_cli_here("make-checkpoint", str(make_ckpt()), env=cli_env), "not empty")
 
 
 def test_generate_json_matches_transformers(make_ckpt, cli_env, ray_address) -> None:  # type: ignore[no-untyped-def]
@@ -136,22 +166,25 @@ def test_serve_has_an_option_for_every_app_setting(cli_env) -> None:  # type: ig
         (["--max-num-seqs", "0"], "--max-num-seqs"),
         (["--dtype", "int4"], "--dtype"),
         (["--kv-cache-memory", "0"], "--kv-cache-memory"),
+        (["--min-replicas", "2", "--max-replicas", "1"], "max-replicas (1) is below min-replicas (2)"),
+        (["--api-key", "long-enough", "--api-key-env", "KEY"], "not both"),
+        (["--api-key-env", "MOE_TEST_UNSET_KEY"], "set MOE_TEST_UNSET_KEY to the API key"),
     ],
 )
-def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
-    assert_one_line_error(run_cli("serve", *args, env=cli_env), fragment)
+def test_a_bad_serve_setting_is_one_clear_line(args: list[str], fragment: str, make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli_here("serve", str(make_ckpt()), *args, env=cli_env), fragment)
 
 
 def test_a_kv_budget_below_one_sequence_is_one_clear_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
     # 256 tokens of context in 16 blocks of 8 KiB; 0.0001 GiB holds 13 of them.
-    proc = run_cli("serve", str(make_ckpt()), "--kv-cache-memory", "0.0001", env=cli_env)
+    proc = run_cli_here("serve", str(make_ckpt()), "--kv-cache-memory", "0.0001", env=cli_env)
     assert_one_line_error(proc, "holds 13 blocks", "needs 16 blocks", "--kv-cache-memory 0.0002", "--max-model-len to 208")
 
 
 def test_serving_other_machines_needs_an_api_key(cli_env) -> None:  # type: ignore[no-untyped-def]
-    assert_one_line_error(run_cli("serve", "--host", "0.0.0.0", env=cli_env), "--api-key")
+    assert_one_line_error(run_cli_here("serve", "--host", "0.0.0.0", env=cli_env), "--api-key")
 
 
 def test_grpc_needs_an_api_key_since_it_listens_on_every_interface(cli_env) -> None:  # type: ignore[no-untyped-def]
-    assert_one_line_error(run_cli("serve", "--grpc-port", "9000", env=cli_env), "--api-key")
-    assert_one_line_error(run_cli("serve", "--api-key", "short", env=cli_env), "--api-key")  # at least 8 characters
+    assert_one_line_error(run_cli_here("serve", "--grpc-port", "9000", env=cli_env), "--api-key")
+    assert_one_line_error(run_cli_here("serve", "--api-key", "short", env=cli_env), "--api-key")  # at least 8 characters

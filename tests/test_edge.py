@@ -201,6 +201,10 @@ def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
     assert json.loads(conn.getresponse().read()) == {"model": MODEL} | asyncio.run(engine.stats())
     conn.request("GET", "/health")
     assert conn.getresponse().status == 200
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type", "").startswith("text/plain; version=0.0.4")
+    assert response.read() == asyncio.run(engine.metrics())
     conn.close()
 
 

@@ -16,6 +16,7 @@ import grpc
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from cluster.engine.build import local_engine
@@ -347,6 +348,19 @@ def test_prometheus_exposes_moe_series(server: Server, metrics_port: int) -> Non
     assert not missing
     expert_lines = [line for line in text.splitlines() if line.startswith("ray_moe_expert_tokens_total{")]
     assert any(f'model="{server.checkpoint.name}"' in line and 'layer="0"' in line for line in expert_lines)
+
+    # The same series on the serving port, without Ray's prefix, labelled by replica; no key needed.
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    conn.request("GET", "/metrics")
+    response = conn.getresponse()
+    served = response.read().decode()
+    conn.close()
+    assert response.status == 200 and response.getheader("content-type", "").startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(served)}
+    generated = [s for s in families["moe_generation_tokens"].samples if s.name == "moe_generation_tokens_total"]
+    assert len(generated) == 1 and generated[0].value >= 3 and generated[0].labels["replica"]
+    replica_series = [name.removeprefix("ray_").removesuffix("_total") for name in wanted if "worker" not in name]
+    assert all(name in families for name in replica_series)  # worker series are the workers' processes', in Ray's export
 
 
 def test_200_requests_against_a_bounded_queue_lose_none_and_memory_comes_back(server: Server) -> None:

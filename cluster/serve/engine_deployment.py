@@ -70,7 +70,7 @@ class EngineServer:
         self.coordinator = self.engine.engine.model
         self.ping_timeout_s = engine.expert_timeout_s
         self.max_num_seqs = engine.max_num_seqs
-        self.registry = serve.get_deployment_actor(REGISTRY_ACTOR)
+        self._registry_handle: Any = serve.get_deployment_actor(REGISTRY_ACTOR)
         self._stopping = threading.Event()
         self._publish_lock = threading.Lock()
         self._publisher = threading.Thread(target=self._publish_loop, name="replica-publisher", daemon=True)
@@ -111,8 +111,19 @@ class EngineServer:
         return fleet_metrics(await self._fleet())
 
     async def _fleet(self) -> list[ReplicaSnapshot]:
-        await asyncio.to_thread(self._publish)  # this replica's own numbers are never stale
-        return await self.registry.all.remote()
+        try:
+            await asyncio.to_thread(self._publish)  # this replica's own numbers are never stale
+        except Exception as e:  # a worker being replaced: the registry's copy is at most a period old
+            log.warning("could not publish this replica's snapshot (%s)", e)
+        return await self._registry().all.remote()
+
+    def _registry(self) -> Any:
+        """The registry actor; Serve recreates it if it fails its health checks, so look it up again then."""
+        from ray import serve
+
+        if self._registry_handle is None:
+            self._registry_handle = serve.get_deployment_actor(REGISTRY_ACTOR)
+        return self._registry_handle
 
     def _snapshot(self, *, serving: bool) -> ReplicaSnapshot:
         import ray
@@ -140,7 +151,11 @@ class EngineServer:
         import ray
 
         with self._publish_lock:
-            ray.get(self.registry.publish.remote(self._snapshot(serving=serving)), timeout=self.ping_timeout_s)
+            try:
+                ray.get(self._registry().publish.remote(self._snapshot(serving=serving)), timeout=self.ping_timeout_s)
+            except ray.exceptions.RayActorError:
+                self._registry_handle = None  # recreated by Serve: found again on the next publish
+                raise
 
     def _publish_loop(self) -> None:
         """Publish after every period that had engine steps, and at least every HEARTBEAT_S."""

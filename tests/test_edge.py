@@ -200,7 +200,8 @@ def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
     conn.request("GET", "/v1/engine/stats")
     assert json.loads(conn.getresponse().read()) == {"model": MODEL} | asyncio.run(engine.stats())
     conn.request("GET", "/health")
-    assert conn.getresponse().status == 200
+    health = conn.getresponse()
+    assert health.status == 200 and health.read() == b""
     conn.request("GET", "/metrics")
     response = conn.getresponse()
     assert response.status == 200 and response.getheader("content-type", "").startswith("text/plain; version=0.0.4")

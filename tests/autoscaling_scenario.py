@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,6 +74,15 @@ class FakeGpuCluster(AutoscalingCluster):
             "head_start_ray_commands": [],
             "worker_start_ray_commands": [],
         } | config_kwargs
+
+    def start(self, _system_config: dict | None = None, override_env: dict | None = None) -> None:
+        """As AutoscalingCluster.start, with no dashboard: nothing here reads it, and two cores have no room for it."""
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as config:
+            json.dump(self._config, config)
+        subprocess.check_call(["ray", "stop", "--force"])
+        env = os.environ | {"AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"} | (override_env or {})
+        head = ["ray", "start", "--head", f"--autoscaling-config={config.name}", "--include-dashboard=false"]
+        subprocess.check_call([*head, f"--num-cpus={self._head_resources['CPU']}"], env=env)
 
     def shutdown(self) -> None:
         # SIGKILLed workers linger as zombies until their raylet goes, and `ray stop` waits out its

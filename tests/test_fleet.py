@@ -115,15 +115,18 @@ def test_the_registry_keeps_a_stopped_replicas_snapshot_and_ages_out_a_silent_on
     assert [(s.replica, s.serving) for s in registry.all()] == [("a", False), ("b", False)]
 
 
-def context(metrics: dict[str, dict[ReplicaID, float]], replicas: int) -> AutoscalingContext:
+def context(
+    metrics: dict[str, list[float]], replicas: int, *, target: int | None = None, scaled_up_s_ago: float | None = None
+) -> AutoscalingContext:
     deployment = DeploymentID(name="EngineServer", app_name="moe")
     ids = [ReplicaID(unique_id=f"r{i}", deployment_id=deployment) for i in range(replicas)]
+    now = 1000.0
     return AutoscalingContext(
         deployment_id=deployment,
         deployment_name="EngineServer",
         app_name="moe",
         current_num_replicas=replicas,
-        target_num_replicas=replicas,
+        target_num_replicas=target or replicas,
         running_replicas=ids,
         total_num_requests=0.0,
         total_queued_requests=0.0,
@@ -132,9 +135,9 @@ def context(metrics: dict[str, dict[ReplicaID, float]], replicas: int) -> Autosc
         capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=4,
         policy_state={},
-        last_scale_up_time=None,
+        last_scale_up_time=None if scaled_up_s_ago is None else now - scaled_up_s_ago,
         last_scale_down_time=None,
-        current_time=None,
+        current_time=now,
         config=AutoscalingConfig(min_replicas=1, max_replicas=4),
     )
 
@@ -155,6 +158,14 @@ def context(metrics: dict[str, dict[ReplicaID, float]], replicas: int) -> Autosc
 def test_the_policy_asks_for_the_replicas_the_engine_load_needs(metrics: dict, replicas: int, desired: float) -> None:
     wanted, _ = EngineLoadPolicy(target_load=0.75)(context(metrics, replicas))
     assert wanted == pytest.approx(desired)
+
+
+def test_a_dip_in_load_never_cancels_a_replica_that_is_still_starting() -> None:
+    low = {"running": [1], "waiting": [0], "max_num_seqs": [4], "kv_cache_usage": [0.1]}
+    policy = EngineLoadPolicy(target_load=0.75, startup_s=300)
+    assert policy(context(low, 1, target=2, scaled_up_s_ago=20))[0] == 2  # the second replica is starting
+    assert policy(context(low, 1, target=2, scaled_up_s_ago=400))[0] == pytest.approx(0.25 / 0.75)  # stuck: let go
+    assert policy(context(low, 2, target=2, scaled_up_s_ago=20))[0] == pytest.approx(0.25 / 0.75)  # up: load decides
 
 
 def test_replica_settings_are_checked_and_the_key_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,7 +174,8 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
         "finish_reason": result.finish_reason,
         "expert_load": expert_load,
         "workers": [
-            {"expert": w.expert, "node_id": w.node_id, "gpu_ids": w.gpu_ids, "device": w.device} for w in cluster.worker_info
+            {"expert": w.expert, "node_id": w.node_id, "gpu_ids": w.gpu_ids, "device": w.device, "compute_dtype": w.compute_dtype}
+            for w in cluster.worker_info
         ],
     }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 
 import torch
 
@@ -42,3 +44,41 @@ def set_coordinator_threads(requested: int | None) -> int:
     threads = requested or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     return threads
+
+
+# A half-precision matmul below this fraction of float32's rate is a slow path: on CPUs without
+# native bf16 (AVX512_BF16, AMX) torch emulates it, and an expert call there ran 4x slower than
+# transformers' bf16 forward on the same machine.
+SLOW_HALF_FRACTION = 0.5
+
+
+def matmul_rate(dtype: torch.dtype, device: str, *, tokens: int = 16, size: int = 256, repeats: int = 5) -> float:
+    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size]) on this process's threads.
+    Small on purpose: on a slow path one call of it still takes milliseconds, not seconds."""
+    a = torch.randn(tokens, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * tokens * size * size / max(sorted(times)[repeats // 2], 1e-9)
+
+
+def choose_compute_dtype(dtype: torch.dtype, rates: dict[torch.dtype, float]) -> torch.dtype:
+    """`dtype`, unless it is a half precision whose matmul runs below SLOW_HALF_FRACTION of float32's."""
+    if dtype == torch.float32 or dtype not in rates:
+        return dtype
+    return torch.float32 if rates[dtype] < SLOW_HALF_FRACTION * rates[torch.float32] else dtype
+
+
+@functools.cache
+def expert_compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype an expert's GEMMs run in here: the weights' own, or float32 where this CPU has no fast
+    half-precision matmul (measured once per process). GPUs always compute in the weights' dtype."""
+    if device != "cpu" or dtype == torch.float32:
+        return dtype
+    return choose_compute_dtype(dtype, {d: matmul_rate(d, device) for d in (dtype, torch.float32)})

@@ -18,7 +18,7 @@ from mixtral.config import resolve_dtype
 from mixtral.layers import expert_ffn
 from router.wire import FrameLimits
 from workers.channel_server import ChannelAddress, ChannelServer
-from workers.device import HUGE_PAGES_ENV, assigned_device, set_threads
+from workers.device import HUGE_PAGES_ENV, assigned_device, expert_compute_dtype, set_threads
 from workers.telemetry import Telemetry
 
 
@@ -40,6 +40,7 @@ class WorkerInfo:
     pid: int
     threads: int
     huge_pages: bool  # started with HUGE_PAGES_ENV: torch asks for huge pages for its large allocations
+    compute_dtype: str  # what its GEMMs run in (workers.device.expert_compute_dtype)
 
 
 class ExpertWorker:
@@ -50,11 +51,15 @@ class ExpertWorker:
         self.threads = set_threads(cpu_share)
         self.device = assigned_device()
         args = checkpoint.args
-        self.dtype = resolve_dtype(args, dtype)
+        self.dtype = resolve_dtype(args, dtype)  # of the activations on the wire, as the coordinator's
+        # Held in the dtype the GEMMs are fast in here: a bf16 checkpoint on a CPU without bf16 matmul
+        # is upcast once, at load (exactly: every bf16 value is a float32 value).
+        self.compute_dtype = expert_compute_dtype(self.dtype, self.device)
         self.reader = checkpoint.reader()
         weights = dict(
             self.reader.read(names.expert_weights(args.num_hidden_layers, expert), dtype=self.dtype, device=self.device)
         )
+        weights = {name: w.to(self.compute_dtype) for name, w in weights.items()}
         # weights[layer] = (w1 [I, D], w2 [D, I], w3 [I, D])
         self.layers = [
             tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3"))
@@ -70,7 +75,7 @@ class ExpertWorker:
         """Expert FFN of `layer` on this expert's tokens: x [T_e, D] -> w2(silu(w1 x) * w3 x) [T_e, D]."""
         start = time.perf_counter()
         w1, w2, w3 = self.layers[layer]
-        y = expert_ffn(x.to(self.device), w1, w2, w3).cpu()
+        y = expert_ffn(x.to(self.device, self.compute_dtype), w1, w2, w3).to("cpu", self.dtype)
         self._account(time.perf_counter() - start, x.nbytes, y.nbytes)
         return y
 
@@ -107,6 +112,7 @@ class ExpertWorker:
             pid=os.getpid(),
             threads=self.threads,
             huge_pages=all(os.environ.get(k) == v for k, v in HUGE_PAGES_ENV.items()),
+            compute_dtype=str(self.compute_dtype).removeprefix("torch."),
         )
 
     def read_log(self) -> ReadLog:

@@ -119,6 +119,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "repeats": spec.repeats,
         "results": rows,
         "expert_load": load,
+        "expert_compute_dtype": compute_dtype(cluster.worker_info),
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -133,12 +134,17 @@ def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
     """The mixed workload (cluster.bench.mixed) on a cluster of its own."""
     cluster = bring_up(spec.checkpoint, placement=PlacementOptions(), engine=engine_options(spec))
     try:
-        return mixed_on(cluster.coordinator, spec, machine)
+        return mixed_on(cluster.coordinator, spec, machine, expert_compute_dtype=compute_dtype(cluster.worker_info))
     finally:
         cluster.shutdown()
 
 
-def mixed_on(coordinator: Any, spec: BenchSpec, machine: Machine) -> dict[str, Any]:
+def compute_dtype(workers: list[Any]) -> str:
+    """What the expert workers' GEMMs ran in (workers.device.expert_compute_dtype): one dtype, or each worker's."""
+    return "/".join(sorted({w.compute_dtype for w in workers}))
+
+
+def mixed_on(coordinator: Any, spec: BenchSpec, machine: Machine, *, expert_compute_dtype: str | None = None) -> dict[str, Any]:
     """All the mixed requests at once into this coordinator actor, against static batches of them;
     writes bench.json and bench.png into spec.out and returns the report."""
     import ray
@@ -172,6 +178,7 @@ def mixed_on(coordinator: Any, spec: BenchSpec, machine: Machine) -> dict[str, A
         "hf_batch_size": hf_batch_size if spec.baseline else None,
         "repeats": spec.repeats,
         "results": [row],
+        "expert_compute_dtype": expert_compute_dtype or spec.dtype,
     }
     title = f"{spec.checkpoint.name}, {spec.dtype}: {len(requests)} requests of mixed lengths"
     write_mixed(report, spec.out, title)
@@ -192,6 +199,11 @@ def summary(report: dict[str, Any]) -> str:
     m = report["machine"]
     rates = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["matmul_gflops"].items())
     head = f"machine: {m['cores']} cores ({m['cpu']}), memory read {m['bandwidth_gbs']:.1f} GB/s, matmul {rates}\n"
+    if report.get("expert_compute_dtype", report["dtype"]) != report["dtype"]:
+        head += (
+            f"experts compute in {report['expert_compute_dtype']}: this CPU's {report['dtype']} matmul is slow "
+            f"(weights upcast once, at load)\n"
+        )
     if report["workload"] == "mixed":
         (low_p, high_p), (low_o, high_o) = report["prompt_len"], report["output_len"]
         return (

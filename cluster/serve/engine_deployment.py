@@ -69,6 +69,9 @@ class EngineServer:
         )
         self.coordinator = self.engine.engine.model
         self.ping_timeout_s = engine.expert_timeout_s
+        infos = ray.get([w.info.remote() for w in self.workers])
+        self.expert_compute_dtype = "/".join(sorted({i.compute_dtype for i in infos}))
+        log.info("experts compute in %s (checkpoint dtype %s)", self.expert_compute_dtype, self.coordinator.dtype)
         self.max_num_seqs = engine.max_num_seqs
         self._registry_handle: Any = serve.get_deployment_actor(REGISTRY_ACTOR)
         self._stopping = threading.Event()
@@ -84,9 +87,14 @@ class EngineServer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(max_model_len=self.coordinator.max_model_len, vocab_size=self.coordinator.vocab_size)
 
-    def own_stats(self) -> dict[str, float]:
-        """This replica's engine state (scheduler.Engine.stats), its KV pool's bytes, and its resident memory."""
-        return self.engine.stats() | {"kv_cache_bytes": self.coordinator.cache.nbytes, "resident_bytes": resident_bytes()}
+    def own_stats(self) -> dict[str, Any]:
+        """This replica's engine state (scheduler.Engine.stats), its KV pool's bytes, its resident memory,
+        and the dtype its experts compute in."""
+        return self.engine.stats() | {
+            "kv_cache_bytes": self.coordinator.cache.nbytes,
+            "resident_bytes": resident_bytes(),
+            "expert_compute_dtype": self.expert_compute_dtype,
+        }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What cluster.serve.autoscaling.EngineLoadPolicy reads; Serve calls it on the replica's metrics period."""

@@ -45,6 +45,7 @@ def fleet_stats(snapshots: list[ReplicaSnapshot]) -> dict[str, Any]:
     queried = out["prefix_cache_queried_tokens"]
     out["prefix_cache_hit_rate"] = out["prefix_cache_hit_tokens"] / queried if queried else 0.0
     out["num_replicas"] = len(serving)
+    out["expert_compute_dtype"] = "/".join(sorted({str(s.stats.get("expert_compute_dtype")) for s in serving}))
     out["replicas"] = [{"replica": s.replica, "serving": s.serving} | s.stats for s in snapshots]
     return out
 

@@ -12,7 +12,7 @@ from cluster.bench.machine import median_seconds
 from cluster.planning.profile import TOKEN_COUNTS
 from mixtral.config import MixtralArgs
 from mixtral.layers import expert_ffn
-from workers.device import set_coordinator_threads
+from workers.device import expert_compute_dtype, set_coordinator_threads
 
 EXPERT_LAYERS_CYCLED = 4
 
@@ -35,8 +35,10 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
     q_out, kv_out = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     # A worker runs a different layer's weights on every call, so they come from memory, not
     # cache: cycle through a few layers' worth (one set, warm in cache, ran 40% faster at T=1).
+    torch.set_num_threads(1)
+    expert_dt = expert_compute_dtype(dt, "cpu")  # what a worker's GEMMs run in here, on its one thread
     layers = [
-        (torch.randn(i, d, dtype=dt), torch.randn(d, i, dtype=dt), torch.randn(i, d, dtype=dt))
+        (torch.randn(i, d, dtype=expert_dt), torch.randn(d, i, dtype=expert_dt), torch.randn(i, d, dtype=expert_dt))
         for _ in range(EXPERT_LAYERS_CYCLED)
     ]
     next_layer = itertools.cycle(layers)
@@ -54,7 +56,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
             x = torch.randn(t, d, dtype=dt)
             repeats = 5 if t <= 256 else 2
             torch.set_num_threads(1)
-            parts["expert_ms"].append(_ms(lambda x=x: expert_ffn(x, *next(next_layer)), repeats))
+            parts["expert_ms"].append(_ms(lambda x=x: expert_ffn(x.to(expert_dt), *next(next_layer)).to(dt), repeats))
             set_coordinator_threads(None)
             parts["coordinator_layer_ms"].append(_ms(_attention_step(args, attn, gate, x, context, dt), repeats))
             if t <= 256:

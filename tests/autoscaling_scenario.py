@@ -37,7 +37,7 @@ from ray.cluster_utils import AutoscalingCluster
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider's name for the head
 MAX_NUM_SEQS = 4
 PROMPT = [5 + i for i in range(10)]
-SHORT, LONG = 32, 600
+SHORT, LONG = 32, 800  # a long request outlasts the scale-down by seconds, even on a faster CPU
 API_KEY = "autoscaling-test-key"
 START = time.monotonic()
 

@@ -27,11 +27,17 @@ torch.set_num_threads(1)  # the test process shares 2 cores with Ray's actors
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "own_ray_cluster: starts a Ray cluster of its own; runs first, before the session's Ray")
+    config.addinivalue_line("markers", "quiet_machine: starts Ray as a user does on a machine with no other Ray; runs early")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests with a Ray cluster of their own go first: AutoscalingCluster stops every Ray process of the user."""
-    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is None)
+    """Tests with a Ray cluster of their own go first (AutoscalingCluster stops every Ray process of the
+    user), then those that start Ray from nothing as a user does, before the session's Ray is up."""
+
+    def order(item: pytest.Item) -> int:
+        return 0 if item.get_closest_marker("own_ray_cluster") else 1 if item.get_closest_marker("quiet_machine") else 2
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,14 @@ def test_the_serve_config_passes_serves_schema_and_its_args_pass_serve_args() ->
 
 
 EMITTED = Path(__file__).resolve().parents[1] / "deploy" / "mixtral-8x7b-l4"
-MIXTRAL_L4 = ["--gpu", "L4", "--requests-per-s", "4"]  # the load deploy/mixtral-8x7b-l4 was planned for
+MIXTRAL_L4 = [
+    "--gpu",
+    "L4",
+    "--requests-per-s",
+    "4",
+    "--interconnect",
+    "ethernet-25g",
+]  # deploy/mixtral-8x7b-l4: its replicas span nodes
 
 
 def emit(tmp_path: Path, *options: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -88,8 +88,10 @@ def solo_greedy(checkpoint: Path, prompts: list[list[int]], max_tokens: list[int
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
+@pytest.mark.quiet_machine
 def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
-    # First in this file: it runs before the module's own Serve app exists, as `./dev serve` runs on a quiet machine.
+    # Early in the session (conftest.py): before the session's Ray and this module's Serve app exist, as
+    # `./dev serve` runs on a quiet machine.
     import os
     import signal
     import subprocess

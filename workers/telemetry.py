@@ -10,6 +10,7 @@ registry, and /metrics on the HTTP port renders every replica's with a replica l
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import prometheus_client
@@ -102,9 +103,17 @@ def _create() -> dict[str, Any]:
 # the coordinator's engine and its routing metrics each hold a Telemetry and add to the same series.
 _LOCAL_REGISTRY = prometheus_client.CollectorRegistry(auto_describe=False)
 _LOCAL: dict[str, Any] = {}
+_LOCAL_LOCK = threading.Lock()
 
 
 def _local(name: str) -> Any:
+    if name in _LOCAL:
+        return _LOCAL[name]
+    with _LOCAL_LOCK:  # the engine loop and a request's thread may both meet a series first
+        return _create_local(name)
+
+
+def _create_local(name: str) -> Any:
     if name not in _LOCAL:
         kind, description, tags = SPECS[name]
         labels = ("model", *tags)

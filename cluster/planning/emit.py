@@ -5,7 +5,7 @@
 - rayservice.yaml: a KubeRay RayService with the same Serve config, GPU requests and limits (`kubectl apply`).
 
 The runtime runs one expert per GPU worker and the coordinator on a GPU of its own (1 + E GPUs a
-replica), so the files ask for that; where the plan packs experts tighter, they say so.
+replica), so the files ask for that; where the plan packs experts tighter, their headers say so.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ API_KEY_SECRET = "moe-api-key"  # the Kubernetes Secret holding it (key: api-key
 HTTP_PORT = 8000
 MODELS_DIR = "/home/ray/models"  # on every node: the launcher downloads here, KubeRay mounts a volume here
 REPOSITORY_ON_NODES = "/home/ray/moe-cluster"
+HF_TOKEN_ON_NODES = "/home/ray/hf_token"
 HF_REPOS = {"mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1"}
 
 
@@ -139,8 +140,13 @@ def serve_config(spec: DeploySpec) -> dict[str, Any]:
 
 def cluster_config(spec: DeploySpec) -> dict[str, Any]:
     instance, ray_version = spec.instance, version("ray")
+    # Every node, the head too: the app is built there (Serve reads the checkpoint's config), and a
+    # worker reads only its expert's shards. The Hugging Face token comes from ./hf_token (gated repository).
     download = (
-        [f"test -d {spec.checkpoint_path} || hf download {HF_REPOS[spec.model]} --local-dir {spec.checkpoint_path}"]
+        [
+            f"test -d {spec.checkpoint_path} || hf download {HF_REPOS[spec.model]} --local-dir {spec.checkpoint_path} "
+            f"--token $(cat {HF_TOKEN_ON_NODES})"
+        ]
         if spec.model in HF_REPOS
         else []
     )
@@ -173,9 +179,11 @@ def cluster_config(spec: DeploySpec) -> dict[str, Any]:
         },
         "head_node_type": "head",
         # The repository, from where `ray up` runs (its root), on every node; and the API key file.
-        "file_mounts": {REPOSITORY_ON_NODES: ".", "/home/ray/moe_api_key": "./moe_api_key"},
-        "setup_commands": [f"pip install -e {REPOSITORY_ON_NODES}"],
-        "worker_setup_commands": download,
+        "file_mounts": {REPOSITORY_ON_NODES: ".", "/home/ray/moe_api_key": "./moe_api_key"}
+        | ({HF_TOKEN_ON_NODES: "./hf_token"} if download else {}),
+        "rsync_exclude": [".venv", ".git", "**/__pycache__", ".mypy_cache", ".ruff_cache", "moe_api_key", "hf_token"],
+        "rsync_filter": [".gitignore"],
+        "setup_commands": [f"pip install -e {REPOSITORY_ON_NODES}", *download],
         "head_start_ray_commands": [
             "ray stop",
             f"{API_KEY_ENV}=$(cat /home/ray/moe_api_key) ray start --head --port=6379 --dashboard-host=0.0.0.0 "
@@ -244,11 +252,17 @@ def rayservice(spec: DeploySpec) -> dict[str, Any]:
 
 def header(spec: DeploySpec, how: str) -> str:
     plan = spec.plan
+    packed = (
+        f"# The plan packs the experts on {plan.gpus_per_replica} GPUs a replica; the runtime runs one expert per GPU, "
+        f"so these files ask for {spec.gpus_per_replica}.\n"
+        if plan.gpus_per_replica != spec.gpus_per_replica
+        else ""
+    )
     return (
         f"# moe-cluster plan --emit: {spec.model} on {plan.gpu}, {spec.gpus_per_replica} GPUs a replica "
         f"(1 coordinator + {spec.experts} experts), {spec.min_replicas}-{spec.max_replicas} replicas,\n"
         f"# batch {plan.batch} ({plan.kv_blocks} KV blocks, {plan.kv_cache_memory:.2f} GiB) per replica; "
-        f"planned TPOT {plan.tpot_ms:.0f} ms, TTFT {plan.ttft_ms:.0f} ms.\n# {how}\n"
+        f"planned TPOT {plan.tpot_ms:.0f} ms, TTFT {plan.ttft_ms:.0f} ms (for the plan's --interconnect).\n{packed}# {how}\n"
     )
 
 
@@ -258,11 +272,13 @@ def launch_steps(out: Path) -> str:
         here = out.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
         return (
-            "From the repository's root, with the API key in ./moe_api_key: ray up cluster.yaml, "
+            "From the repository's root, with the API key in ./moe_api_key (and a Hugging Face token in ./hf_token "
+            "for a gated model): ray up cluster.yaml, "
             "then serve deploy serve_config.yaml on the head"
         )
     return (
-        f"From the repository's root, with the API key in ./moe_api_key: ray up {here}/cluster.yaml, then "
+        f"From the repository's root, with the API key in ./moe_api_key (and a Hugging Face token in ./hf_token "
+        f"for a gated model): ray up {here}/cluster.yaml, then "
         f"ray exec {here}/cluster.yaml 'serve deploy {REPOSITORY_ON_NODES}/{here}/serve_config.yaml'"
     )
 
@@ -278,8 +294,8 @@ def write_files(spec: DeploySpec, out: Path) -> list[Path]:
         "cluster.yaml": (cluster_config(spec), launch_steps(out)),
         "rayservice.yaml": (
             rayservice(spec),
-            f"kubectl create secret generic {API_KEY_SECRET} --from-literal=api-key=KEY; a PVC moe-models holding "
-            f"the checkpoint; kubectl apply -f rayservice.yaml",
+            f"kubectl create secret generic {API_KEY_SECRET} --from-literal=api-key=KEY; a ReadOnlyMany PVC moe-models "
+            f"holding the checkpoint; {spec.image} pushed where the cluster pulls from; kubectl apply -f rayservice.yaml",
         ),
     }
     written = []

@@ -20,7 +20,7 @@ from cluster.placement_options import PlacementOptions
 from cluster.serve.args import ServeArgs
 from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
-from cluster.serve.ingress import OpenAIIngress
+from cluster.serve.ingress import ON_HEAD, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
 from mixtral.checkpoint import Checkpoint
 from mixtral.synthetic import resolve_checkpoint
@@ -73,7 +73,9 @@ def build_app(args: ServeArgs) -> Application:
         graceful_shutdown_timeout_s=args.drain_timeout_s,
         graceful_shutdown_wait_loop_s=0.5,
         deployment_actors=[
-            DeploymentActorConfig(name=REGISTRY_ACTOR, actor_class=ray.remote(ReplicaRegistry), actor_options={"num_cpus": 0})
+            DeploymentActorConfig(
+                name=REGISTRY_ACTOR, actor_class=ray.remote(ReplicaRegistry), actor_options={"num_cpus": 0, "resources": ON_HEAD}
+            )
         ],
         **replicas(args),
     )
@@ -98,7 +100,10 @@ def replicas(args: ServeArgs) -> dict[str, object]:
             downscale_delay_s=args.downscale_delay_s,
             metrics_interval_s=float(AUTOSCALING_METRICS_PUSH_S),
             look_back_period_s=max(2 * float(AUTOSCALING_METRICS_PUSH_S), 5.0),
-            policy=AutoscalingPolicy(policy_function=EngineLoadPolicy, policy_kwargs={"target_load": args.target_load}),
+            policy=AutoscalingPolicy(
+                policy_function=EngineLoadPolicy,
+                policy_kwargs={"target_load": args.target_load, "startup_s": args.replica_startup_s},
+            ),
         )
     }
 

@@ -52,6 +52,12 @@ class ServeArgs(BaseModel):
     downscale_delay_s: float = Field(
         120.0, ge=0, description="Autoscaling: seconds of load below target before removing a replica."
     )
+    replica_startup_s: float = Field(
+        600.0,
+        gt=0,
+        description="Autoscaling: while a new replica starts (its node, its experts' weights), for at most this long, "
+        "a dip in load does not cancel it.",
+    )
     drain_timeout_s: float = Field(
         600.0, gt=0, description="A replica being removed takes no new requests and waits this long for its running ones."
     )

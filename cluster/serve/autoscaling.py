@@ -9,7 +9,8 @@ these numbers in EngineServer.record_autoscaling_stats.
 
 A replica takes a while to come up (a GPU node to start, its experts to load), and meanwhile its
 load is still on the others, dipping as requests finish and arrive. So while a scale-up is still
-starting (fewer running replicas than the target, for at most startup_s), the policy never asks for
+starting (fewer running replicas than the target, for at most startup_s: ServeArgs.replica_startup_s),
+the policy never asks for
 fewer than the target: a dip would otherwise cancel the new replica, and its node, halfway.
 """
 
@@ -29,7 +30,7 @@ def replica_load(running: float, waiting: float, max_num_seqs: float, kv_cache_u
 class EngineLoadPolicy:
     """Serve's policy_function (a class: Serve makes one per deployment with policy_kwargs)."""
 
-    def __init__(self, target_load: float = 0.75, startup_s: float = 300.0) -> None:
+    def __init__(self, target_load: float = 0.75, startup_s: float = 600.0) -> None:
         if not 0 < target_load <= 1:
             raise ValueError(f"target_load must be in (0, 1]; got {target_load}")
         self.target_load, self.startup_s = target_load, startup_s

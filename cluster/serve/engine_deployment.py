@@ -37,6 +37,7 @@ from workers.telemetry import Telemetry, local_families
 log = logging.getLogger("ray.serve")  # into the replica's Serve log
 
 PUBLISH_PERIOD_S = 2.0  # while it works, a replica's snapshot in the registry is at most this old
+FRESH_S = 1.0  # a view publishes this replica's snapshot first unless it published this recently
 
 
 def resident_bytes() -> int:
@@ -74,6 +75,7 @@ class EngineServer:
         log.info("experts compute in %s (checkpoint dtype %s)", self.expert_compute_dtype, self.coordinator.dtype)
         self.max_num_seqs = engine.max_num_seqs
         self._registry_handle: Any = serve.get_deployment_actor(REGISTRY_ACTOR)
+        self._published_at = 0.0  # time.monotonic() of the last publish
         self._stopping = threading.Event()
         self._publish_lock = threading.Lock()
         self._publisher = threading.Thread(target=self._publish_loop, name="replica-publisher", daemon=True)
@@ -119,11 +121,21 @@ class EngineServer:
         return fleet_metrics(await self._fleet())
 
     async def _fleet(self) -> list[ReplicaSnapshot]:
+        """Every replica's latest snapshot; this replica's is fresh (within FRESH_S) or, where the
+        registry cannot be reached, this replica's own numbers alone."""
+        if time.monotonic() - self._published_at > FRESH_S:
+            try:
+                await asyncio.to_thread(self._publish)
+            except Exception as e:  # a worker being replaced: the registry's copy is at most a period old
+                log.warning("could not publish this replica's snapshot (%s)", e)
         try:
-            await asyncio.to_thread(self._publish)  # this replica's own numbers are never stale
-        except Exception as e:  # a worker being replaced: the registry's copy is at most a period old
-            log.warning("could not publish this replica's snapshot (%s)", e)
-        return await self._registry().all.remote()
+            snapshots: list[ReplicaSnapshot] = await self._registry().all.remote()
+        except Exception as e:  # the registry being recreated by Serve
+            log.warning("could not read the replica registry (%s); answering for this replica alone", e)
+            snapshots = []
+        if not any(s.replica == self.replica for s in snapshots):
+            snapshots.append(self._own_snapshot(workers=[], serving=True))
+        return snapshots
 
     def _registry(self) -> Any:
         """The registry actor; Serve recreates it if it fails its health checks, so look it up again then."""
@@ -137,20 +149,24 @@ class EngineServer:
         import ray
 
         workers = ray.get([w.worker_stats.remote() for w in self.workers], timeout=self.ping_timeout_s)
+        rows = [
+            {
+                "expert": w.expert,
+                "calls": w.calls,
+                "forward_ms": 1e3 * w.forward_seconds,
+                "bytes_in": w.bytes_in,
+                "bytes_out": w.bytes_out,
+            }
+            for w in workers
+        ]
+        return self._own_snapshot(workers=rows, serving=serving)
+
+    def _own_snapshot(self, *, workers: list[dict[str, Any]], serving: bool) -> ReplicaSnapshot:
         return ReplicaSnapshot(
             replica=self.replica,
             serving=serving,
             load=self.coordinator.load.counters(),
-            workers=[
-                {
-                    "expert": w.expert,
-                    "calls": w.calls,
-                    "forward_ms": 1e3 * w.forward_seconds,
-                    "bytes_in": w.bytes_in,
-                    "bytes_out": w.bytes_out,
-                }
-                for w in workers
-            ],
+            workers=workers,
             stats=self.own_stats(),
             families=local_families(),
         )
@@ -159,11 +175,14 @@ class EngineServer:
         import ray
 
         with self._publish_lock:
+            if serving and self._stopping.is_set():
+                return  # the last snapshot, which says the replica stopped, is in or on its way
             try:
                 ray.get(self._registry().publish.remote(self._snapshot(serving=serving)), timeout=self.ping_timeout_s)
             except ray.exceptions.RayActorError:
                 self._registry_handle = None  # recreated by Serve: found again on the next publish
                 raise
+            self._published_at = time.monotonic()
 
     def _publish_loop(self) -> None:
         """Publish after every period that had engine steps, and at least every HEARTBEAT_S."""

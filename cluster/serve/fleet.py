@@ -1,8 +1,10 @@
 """One view over every replica of the engine deployment: expert load, engine stats and Prometheus series.
 
 Built from the replicas' snapshots (cluster.serve.replica_registry): counters summed over every
-replica that ever served (a stopped one's tokens were still served), gauges over the replicas
-serving now, and a per-replica breakdown beside them.
+replica the registry has heard from (a stopped one's tokens were still served), gauges over the
+replicas serving now, and a per-replica breakdown beside them. The registry lives as long as the
+deployment's version: a redeploy with new code, or Serve recreating a failed registry, starts the
+sums again from the replicas then running.
 """
 
 from __future__ import annotations

@@ -69,7 +69,13 @@ def chat_renderer(checkpoint: str, *, guardrail: bool) -> ChatRenderer | None:
         return None  # chat answers 400 for a checkpoint without tokenizer.model
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+# Ray's own resource of the head node (as Serve's controller asks it): the ingress and the replica
+# registry take no CPU, and an actor without resources on a GPU node would keep the autoscaler from
+# ever finding the node idle once its replicas are gone.
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0, "resources": ON_HEAD}, max_ongoing_requests=1024)
 @serve.ingress()
 class OpenAIIngress:
     def __init__(

@@ -121,8 +121,8 @@ class EngineServer:
         return fleet_metrics(await self._fleet())
 
     async def _fleet(self) -> list[ReplicaSnapshot]:
-        """Every replica's latest snapshot; this replica's is fresh (within FRESH_S) or, where the
-        registry cannot be reached, this replica's own numbers alone."""
+        """Every replica's latest snapshot, with this replica's own numbers as they are now; where the
+        registry cannot be reached, this replica's alone. Publishes first unless it did within FRESH_S."""
         if time.monotonic() - self._published_at > FRESH_S:
             try:
                 await asyncio.to_thread(self._publish)
@@ -133,9 +133,10 @@ class EngineServer:
         except Exception as e:  # the registry being recreated by Serve
             log.warning("could not read the replica registry (%s); answering for this replica alone", e)
             snapshots = []
-        if not any(s.replica == self.replica for s in snapshots):
-            snapshots.append(self._own_snapshot(workers=[], serving=True))
-        return snapshots
+        # This replica's own numbers as they are now; its workers' as last published (calls and bytes).
+        mine = [s for s in snapshots if s.replica == self.replica]
+        own = self._own_snapshot(workers=mine[0].workers if mine else [], serving=not self._stopping.is_set())
+        return sorted([s for s in snapshots if s.replica != self.replica] + [own], key=lambda s: s.replica)
 
     def _registry(self) -> Any:
         """The registry actor; Serve recreates it if it fails its health checks, so look it up again then."""

@@ -121,21 +121,24 @@ class EngineServer:
         return fleet_metrics(await self._fleet())
 
     async def _fleet(self) -> list[ReplicaSnapshot]:
-        """Every replica's latest snapshot, with this replica's own numbers as they are now; where the
-        registry cannot be reached, this replica's alone. Publishes first unless it did within FRESH_S."""
-        if time.monotonic() - self._published_at > FRESH_S:
-            try:
-                await asyncio.to_thread(self._publish)
-            except Exception as e:  # a worker being replaced: the registry's copy is at most a period old
-                log.warning("could not publish this replica's snapshot (%s)", e)
+        """Every replica's latest snapshot, with this replica's taken now (published too, unless it
+        published within FRESH_S); where the registry cannot be reached, this replica's alone."""
+        serving = not self._stopping.is_set()
+        own: ReplicaSnapshot | None = None
+        try:
+            own = await asyncio.to_thread(self._snapshot, serving=serving)
+            if time.monotonic() - self._published_at > FRESH_S:
+                await asyncio.to_thread(self._publish, snapshot=own)
+        except Exception as e:  # a worker being replaced, or the registry being recreated
+            log.warning("could not take or publish this replica's snapshot (%s)", e)
         try:
             snapshots: list[ReplicaSnapshot] = await self._registry().all.remote()
         except Exception as e:  # the registry being recreated by Serve
             log.warning("could not read the replica registry (%s); answering for this replica alone", e)
             snapshots = []
-        # This replica's own numbers as they are now; its workers' as last published (calls and bytes).
-        mine = [s for s in snapshots if s.replica == self.replica]
-        own = self._own_snapshot(workers=mine[0].workers if mine else [], serving=not self._stopping.is_set())
+        if own is None:  # its workers' rows as last published
+            mine = [s for s in snapshots if s.replica == self.replica]
+            own = self._own_snapshot(workers=mine[0].workers if mine else [], serving=serving)
         return sorted([s for s in snapshots if s.replica != self.replica] + [own], key=lambda s: s.replica)
 
     def _registry(self) -> Any:
@@ -172,14 +175,15 @@ class EngineServer:
             families=local_families(),
         )
 
-    def _publish(self, *, serving: bool = True) -> None:
+    def _publish(self, *, serving: bool = True, snapshot: ReplicaSnapshot | None = None) -> None:
         import ray
 
         with self._publish_lock:
-            if serving and self._stopping.is_set():
+            if (snapshot.serving if snapshot else serving) and self._stopping.is_set():
                 return  # the last snapshot, which says the replica stopped, is in or on its way
+            snapshot = snapshot or self._snapshot(serving=serving)
             try:
-                ray.get(self._registry().publish.remote(self._snapshot(serving=serving)), timeout=self.ping_timeout_s)
+                ray.get(self._registry().publish.remote(snapshot), timeout=self.ping_timeout_s)
             except ray.exceptions.RayActorError:
                 self._registry_handle = None  # recreated by Serve: found again on the next publish
                 raise

@@ -181,8 +181,8 @@ def cluster_config(spec: DeploySpec) -> dict[str, Any]:
         # The repository, from where `ray up` runs (its root), on every node; and the API key file.
         "file_mounts": {REPOSITORY_ON_NODES: ".", "/home/ray/moe_api_key": "./moe_api_key"}
         | ({HF_TOKEN_ON_NODES: "./hf_token"} if download else {}),
-        "rsync_exclude": [".venv", ".git", "**/__pycache__", ".mypy_cache", ".ruff_cache", "moe_api_key", "hf_token"],
-        "rsync_filter": [".gitignore"],
+        # Not the key and token: their own file mounts above copy them, and an exclude would skip those.
+        "rsync_exclude": [".venv", ".git", "**/__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"],
         "setup_commands": [f"pip install -e {REPOSITORY_ON_NODES}", *download],
         "head_start_ray_commands": [
             "ray stop",

@@ -180,9 +180,8 @@ def main(emitted: Path, port: int) -> None:
 
         burst = burst_until_two_replicas(client)
         assert gpu_nodes() == 2, f"{gpu_nodes()} GPU nodes with two replicas"
-        scraped = client.get("/metrics").decode()
-        labelled = {line.split('replica="')[1].split('"')[0] for line in scraped.splitlines() if line.startswith("moe_")}
-        assert len(labelled) == 2, f"/metrics shows moe_ series of {len(labelled)} replicas"
+        # Another replica's series are as fresh as its last publish (every 2 s while it works).
+        wait_for("/metrics to show both replicas' moe_ series", lambda: len(replicas_in_metrics(client)) == 2, 15)
         log(f"{len(burst)} requests, two replicas on 2 GPU nodes")
 
         long_runs = drain_one_replica(client)
@@ -203,6 +202,11 @@ def main(emitted: Path, port: int) -> None:
         log("stopping the cluster")
         cluster.shutdown()
         log("cluster stopped")
+
+
+def replicas_in_metrics(client: Client) -> set[str]:
+    scraped = client.get("/metrics").decode()
+    return {line.split('replica="')[1].split('"')[0] for line in scraped.splitlines() if line.startswith("moe_")}
 
 
 def ready(client: Client) -> bool:

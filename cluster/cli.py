@@ -17,7 +17,7 @@ import typer
 from cluster.errors import USER_ERRORS, UserError
 from cluster.placement_options import Strategy
 from cluster.serve.args import ServeArgs
-from mixtral.config import DType
+from mixtral.config import DType, ExpertDType
 
 app = typer.Typer(
     help="Expert-parallel Mixtral inference on Ray.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
@@ -83,6 +83,14 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Last stdout line: one JSON object.")] = False,
     dtype: Annotated[Optional[DType], typer.Option(help="Compute dtype; default: the checkpoint's.")] = None,
     strategy: Annotated[Strategy, typer.Option(help="Placement strategy of the placement group.")] = "PACK",
+    experts_per_worker: Annotated[
+        Optional[int], typer.Option(help="Experts each worker holds (one call per worker and layer); default 1.")
+    ] = None,
+    replicate_hot: Annotated[int, typer.Option(help="Extra expert copies over the workers; tokens split between copies.")] = 0,
+    expert_map: Annotated[
+        Optional[str], typer.Option(help="JSON expert map: which worker holds which experts (plan --emit writes one).")
+    ] = None,
+    expert_dtype: Annotated[Optional[ExpertDType], typer.Option(help="int8: weight-only int8 experts.")] = None,
 ) -> None:
     """Bring the cluster up on Ray (local, or RAY_ADDRESS) and generate for one prompt."""
     with user_errors():
@@ -97,6 +105,10 @@ def generate(
             ignore_eos=ignore_eos,
             dtype=dtype,
             strategy=strategy,
+            experts_per_worker=experts_per_worker,
+            replicate_hot=replicate_hot,
+            expert_map=expert_map,
+            expert_dtype=expert_dtype,
         )
         result = run_generation(request)
     if as_json:
@@ -134,6 +146,14 @@ def prepare_generation(checkpoint: str, *, prompt: str | None, prompt_ids: str |
         assert tokenizer is not None and prompt is not None  # --prompt was given, so its tokenizer was loaded
         ids = list(tokenizer(prompt).input_ids)
     check_request(ids, params, max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size)
+    from cluster.placement_options import resolve_expert_map
+
+    expert_map = resolve_expert_map(
+        args.num_local_experts,
+        experts_per_worker=options["experts_per_worker"],
+        replicate_hot=options["replicate_hot"],
+        map_path=options["expert_map"],
+    )
     return dict(
         checkpoint=opened,
         tokenizer=tokenizer,
@@ -141,6 +161,8 @@ def prepare_generation(checkpoint: str, *, prompt: str | None, prompt_ids: str |
         params=params,
         dtype=options["dtype"],
         strategy=options["strategy"],
+        expert_map=expert_map,
+        expert_dtype=options["expert_dtype"],
     )
 
 
@@ -158,8 +180,8 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
     start_ray()
     cluster = bring_up(
         request["checkpoint"],
-        engine=EngineOptions(dtype=request["dtype"]),
-        placement=PlacementOptions(strategy=request["strategy"]),
+        engine=EngineOptions(dtype=request["dtype"], expert_dtype=request["expert_dtype"]),
+        placement=PlacementOptions(strategy=request["strategy"], expert_map=request["expert_map"]),
     )
     try:
         [result] = ray.get(cluster.coordinator.generate.remote([request["prompt_ids"]], [request["params"]]))
@@ -174,7 +196,16 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
         "finish_reason": result.finish_reason,
         "expert_load": expert_load,
         "workers": [
-            {"expert": w.expert, "node_id": w.node_id, "gpu_ids": w.gpu_ids, "device": w.device, "compute_dtype": w.compute_dtype}
+            {
+                "worker": w.worker,
+                "experts": w.experts,
+                "node_id": w.node_id,
+                "gpu_ids": w.gpu_ids,
+                "device": w.device,
+                "compute_dtype": w.compute_dtype,
+                "expert_dtype": w.expert_dtype,
+                "expert_bytes": w.expert_bytes,
+            }
             for w in cluster.worker_info
         ],
     }

@@ -7,7 +7,7 @@ Per step, for the whole running batch (T new tokens over B sequences):
         h = x + attention_l(rms_norm(x), kv_cache)        # GQA, RoPE, sliding window
         m = rms_norm2(h)
         plan = route(gate_l(m), k)                        # [Router]
-        x = h + moe_layer(l, m, plan, transport)          # [Dispatch] -> [Experts] -> [Combine]
+        x = h + moe_layer(l, m, plan, transport, map)     # [Map] -> [Dispatch] -> [Experts] -> [Combine]
     logits = lm_head(rms_norm(x[last token of each sequence]))   # [B, V]
 
 Large steps run as two micro-batches in flight: while the experts work on one micro-batch's
@@ -32,7 +32,8 @@ from mixtral.kv_cache import PagedKVCache
 from mixtral.kv_spec import GiB, KVSpec
 from mixtral.layers import rms_norm, rope_cos_sin
 from mixtral.layout import StepLayout, build_layout
-from router.load import ExpertLoad
+from router.expert_map import ExpertMap
+from router.load import ExpertLoad, WorkerLoad
 from router.moe import finish_moe, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
@@ -117,6 +118,7 @@ class Coordinator:
         load: ExpertLoad,
         observers: Sequence[RoutingObserver] = (),
         overlap_min_tokens: int | None = None,
+        expert_map: ExpertMap | None = None,
     ) -> None:
         self.args = args = checkpoint.args
         self.dtype = dtype
@@ -136,6 +138,9 @@ class Coordinator:
         self.load = load
         self.observer = RoutingObservers([load, *observers])  # load first: the others may read its totals
         self.overlap_min_tokens = overlap_min_tokens  # None, or steps with fewer tokens: one micro-batch
+        # Where the experts are; a new map (rebalancing) takes effect at the next step, never within one.
+        self.expert_map = expert_map or ExpertMap.one_per_worker(args.num_local_experts)
+        self.worker_load = WorkerLoad(self.expert_map.num_workers)
 
     @torch.inference_mode()
     def forward(
@@ -149,9 +154,10 @@ class Coordinator:
         lengths = [len(t) for t in tokens]
         parts = split_for_overlap(lengths, self.overlap_min_tokens)
         batches = [self._micro_batch(tokens[part], starts[part], blocks[part], first_block[part]) for part in parts]
+        expert_map = self.expert_map  # one map for the whole step
         # Each micro-batch's pass yields while its experts work, and the other's takes its turn.
         try:
-            for _ in itertools.zip_longest(*(self._layers(mb) for mb in batches)):
+            for _ in itertools.zip_longest(*(self._layers(mb, expert_map) for mb in batches)):
                 pass
         except BaseException:
             self.transport.abandon()  # nothing of this step may be sent again or taken for a later one's
@@ -160,14 +166,15 @@ class Coordinator:
         last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
         return F.linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
 
-    def _layers(self, mb: MicroBatch) -> Iterator[None]:
+    def _layers(self, mb: MicroBatch, expert_map: ExpertMap) -> Iterator[None]:
         """The residual stream of one micro-batch through every layer; yields while its experts run."""
         eps, k, x = self.args.rms_norm_eps, self.args.num_experts_per_tok, mb.x
         for layer, lw in enumerate(self.layers):
             h = x + self._attention(layer, rms_norm(x, lw.input_norm, eps), mb.groups)
             m = rms_norm(h, lw.post_attention_norm, eps)
             plan = route(F.linear(m, lw.gate), k)  # gate logits [T, E]
-            call = start_moe(layer, m, plan, self.transport)
+            call = start_moe(layer, m, plan, self.transport, expert_map)
+            self.worker_load.record(call.worker_rows())
             yield
             x = h + finish_moe(call, self.transport, self.observer)
         mb.x = x

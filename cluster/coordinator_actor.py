@@ -15,6 +15,7 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.build import EngineOptions, engine_over_workers
 from cluster.engine.sampling import SamplingParams
 from mixtral.checkpoint import Checkpoint, ReadLog
+from router.expert_map import ExpertMap
 from workers.device import set_coordinator_threads
 from workers.telemetry import Telemetry
 
@@ -40,11 +41,12 @@ class CoordinatorActor:
         workers: list[Any],
         channel_secret: bytes,
         options: EngineOptions,
+        expert_map: ExpertMap | None = None,
         *,
         threads: int | None = None,
     ) -> None:
         set_coordinator_threads(threads)
-        engine = engine_over_workers(checkpoint, workers, channel_secret, options)
+        engine = engine_over_workers(checkpoint, workers, channel_secret, options, expert_map)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.coordinator = self.engine.engine.model
         self._ids = 0

@@ -1,8 +1,9 @@
 """Bring-up: one placement group, a bundle for the coordinator and one per expert worker.
 
-Bundle 0 holds the coordinator; bundle 1 + e holds expert worker e. Where Ray offers a GPU per
-expert, each worker bundle takes one (and the device comes from Ray's assignment); otherwise
-workers take fractional CPUs and the same code runs on CPU.
+Bundle 0 holds the coordinator; bundle 1 + w holds expert worker w, with the experts the expert
+map gives it. A worker of kind gpu takes a GPU, one of kind cpu none, and one of kind auto takes
+a GPU where Ray offers one for each such worker (the device comes from Ray's assignment);
+otherwise workers take fractional CPUs and the same code runs on CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cluster.errors import UserError
 from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
+from router.expert_map import ExpertMap
 from router.wire import new_secret
 from workers.device import HUGE_PAGES_ENV
 from workers.expert_worker import ExpertWorker, WorkerInfo
@@ -32,9 +34,10 @@ PLACEMENT_TIMEOUT_S = 120
 class ExpertCluster:
     placement_group: PlacementGroup
     coordinator: Any  # ActorHandle[CoordinatorActor]
-    workers: list[Any]  # ActorHandle[ExpertWorker], indexed by expert
+    workers: list[Any]  # ActorHandle[ExpertWorker], indexed by worker
     worker_info: list[WorkerInfo]
     channel_secret: bytes  # what the coordinator proves to its workers on every connection
+    layout: ReplicaLayout
 
     def shutdown(self) -> None:
         for actor in [self.coordinator, *self.workers]:
@@ -42,16 +45,49 @@ class ExpertCluster:
         remove_placement_group(self.placement_group)
 
 
-def bundles(args: MixtralArgs, options: PlacementOptions, *, gpus: bool, coordinator_gpu: bool) -> list[dict[str, float]]:
-    coordinator = {"CPU": options.coordinator_cpus} | ({"GPU": 1} if coordinator_gpu else {})
-    worker = {"CPU": options.worker_cpus} | ({"GPU": 1} if gpus else {})
-    return [coordinator] + [dict(worker) for _ in range(args.num_local_experts)]
+@dataclass(frozen=True)
+class ReplicaLayout:
+    """What one replica asks of the cluster: its expert map, and who takes a GPU."""
+
+    expert_map: ExpertMap
+    worker_gpus: tuple[bool, ...]  # per worker
+    coordinator_gpu: bool
+
+
+def expert_map_of(args: MixtralArgs, placement: PlacementOptions) -> ExpertMap:
+    if placement.expert_map is None:
+        return ExpertMap.one_per_worker(args.num_local_experts)
+    if placement.expert_map.num_experts != args.num_local_experts:
+        raise UserError(
+            f"the expert map is for {placement.expert_map.num_experts} experts; the checkpoint has {args.num_local_experts}"
+        )
+    return placement.expert_map
+
+
+def replica_layout(args: MixtralArgs, placement: PlacementOptions, *, cluster_gpus: float) -> ReplicaLayout:
+    """Who takes a GPU: kinds gpu and cpu as the map says; kind auto as `use_gpus` says or, when
+    that is None, a GPU each when the cluster has one for every worker that may take one. The
+    coordinator takes one too when GPUs were asked for, or when one is left over for it."""
+    expert_map = expert_map_of(args, placement)
+    kinds = expert_map.kinds
+    wanted = sum(k != "cpu" for k in kinds)
+    auto = placement.use_gpus if placement.use_gpus is not None else wanted > 0 and cluster_gpus >= wanted
+    gpus = tuple(k == "gpu" or (k == "auto" and auto) for k in kinds)
+    if placement.use_gpus is not None:  # asked for: the coordinator takes one too, as the planner counts
+        return ReplicaLayout(expert_map, gpus, placement.use_gpus)
+    return ReplicaLayout(expert_map, gpus, any(gpus) and cluster_gpus > sum(gpus))
+
+
+def bundles(layout: ReplicaLayout, options: PlacementOptions) -> list[dict[str, float]]:
+    coordinator = {"CPU": options.coordinator_cpus} | ({"GPU": 1} if layout.coordinator_gpu else {})
+    return [coordinator] + [{"CPU": options.worker_cpus} | ({"GPU": 1} if gpu else {}) for gpu in layout.worker_gpus]
 
 
 def fitted(args: MixtralArgs, placement: PlacementOptions) -> PlacementOptions:
     """The options with worker CPU shares sized from the cluster's CPUs (placement_options.fit_worker_cpus)."""
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    return fit_worker_cpus(placement, num_workers=args.num_local_experts, cluster_cpus=cpus)
+    workers = expert_map_of(args, placement).num_workers
+    return fit_worker_cpus(placement, num_workers=workers, cluster_cpus=cpus)
 
 
 def check_placeable(replica_bundles: list[dict[str, float]], strategy: Strategy) -> None:
@@ -62,32 +98,42 @@ def check_placeable(replica_bundles: list[dict[str, float]], strategy: Strategy)
         raise UserError(problem)
 
 
-def wants_gpus(args: MixtralArgs, placement: PlacementOptions) -> tuple[bool, bool]:
-    """(a GPU per worker, a GPU for the coordinator too) from the option or what the cluster has."""
-    if placement.use_gpus is not None:  # asked for: the coordinator takes one too, as the planner counts
-        return placement.use_gpus, placement.use_gpus
-    available = ray.cluster_resources().get("GPU", 0)
-    gpus = available >= args.num_local_experts
-    return gpus, gpus and available > args.num_local_experts
+def layout_here(args: MixtralArgs, placement: PlacementOptions) -> ReplicaLayout:
+    """The replica layout on the cluster Ray is connected to."""
+    return replica_layout(args, placement, cluster_gpus=ray.cluster_resources().get("GPU", 0))
 
 
 def start_workers(
-    checkpoint: Checkpoint, pg: PlacementGroup, *, secret: bytes, dtype: str | None, placement: PlacementOptions, gpus: bool
+    checkpoint: Checkpoint,
+    pg: PlacementGroup,
+    *,
+    secret: bytes,
+    engine: EngineOptions,
+    placement: PlacementOptions,
+    layout: ReplicaLayout,
 ) -> list[Any]:
-    """Expert worker e in bundle 1 + e of `pg`."""
+    """Expert worker w, holding the map's experts of worker w, in bundle 1 + w of `pg`."""
     worker_cls = ray.remote(ExpertWorker)
     return [
         worker_cls.options(
             num_cpus=placement.worker_cpus,
-            num_gpus=1 if gpus else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + e),
-            # Workers hold only weights: a restarted one reloads its expert and the call is sent
+            num_gpus=1 if gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + w),
+            # Workers hold only weights: a restarted one reloads its experts and the call is sent
             # again. Without limit: a replica must outlive any number of worker deaths.
             max_restarts=-1,
             max_task_retries=-1,
             runtime_env={"env_vars": HUGE_PAGES_ENV},
-        ).remote(checkpoint, e, channel_secret=secret, dtype=dtype, cpu_share=placement.worker_cpus)
-        for e in range(checkpoint.args.num_local_experts)
+        ).remote(
+            checkpoint,
+            experts,
+            worker=w,
+            channel_secret=secret,
+            dtype=engine.dtype,
+            cpu_share=placement.worker_cpus,
+            expert_dtype=engine.expert_dtype,
+        )
+        for w, (experts, gpu) in enumerate(zip(layout.expert_map.workers, layout.worker_gpus))
     ]
 
 
@@ -109,28 +155,28 @@ def bring_up(
     """Reserve the placement group, start the workers and the coordinator, wait for their weights."""
     args = checkpoint.args
     placement = fitted(args, placement)
-    gpus, coordinator_gpu = wants_gpus(args, placement)
-    replica = bundles(args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu)
+    layout = layout_here(args, placement)
+    replica = bundles(layout, placement)
     check_placeable(replica, placement.strategy)
     pg = placement_group(replica, strategy=placement.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:  # it fits the cluster, but other work holds the room
         remove_placement_group(pg)
         raise UserError(
-            f"the placement group of 1 coordinator + {args.num_local_experts} workers waited {PLACEMENT_TIMEOUT_S} s for "
+            f"the placement group of 1 coordinator + {layout.expert_map.num_workers} workers waited {PLACEMENT_TIMEOUT_S} s for "
             f"room (free now: {ray.available_resources()}); stop other work on the cluster or add nodes"
         )
     secret = new_secret()
-    workers = start_workers(checkpoint, pg, secret=secret, dtype=engine.dtype, placement=placement, gpus=gpus)
+    workers = start_workers(checkpoint, pg, secret=secret, engine=engine, placement=placement, layout=layout)
     coordinator: Any = (
         ray.remote(CoordinatorActor)
         .options(
             num_cpus=placement.coordinator_cpus,
-            num_gpus=1 if coordinator_gpu else 0,
+            num_gpus=1 if layout.coordinator_gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
             runtime_env={"env_vars": HUGE_PAGES_ENV},
         )
-        .remote(checkpoint, workers, secret, engine, threads=placement.coordinator_threads)
+        .remote(checkpoint, workers, secret, engine, layout.expert_map, threads=placement.coordinator_threads)
     )
     loaded = wait_loaded([w.info.remote() for w in workers] + [coordinator.engine_steps.remote()], progress=progress)
-    return ExpertCluster(pg, coordinator, workers, loaded[:-1], secret)
+    return ExpertCluster(pg, coordinator, workers, loaded[:-1], secret, layout)

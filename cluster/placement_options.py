@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
+from cluster.errors import UserError
+from router.expert_map import ExpertMap, ExpertMapError, with_hot_replicas
+
 Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
@@ -16,6 +19,25 @@ class PlacementOptions:
     worker_cpus: float = 0.125  # 8 workers share one core on a CPU-only machine
     coordinator_threads: int | None = None  # None: every core of its node (workers.device.set_coordinator_threads)
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough GPUs
+    expert_map: ExpertMap | None = None  # which worker holds which experts; None: one expert per worker
+
+
+def resolve_expert_map(
+    num_experts: int, *, experts_per_worker: int | None = None, replicate_hot: int = 0, map_path: str | None = None
+) -> ExpertMap | None:
+    """The map the options ask for (None: the default, one expert per worker); UserError if it cannot serve."""
+    if map_path is not None and experts_per_worker is not None:
+        raise UserError("--expert-map and --experts-per-worker both say where the experts go; give one of them")
+    if map_path is None and experts_per_worker is None and not replicate_hot:
+        return None
+    try:
+        if map_path is not None:
+            base = ExpertMap.read(map_path, num_experts=num_experts)
+        else:
+            base = ExpertMap.grouped(num_experts, min(experts_per_worker or 1, num_experts))
+        return with_hot_replicas(base, replicate_hot)
+    except ExpertMapError as e:
+        raise UserError(str(e)) from None
 
 
 MIN_WORKER_CPUS = 0.01  # below this a worker's share is not a share: the cluster is too small

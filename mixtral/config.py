@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 # Kept as names so that checking a config (the CLI's first step) does not import torch.
 DType = Literal["float32", "bfloat16", "float16"]
+ExpertDType = Literal["int8"]  # what expert weights may be held in besides the compute dtype (mixtral.int8)
 DTYPES: tuple[str, ...] = get_args(DType)
 
 

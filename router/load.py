@@ -88,3 +88,23 @@ def balancedness(row: list[int]) -> float:
     """mean / max tokens per expert: 1.0 when even, 1/E when one expert takes everything."""
     peak = max(row)
     return (sum(row) / len(row)) / peak if peak else 1.0
+
+
+class WorkerLoad:
+    """Rows computed per worker (an expert's tokens split over its copies), since start: what the
+    expert map balances. Balancedness here is mean / max rows per worker."""
+
+    def __init__(self, num_workers: int) -> None:
+        self.rows = [0] * num_workers
+
+    def record(self, rows: dict[int, int]) -> None:
+        for worker, n in rows.items():
+            self.rows[worker] += n
+
+    def snapshot(self) -> list[int]:
+        return list(self.rows)
+
+
+def window_balancedness(before: list[int], after: list[int]) -> float:
+    """Balancedness of the rows per worker added between two WorkerLoad snapshots."""
+    return balancedness([b - a for a, b in zip(before, after)])

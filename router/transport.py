@@ -1,7 +1,8 @@
-"""[Dispatch] transports: how a layer's per-expert token batches reach the experts and come back.
+"""[Dispatch] transports: how a layer's per-worker token batches reach the workers and come back.
 
-A transport gets, for one layer, a dict expert -> tokens [T_e, D] holding only busy experts, and
-returns expert -> output [T_e, D], with one batched call per busy expert. `submit` starts the
+A transport gets, for one layer, a dict worker -> batch (tokens [T_w, D] and the segments saying
+which of its experts each run of rows is for) holding only busy workers, and returns worker ->
+output [T_w, D], with one batched call per busy worker. `submit` starts the
 calls and returns at once; `gather` waits for them. The split lets the coordinator work on one
 micro-batch while the experts work on the other.
 """
@@ -14,20 +15,25 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from router.wire import RemoteError, recv_tensor, send_tensor
+from router.wire import RemoteError, Segment, recv_tensor, send_tensor
 
 # Replacements of one worker within one reply before the step fails; Ray itself restarts a worker
 # without limit (cluster.placement), so a later step starts counting afresh.
 MAX_REPLACEMENTS = 8
-RECONNECT_DEADLINE_S = 300.0  # how long a restarting worker may take to load its expert again
+RECONNECT_DEADLINE_S = 300.0  # how long a restarting worker may take to load its experts again
+
+
+class WorkerBatch(NamedTuple):
+    x: torch.Tensor  # [T_w, D]
+    segments: tuple[Segment, ...]  # (expert, rows) runs of x, in order
 
 
 class ExpertTransport(Protocol):
-    def submit(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> Any: ...
+    def submit(self, layer: int, inputs: Mapping[int, WorkerBatch]) -> Any: ...
 
     def gather(self, pending: Any) -> dict[int, torch.Tensor]: ...
 
@@ -36,18 +42,18 @@ class ExpertTransport(Protocol):
         ...
 
 
-class ExpertLike(Protocol):
-    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+class WorkerLike(Protocol):
+    def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ...) -> torch.Tensor: ...
 
 
 class LocalTransport:
-    """Experts in this process: the baseline and the test double for the Ray path. Runs at submit."""
+    """Workers in this process: the baseline and the test double for the Ray path. Runs at submit."""
 
-    def __init__(self, experts: Sequence[ExpertLike]) -> None:
-        self.experts = experts
+    def __init__(self, workers: Sequence[WorkerLike]) -> None:
+        self.workers = workers
 
-    def submit(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {e: self.experts[e].forward(layer, x) for e, x in inputs.items()}
+    def submit(self, layer: int, inputs: Mapping[int, WorkerBatch]) -> dict[int, torch.Tensor]:
+        return {w: self.workers[w].forward(layer, b.x, b.segments) for w, b in inputs.items()}
 
     def gather(self, pending: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return pending
@@ -58,7 +64,7 @@ class LocalTransport:
 
 @dataclass(frozen=True)
 class PendingLayer:
-    request_ids: dict[int, int]  # busy expert -> the id of the request it owes
+    request_ids: dict[int, int]  # busy worker -> the id of the request it owes
     device: torch.device  # where the outputs go (the coordinator's)
 
 
@@ -66,17 +72,18 @@ class PendingLayer:
 class Owed:
     request_id: int
     layer: int
-    x: torch.Tensor  # [T_e, D] on the CPU, kept until answered so it can be sent again
+    x: torch.Tensor  # [T_w, D] on the CPU, kept until answered so it can be sent again
+    segments: tuple[Segment, ...]
 
 
 class ChannelTransport:
-    """Experts as Ray actors, each reached over its own authenticated socket (workers.channel_server).
+    """Expert workers as Ray actors, each reached over its own authenticated socket (workers.channel_server).
 
     All busy workers get their tokens before any reply is read, so they compute in parallel.
     Every request has an id that its reply carries, so a reply is only ever taken for its own
     request: replies to requests whose step failed are recognised and dropped. A worker that dies,
     or does not answer within `timeout_s` (stopped, partitioned), is killed and restarted by Ray
-    (it reloads its expert), and every request it still owed is sent again on a new connection,
+    (it reloads its experts), and every request it still owed is sent again on a new connection,
     in order: no request is lost, and the tokens are the same.
     """
 
@@ -103,7 +110,7 @@ class ChannelTransport:
         self.sockets = [address.connect(secret, timeout_s=timeout_s) for address in addresses]
         self.owed: list[deque[Owed]] = [deque() for _ in workers]  # sent, not answered, oldest first
 
-    def _connect(self, expert: int) -> socket.socket:
+    def _connect(self, worker: int) -> socket.socket:
         """A new connection, waiting (with backoff) for Ray to restart the worker if it is down."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
@@ -111,7 +118,7 @@ class ChannelTransport:
         delay, deadline = 0.1, time.monotonic() + RECONNECT_DEADLINE_S
         while True:
             try:
-                address = ray.get(self.workers[expert].open_channel.remote(self.coordinator_node), timeout=self.timeout_s)
+                address = ray.get(self.workers[worker].open_channel.remote(self.coordinator_node), timeout=self.timeout_s)
                 return address.connect(self.secret, timeout_s=self.timeout_s)
             except (GetTimeoutError, RayActorError, OSError):
                 if time.monotonic() > deadline:
@@ -119,31 +126,31 @@ class ChannelTransport:
                 time.sleep(delay)
                 delay = min(2 * delay, 5.0)
 
-    def _replace(self, expert: int, *, kill: bool) -> None:
+    def _replace(self, worker: int, *, kill: bool) -> None:
         """Kill the worker if it is stuck (Ray restarts it), reconnect, and send what it owed again."""
         import ray
 
-        self.sockets[expert].close()
+        self.sockets[worker].close()
         if kill:
-            ray.kill(self.workers[expert], no_restart=False)
+            ray.kill(self.workers[worker], no_restart=False)
         self.replacements += 1
-        self.sockets[expert] = self._connect(expert)
-        for owed in self.owed[expert]:
-            send_tensor(self.sockets[expert], owed.layer, owed.x, owed.request_id)
+        self.sockets[worker] = self._connect(worker)
+        for owed in self.owed[worker]:
+            send_tensor(self.sockets[worker], owed.layer, owed.x, owed.request_id, owed.segments)
 
-    def submit(self, layer: int, inputs: Mapping[int, torch.Tensor]) -> PendingLayer:
-        device = next(iter(inputs.values())).device
+    def submit(self, layer: int, inputs: Mapping[int, WorkerBatch]) -> PendingLayer:
+        device = next(iter(inputs.values())).x.device
         ids = {}
-        for e, x in inputs.items():
-            owed = Owed(next(self._ids), layer, x.cpu())
-            self.owed[e].append(owed)
-            ids[e] = owed.request_id
+        for w, batch in inputs.items():
+            owed = Owed(next(self._ids), layer, batch.x.cpu(), batch.segments)
+            self.owed[w].append(owed)
+            ids[w] = owed.request_id
             try:
-                send_tensor(self.sockets[e], layer, owed.x, owed.request_id)
+                send_tensor(self.sockets[w], layer, owed.x, owed.request_id, owed.segments)
             except TimeoutError:
-                self._replace(e, kill=True)
+                self._replace(w, kill=True)
             except OSError:
-                self._replace(e, kill=False)
+                self._replace(w, kill=False)
         return PendingLayer(ids, device)
 
     def gather(self, pending: PendingLayer) -> dict[int, torch.Tensor]:
@@ -155,18 +162,18 @@ class ChannelTransport:
         for owed in self.owed:
             owed.clear()
 
-    def _receive(self, expert: int, request_id: int) -> torch.Tensor:
+    def _receive(self, worker: int, request_id: int) -> torch.Tensor:
         """The reply to `request_id`; replies to older requests (of a step that failed) are dropped."""
         stuck = False
         for attempt in range(self.max_replacements + 1):
             try:
                 if attempt:
-                    self._replace(expert, kill=stuck)
+                    self._replace(worker, kill=stuck)
                 while True:
-                    reply_id, reply = self._next_reply(expert)
-                    self._settle(expert, reply_id)
+                    reply_id, reply = self._next_reply(worker)
+                    self._settle(worker, reply_id)
                     if reply_id > request_id:
-                        raise RuntimeError(f"expert {expert} answered request {reply_id} before {request_id}")
+                        raise RuntimeError(f"worker {worker} answered request {reply_id} before {request_id}")
                     if reply_id == request_id:
                         if isinstance(reply, RemoteError):
                             raise reply
@@ -181,17 +188,17 @@ class ChannelTransport:
                     raise
         raise AssertionError("unreachable")
 
-    def _next_reply(self, expert: int) -> tuple[int, torch.Tensor | RemoteError]:
-        """(request id, output) of the next reply on `expert`'s socket; a failed call's error as its output."""
+    def _next_reply(self, worker: int) -> tuple[int, torch.Tensor | RemoteError]:
+        """(request id, output) of the next reply on `worker`'s socket; a failed call's error as its output."""
         try:
-            _, reply_id, y = recv_tensor(self.sockets[expert])
-            return reply_id, y
+            reply = recv_tensor(self.sockets[worker])
+            return reply.request_id, reply.x
         except RemoteError as e:
             return e.request_id, e
 
-    def _settle(self, expert: int, reply_id: int) -> None:
-        """Forget what `expert` owed up to this reply: replies come in request order."""
-        owed = self.owed[expert]
+    def _settle(self, worker: int, reply_id: int) -> None:
+        """Forget what `worker` owed up to this reply: replies come in request order."""
+        owed = self.owed[worker]
         while owed and owed[0].request_id <= reply_id:
             owed.popleft()
 

@@ -1,10 +1,13 @@
 """The frame that carries one expert's activations over a socket, each way, and the handshake.
 
     handshake: worker sends a 32-byte nonce; coordinator answers HMAC-SHA256(secret, nonce)
-    frame     = header(tag, rows, cols, dtype, request id) + rows * cols elements, row-major
+    frame     = header(tag, rows, cols, dtype, request id, segments)
+                + segments * (expert, rows)      # which expert's tokens the rows are, in order
+                + rows * cols elements, row-major
 
 The secret is made per replica and handed to both ends through Ray, so only the coordinator that
-started a worker can talk to it. A request's tag is the layer; a reply carries the request's id
+started a worker can talk to it. A request's tag is the layer, and its segments say which of the
+worker's experts each run of rows goes to; a reply has no segments, and carries the request's id
 and tag OK, or ERROR with `rows` bytes of UTF-8 text instead of elements. Every header is checked
 against the receiver's limits before anything is allocated. Bytes go straight from the tensor's
 memory to the socket and back into a fresh tensor's memory: no pickling, no intermediate copy.
@@ -17,11 +20,14 @@ import hmac
 import secrets
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-HEADER = struct.Struct("<iiiiQ")  # tag, rows, cols, dtype code, request id
+HEADER = struct.Struct("<iiiiQi")  # tag, rows, cols, dtype code, request id, segments
+SEGMENT = struct.Struct("<ii")  # expert, rows
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OK = 0
 ERROR = -1
@@ -61,6 +67,19 @@ class FrameLimits:
     max_bytes: int = 1 << 30  # of one frame's elements
     cols: int | None = None  # the hidden size, when the receiver knows it
     tags: range | None = None  # the layers, for a worker
+    experts: range = range(0)  # the experts a request's segments may name (a worker's model's); none for replies
+
+
+class Segment(NamedTuple):
+    expert: int
+    rows: int
+
+
+class Frame(NamedTuple):
+    tag: int
+    request_id: int
+    x: torch.Tensor  # [rows, cols]
+    segments: tuple[Segment, ...]  # a request's runs of rows per expert; () in a reply
 
 
 class ChannelClosed(ConnectionError):
@@ -104,17 +123,18 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
-def send_tensor(sock: socket.socket, tag: int, x: torch.Tensor, request_id: int) -> None:
-    """x [rows, cols] on the CPU."""
+def send_tensor(sock: socket.socket, tag: int, x: torch.Tensor, request_id: int, segments: Sequence[Segment] = ()) -> None:
+    """x [rows, cols] on the CPU; for a request, `segments` say whose rows they are, in order."""
     x = x.contiguous()
-    sock.sendall(HEADER.pack(tag, x.shape[0], x.shape[1], DTYPES.index(x.dtype), request_id))
+    header = HEADER.pack(tag, x.shape[0], x.shape[1], DTYPES.index(x.dtype), request_id, len(segments))
+    sock.sendall(header + b"".join(SEGMENT.pack(*s) for s in segments))
     if x.numel():
         sock.sendall(_bytes(x))
 
 
 def send_error(sock: socket.socket, message: str, request_id: int) -> None:
     text = message.encode()[:MAX_ERROR_BYTES]
-    sock.sendall(HEADER.pack(ERROR, len(text), 0, 0, request_id) + text)
+    sock.sendall(HEADER.pack(ERROR, len(text), 0, 0, request_id, 0) + text)
 
 
 def _recv_into(sock: socket.socket, buffer: memoryview) -> None:
@@ -125,9 +145,11 @@ def _recv_into(sock: socket.socket, buffer: memoryview) -> None:
         buffer = buffer[n:]
 
 
-def _check(tag: int, rows: int, cols: int, code: int, limits: FrameLimits) -> None:
+def _check(tag: int, rows: int, cols: int, code: int, num_segments: int, limits: FrameLimits) -> None:
     if tag == ERROR and limits.tags is not None:
         raise BadFrame("an error frame sent to a worker")
+    if not 0 <= num_segments <= len(limits.experts):
+        raise BadFrame(f"{num_segments} segments, of at most {len(limits.experts)} experts")
     if tag == ERROR:
         if not 0 <= rows <= MAX_ERROR_BYTES:
             raise BadFrame(f"an error frame of {rows} bytes")
@@ -142,13 +164,23 @@ def _check(tag: int, rows: int, cols: int, code: int, limits: FrameLimits) -> No
         raise BadFrame(f"a frame of [{rows}, {cols}] {DTYPES[code]} is over {limits.max_bytes} bytes")
 
 
-def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits()) -> tuple[int, int, torch.Tensor]:
-    """The next frame: (tag, request id, tensor). An ERROR frame raises RemoteError with its text
-    (its request id in `RemoteError.request_id`); a header outside `limits` raises BadFrame."""
+def _segments(sock: socket.socket, count: int, rows: int, limits: FrameLimits) -> tuple[Segment, ...]:
+    raw = bytearray(count * SEGMENT.size)
+    _recv_into(sock, memoryview(raw))
+    segments = tuple(Segment(*SEGMENT.unpack_from(raw, i * SEGMENT.size)) for i in range(count))
+    if any(s.expert not in limits.experts or s.rows < 0 for s in segments) or sum(s.rows for s in segments) != rows:
+        raise BadFrame(f"segments {list(segments)} do not cover {rows} rows of experts {limits.experts}")
+    return segments
+
+
+def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits()) -> Frame:
+    """The next frame. An ERROR frame raises RemoteError with its text (its request id in
+    `RemoteError.request_id`); a header or segments outside `limits` raise BadFrame."""
     header = bytearray(HEADER.size)
     _recv_into(sock, memoryview(header))
-    tag, rows, cols, code, request_id = HEADER.unpack(header)
-    _check(tag, rows, cols, code, limits)
+    tag, rows, cols, code, request_id, num_segments = HEADER.unpack(header)
+    _check(tag, rows, cols, code, num_segments, limits)
+    segments = _segments(sock, num_segments, rows, limits) if limits.experts and tag != ERROR else ()
     if tag == ERROR:
         text = bytearray(rows)
         _recv_into(sock, memoryview(text))
@@ -156,4 +188,4 @@ def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits()) -> tup
     out = torch.empty(rows, cols, dtype=DTYPES[code])
     if out.numel():
         _recv_into(sock, _bytes(out))
-    return tag, request_id, out
+    return Frame(tag, request_id, out, segments)

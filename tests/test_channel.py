@@ -14,8 +14,19 @@ import pytest
 import ray
 import torch
 
-from router.transport import ChannelTransport
-from router.wire import HEADER, OK, ChannelAddress, ChannelClosed, FrameLimits, RemoteError, recv_tensor, send_tensor
+from router.transport import ChannelTransport, WorkerBatch
+from router.wire import (
+    HEADER,
+    OK,
+    SEGMENT,
+    ChannelAddress,
+    ChannelClosed,
+    FrameLimits,
+    RemoteError,
+    Segment,
+    recv_tensor,
+    send_tensor,
+)
 from workers.channel_server import ChannelServer
 
 LAYERS, D = 3, 64
@@ -24,7 +35,7 @@ SECRET = b"s" * 32
 LIMITS = FrameLimits(cols=D, tags=range(LAYERS + 5))  # tags past LAYERS reach forward, which raises
 
 
-def fake_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
+def fake_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
     """A layer-dependent function that is exact in every dtype (a column rotation, doubled), so
     replies can be compared bit for bit: no arithmetic that rounds differently across CPUs."""
     if layer >= LAYERS:
@@ -48,7 +59,7 @@ def sock(address: ChannelAddress) -> Iterator[socket.socket]:
 def test_a_round_trip_carries_every_bit_and_the_request_id(sock: socket.socket, dtype: torch.dtype) -> None:
     x = torch.randn(5, D).to(dtype)
     send_tensor(sock, 2, x, request_id=77)
-    tag, request_id, y = recv_tensor(sock)
+    tag, request_id, y, _ = recv_tensor(sock)
     assert (tag, request_id, y.dtype) == (OK, 77, dtype)
     assert torch.equal(y, fake_expert(2, x))
 
@@ -98,7 +109,7 @@ def test_a_peer_without_the_secret_is_refused_and_the_worker_lives(address: Chan
     assert len(intruder.recv(32)) == 32  # the challenge
     intruder.sendall(b"\0" * 32)  # a wrong answer
     try:
-        intruder.sendall(HEADER.pack(0, 1, D, 0, 1) + bytes(4 * D))  # and a frame anyway
+        intruder.sendall(HEADER.pack(0, 1, D, 0, 1, 0) + bytes(4 * D))  # and a frame anyway
     except (BrokenPipeError, ConnectionResetError):
         pass  # the worker already hung up on the wrong answer: refused either way
     assert closed(intruder)
@@ -112,13 +123,13 @@ def test_a_peer_without_the_secret_is_refused_and_the_worker_lives(address: Chan
 @pytest.mark.parametrize(
     "header",
     [
-        HEADER.pack(0, 1, D, 99, 1),  # unknown dtype code
-        HEADER.pack(0, 1, D + 1, 0, 1),  # not the hidden size
-        HEADER.pack(0, 1 << 30, D, 0, 1),  # 256 GiB of float32: must not be allocated
-        HEADER.pack(0, -5, D, 0, 1),  # negative rows
-        HEADER.pack(1000, 1, D, 0, 1),  # no such layer
-        HEADER.pack(-1, 1 << 30, 0, 0, 1),  # an error frame of a GiB of text
-        HEADER.pack(-1, 5, 0, 0, 1) + b"hello",  # an error frame at all: only workers send those
+        HEADER.pack(0, 1, D, 99, 1, 0),  # unknown dtype code
+        HEADER.pack(0, 1, D + 1, 0, 1, 0),  # not the hidden size
+        HEADER.pack(0, 1 << 30, D, 0, 1, 0),  # 256 GiB of float32: must not be allocated
+        HEADER.pack(0, -5, D, 0, 1, 0),  # negative rows
+        HEADER.pack(1000, 1, D, 0, 1, 0),  # no such layer
+        HEADER.pack(-1, 1 << 30, 0, 0, 1, 0),  # an error frame of a GiB of text
+        HEADER.pack(-1, 5, 0, 0, 1, 0) + b"hello",  # an error frame at all: only workers send those
     ],
     ids=["dtype", "cols", "huge", "negative", "layer", "error-frame", "small-error-frame"],
 )
@@ -133,7 +144,55 @@ def test_a_malformed_header_drops_the_peer_not_the_worker(address: ChannelAddres
     assert torch.equal(recv_tensor(good)[2], fake_expert(1, x))
 
 
-def slow_expert(layer: int, x: torch.Tensor) -> torch.Tensor:
+def batch(x: torch.Tensor) -> WorkerBatch:
+    return WorkerBatch(x, ())
+
+
+SEGMENTED = FrameLimits(cols=D, tags=range(LAYERS), experts=range(2))
+
+
+def per_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...]) -> torch.Tensor:
+    """Expert e's rows times e + 1: the reply shows which expert each row was given to."""
+    out, row = [], 0
+    for expert, rows in segments:
+        out.append(x[row : row + rows] * (expert + 1))
+        row += rows
+    return torch.cat(out)
+
+
+@pytest.fixture
+def segmented() -> ChannelAddress:
+    return ChannelServer(per_expert, secret=SECRET, limits=SEGMENTED).open(same_node=True, node_ip="127.0.0.1")
+
+
+def test_segments_tell_a_worker_of_several_experts_whose_rows_are_whose(segmented: ChannelAddress) -> None:
+    sock = segmented.connect(SECRET, timeout_s=60)
+    x = torch.randn(5, D)
+    send_tensor(sock, 0, x, request_id=3, segments=[Segment(1, 2), Segment(0, 3)])
+    reply = recv_tensor(sock)
+    assert (reply.request_id, reply.segments) == (3, ())
+    assert torch.equal(reply.x, torch.cat([x[:2] * 2, x[2:]]))
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [[(0, 1)], [(0, 3)], [(2, 2)], [(0, -1), (1, 3)], [(0, 1), (1, 1), (0, 0)], []],
+    ids=["short", "long", "no-such-expert", "negative", "too-many", "none"],
+)
+def test_segments_that_do_not_cover_the_rows_drop_the_peer_not_the_worker(
+    segmented: ChannelAddress, segments: list[tuple[int, int]]
+) -> None:
+    bad = segmented.connect(SECRET, timeout_s=30)
+    header = HEADER.pack(0, 2, D, 0, 1, len(segments)) + b"".join(SEGMENT.pack(*s) for s in segments)
+    bad.sendall(header + bytes(4 * 2 * D))
+    assert closed(bad)
+    good = segmented.connect(SECRET, timeout_s=30)
+    x = torch.randn(2, D)
+    send_tensor(good, 1, x, request_id=9, segments=[Segment(0, 2)])
+    assert torch.equal(recv_tensor(good).x, x)
+
+
+def slow_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
     time.sleep(0.5)  # long enough that a kill right after sending lands mid-call
     return fake_expert(layer, x)
 
@@ -146,7 +205,7 @@ class FakeWorker:
         self.layers = layers
         self.server = ChannelServer(self.forward, secret=SECRET, limits=LIMITS)
 
-    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
         if layer == POISON:
             os._exit(1)  # a request that kills its worker every time (as an out-of-memory kill would)
         if layer >= self.layers:
@@ -165,7 +224,7 @@ def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> No
     transport = ChannelTransport([worker], "", SECRET)
     first_pid = ray.get(worker.pid.remote())
     xs = [torch.randn(4, D) for _ in range(2)]
-    pending = [transport.submit(layer, {0: x}) for layer, x in enumerate(xs)]  # two micro-batches
+    pending = [transport.submit(layer, {0: batch(x)}) for layer, x in enumerate(xs)]  # two micro-batches
     ray.kill(worker, no_restart=False)
     for layer, (p, x) in enumerate(zip(pending, xs)):
         assert torch.equal(transport.gather(p)[0], fake_expert(layer, x))
@@ -179,11 +238,11 @@ def test_a_failed_layer_leaves_no_stale_reply_behind(ray_session) -> None:  # ty
     transport = ChannelTransport(workers, "", SECRET)
     x = torch.randn(3, D)
     with pytest.raises(RemoteError, match="layer 2: IndexError"):
-        transport.gather(transport.submit(2, {0: x, 1: x}))  # worker 0 has no layer 2; worker 1 answers
+        transport.gather(transport.submit(2, {0: batch(x), 1: batch(x)}))  # worker 0 has no layer 2; worker 1 answers
     # A step that fails between submit and gather: its replies are never read...
-    transport.submit(0, {0: x, 1: x})
+    transport.submit(0, {0: batch(x), 1: batch(x)})
     # ...and the next step gets its own replies, not those.
-    out = transport.gather(transport.submit(1, {0: x, 1: x}))
+    out = transport.gather(transport.submit(1, {0: batch(x), 1: batch(x)}))
     assert torch.equal(out[0], fake_expert(1, x)) and torch.equal(out[1], fake_expert(1, x))
     transport.close()
     for w in workers:
@@ -198,7 +257,7 @@ def test_a_stopped_worker_is_killed_and_replaced_and_its_call_answered(ray_sessi
     x = torch.randn(4, D)
     start = time.monotonic()
     try:
-        out = transport.gather(transport.submit(1, {0: x}))
+        out = transport.gather(transport.submit(1, {0: batch(x)}))
     finally:
         with contextlib.suppress(ProcessLookupError):  # it was killed, as it should be
             os.kill(stopped_pid, signal.SIGCONT)
@@ -214,8 +273,8 @@ def test_a_request_that_kills_its_worker_fails_its_step_and_not_the_next(ray_ses
     transport = ChannelTransport([worker], "", SECRET, max_replacements=1)
     x = torch.randn(2, D)
     with pytest.raises(ConnectionError):
-        transport.gather(transport.submit(POISON, {0: x}))
+        transport.gather(transport.submit(POISON, {0: batch(x)}))
     transport.abandon()  # as the coordinator does when a step fails
-    assert torch.equal(transport.gather(transport.submit(1, {0: x}))[0], fake_expert(1, x))  # not sent the poison again
+    assert torch.equal(transport.gather(transport.submit(1, {0: batch(x)}))[0], fake_expert(1, x))  # not sent the poison again
     transport.close()
     ray.kill(worker)

@@ -1,4 +1,7 @@
-"""The distributed path on a real local Ray: coordinator actor + one actor per expert."""
+"""The distributed path on a real local Ray: coordinator actor + expert worker actors.
+
+The workers hold experts by a map with several experts on some workers and copies of some experts
+on several (the default, one per worker, is what every other Ray test runs)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from cluster.placement_options import PlacementOptions
 from mixtral import names
 from mixtral.checkpoint import INDEX_FILE, Checkpoint
 from mixtral.config import load_args
+from router.expert_map import ExpertMap
 from tests.reference import hf_greedy, hf_model
 from tests.test_parity import random_prompts
 
@@ -28,12 +32,15 @@ def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
     return make_ckpt(sliding_window=12)
 
 
+MAP = ExpertMap(8, ((0, 1), (2,), (3, 4), (5, 6, 7), (0,), (1, 7)), ("auto",) * 6)
+
+
 @pytest.fixture(scope="module")
 def cluster(ray_session, checkpoint: Path) -> Iterator[ExpertCluster]:  # type: ignore[no-untyped-def]
     handle = bring_up(
         Checkpoint.open(checkpoint),
         engine=EngineOptions(max_num_batched_tokens=16, overlap_min_tokens=2),
-        placement=PlacementOptions(),
+        placement=PlacementOptions(expert_map=MAP),
         progress=False,
     )
     yield handle
@@ -92,11 +99,11 @@ def test_each_actor_reads_only_its_own_tensors(cluster: ExpertCluster, checkpoin
     args = load_args(checkpoint)
     weight_map = json.loads((checkpoint / INDEX_FILE).read_text())["weight_map"]
     assert len(set(weight_map.values())) > 3, "the test checkpoint must be sharded for this to mean anything"
-    for e, worker in enumerate(cluster.workers):
+    for experts, worker in zip(MAP.workers, cluster.workers, strict=True):
         log = ray.get(worker.read_log.remote())
-        own = names.expert_weights(args.num_hidden_layers, e)
+        own = [n for e in experts for n in names.expert_weights(args.num_hidden_layers, e)]
         assert sorted(log.tensors_read) == sorted(own)
-        assert sorted(log.shards_opened) == sorted({weight_map[n] for n in own})
+        assert set(log.shards_opened) == {weight_map[n] for n in own}
     log = ray.get(cluster.coordinator.read_log.remote())
     assert not [n for n in log.tensors_read if names.is_expert_weight(n)]
     assert sorted(log.tensors_read) == sorted(non_expert_weights(args))
@@ -104,16 +111,16 @@ def test_each_actor_reads_only_its_own_tensors(cluster: ExpertCluster, checkpoin
 
 
 def test_workers_are_placed_one_per_bundle_on_cpu(cluster: ExpertCluster) -> None:
-    assert [w.expert for w in cluster.worker_info] == list(range(8))
+    assert [(w.worker, w.experts) for w in cluster.worker_info] == [(w, list(e)) for w, e in enumerate(MAP.workers)]
     assert all(w.device == "cpu" and w.gpu_ids == [] and w.threads == 1 for w in cluster.worker_info)
     assert all(w.huge_pages for w in cluster.worker_info)
-    assert len({w.pid for w in cluster.worker_info}) == 8
+    assert len({w.pid for w in cluster.worker_info}) == 6
 
 
 def test_a_lost_worker_loses_no_request(cluster: ExpertCluster) -> None:
     prompt = random_prompts([6], 512, seed=11)
     [before] = ray.get(cluster.coordinator.generate.remote(prompt, [greedy(8)]))
-    ray.kill(cluster.workers[3], no_restart=False)  # Ray restarts it; it reloads its expert
+    ray.kill(cluster.workers[3], no_restart=False)  # Ray restarts it; it reloads its experts (5, 6, 7)
     [after] = ray.get(cluster.coordinator.generate.remote(prompt, [greedy(8)]))
     assert after.token_ids == before.token_ids
     assert ray.get(cluster.workers[3].info.remote()).pid != cluster.worker_info[3].pid

@@ -55,7 +55,10 @@ def stats(running: int, steps: int, blocks_free: int, *, hits: int = 0) -> dict[
 
 
 def snapshot(name: str, load: ExpertLoad, replica_stats: dict[str, float], *, serving: bool = True) -> ReplicaSnapshot:
-    workers = [{"expert": e, "calls": e + 1, "forward_ms": 2.0, "bytes_in": 10, "bytes_out": 20} for e in range(EXPERTS)]
+    workers = [
+        {"worker": e, "experts": [e], "tokens": 3, "calls": e + 1, "forward_ms": 2.0, "bytes_in": 10, "bytes_out": 20}
+        for e in range(EXPERTS)
+    ]
     return ReplicaSnapshot(name, serving, load.counters(), workers, replica_stats, local_families())
 
 
@@ -71,6 +74,7 @@ def test_the_load_over_replicas_is_the_load_of_all_their_tokens() -> None:
     assert [r["tokens"] for r in report["replicas"]] == [a.snapshot(), b.snapshot()]
     assert [r["serving"] for r in report["replicas"]] == [True, False]
     assert [w["calls"] for w in report["workers"]] == [2 * (e + 1) for e in range(EXPERTS)]
+    assert [w["tokens"] for w in report["workers"]] == [6] * EXPERTS
 
 
 def test_stats_sum_counters_over_every_replica_and_gauges_over_serving_ones() -> None:

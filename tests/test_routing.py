@@ -7,19 +7,23 @@ import torch
 import torch.nn.functional as F
 
 from mixtral.layers import expert_ffn
+from router.expert_map import ExpertMap
 from router.moe import moe_layer
 from router.routing import route
-from router.transport import LocalTransport
+from router.transport import LocalTransport, WorkerBatch
+from router.wire import Segment
 from tests.reference import reference_moe
 
 D, I = 32, 48
 
 
 class ToyExpert:
-    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> None:
+    def __init__(self, expert: int, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> None:
+        self.expert = expert
         self.w = (w1, w2, w3)
 
-    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
+        assert all(e == self.expert for e, _ in segments)
         return expert_ffn(x, *self.w)
 
 
@@ -30,8 +34,8 @@ class CountingTransport(LocalTransport):
         super().__init__(experts)
         self.calls: list[tuple[int, dict[int, int]]] = []
 
-    def submit(self, layer, inputs):  # type: ignore[no-untyped-def]
-        self.calls.append((layer, {e: x.shape[0] for e, x in inputs.items()}))
+    def submit(self, layer: int, inputs: dict[int, WorkerBatch]) -> dict[int, torch.Tensor]:
+        self.calls.append((layer, {w: b.x.shape[0] for w, b in inputs.items()}))
         return super().submit(layer, inputs)
 
 
@@ -51,9 +55,9 @@ def random_experts(
 def test_moe_layer_matches_reference(num_experts: int, top_k: int, num_tokens: int) -> None:
     gate, w1, w2, w3 = random_experts(num_experts, seed=num_experts * 100 + top_k)
     x = torch.randn(num_tokens, D, generator=torch.Generator().manual_seed(num_tokens))
-    transport = CountingTransport([ToyExpert(*w) for w in zip(w1, w2, w3)])
+    transport = CountingTransport([ToyExpert(e, *w) for e, w in enumerate(zip(w1, w2, w3))])
     plan = route(F.linear(x, gate), top_k)
-    out = moe_layer(0, x, plan, transport)
+    out = moe_layer(0, x, plan, transport, ExpertMap.one_per_worker(num_experts))
     torch.testing.assert_close(out, reference_moe(x, gate, w1, w2, w3, top_k), rtol=1e-5, atol=1e-5)
 
 
@@ -62,9 +66,9 @@ def test_one_call_per_busy_expert_and_none_for_idle() -> None:
     # Push every token towards experts 2 and 5 so most experts are idle.
     gate[[0, 1, 3, 4, 6, 7]] -= 100.0
     x = torch.randn(10, D, generator=torch.Generator().manual_seed(3)).abs()
-    transport = CountingTransport([ToyExpert(*w) for w in zip(w1, w2, w3)])
+    transport = CountingTransport([ToyExpert(e, *w) for e, w in enumerate(zip(w1, w2, w3))])
     plan = route(F.linear(x, gate), 2)
-    moe_layer(3, x, plan, transport)
+    moe_layer(3, x, plan, transport, ExpertMap.one_per_worker(8))
     assert transport.calls == [(3, {2: 10, 5: 10})]
     assert plan.counts == [0, 0, 10, 0, 0, 10, 0, 0]
 

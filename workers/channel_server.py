@@ -25,11 +25,11 @@ from collections.abc import Callable
 
 import torch
 
-from router.wire import OK, BadFrame, ChannelAddress, FrameLimits, challenge, recv_tensor, send_error, send_tensor
+from router.wire import OK, BadFrame, ChannelAddress, Frame, FrameLimits, Segment, challenge, recv_tensor, send_error, send_tensor
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[int, torch.Tensor], torch.Tensor]
+Forward = Callable[[int, torch.Tensor, tuple[Segment, ...]], torch.Tensor]  # (layer, rows, whose rows) -> outputs
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -97,7 +97,7 @@ class ChannelServer:
             log.warning("expert channel: refused a peer (%s)", e)
             conn.close()
             return
-        requests: queue.SimpleQueue[tuple[int, int, torch.Tensor] | None] = queue.SimpleQueue()
+        requests: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
         threading.Thread(target=self._answer, args=(conn, requests), daemon=True, name="expert-channel-answer").start()
         try:
             while True:
@@ -111,12 +111,12 @@ class ChannelServer:
         finally:
             requests.put(None)
 
-    def _answer(self, conn: socket.socket, requests: queue.SimpleQueue[tuple[int, int, torch.Tensor] | None]) -> None:
+    def _answer(self, conn: socket.socket, requests: queue.SimpleQueue[Frame | None]) -> None:
         with contextlib.closing(conn), contextlib.suppress(OSError):
             while (request := requests.get()) is not None:
-                layer, request_id, x = request
+                layer, request_id, x, segments = request
                 try:
-                    y = self.forward(layer, x)
+                    y = self.forward(layer, x, segments)
                 except Exception as exc:  # the coordinator raises it; this worker keeps serving
                     send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}", request_id)
                     continue

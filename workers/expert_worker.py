@@ -1,39 +1,50 @@
-"""The expert worker: expert e of every layer, and nothing else.
+"""The expert worker: the experts the map gives it, of every layer, and nothing else.
 
-Stateless apart from weights: a restarted worker reloads its expert and the layer call is
-replayed by the caller, so losing one loses no request.
+Stateless apart from weights: a restarted worker reloads its experts and the layer call is
+replayed by the caller, so losing one loses no request. Each request's segments name the experts
+its rows go to; a worker asked for an expert it does not hold (a map that changed while it
+restarted) loads it first, so any request it is sent is answered.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from mixtral import names
 from mixtral.checkpoint import Checkpoint, ReadLog
-from mixtral.config import resolve_dtype
+from mixtral.config import ExpertDType, resolve_dtype
+from mixtral.int8 import Int8Weight, int8_expert_ffn, quantize
 from mixtral.layers import expert_ffn
-from router.wire import FrameLimits
+from router.wire import FrameLimits, Segment
 from workers.channel_server import ChannelAddress, ChannelServer
 from workers.device import HUGE_PAGES_ENV, assigned_device, expert_compute_dtype, set_threads
 from workers.telemetry import Telemetry
 
+FloatExpert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per layer: w1 [I, D], w2 [D, I], w3 [I, D]
+Int8Expert = tuple[Int8Weight, Int8Weight, Int8Weight]
+
 
 @dataclass
 class WorkerStats:
-    expert: int
+    worker: int
+    experts: list[int]
     calls: int = 0
     forward_seconds: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    tokens: dict[int, int] = field(default_factory=dict)  # rows computed per expert, since start
 
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    expert: int
+    worker: int
+    experts: list[int]
     node_id: str
     gpu_ids: list[str]
     device: str
@@ -41,43 +52,110 @@ class WorkerInfo:
     threads: int
     huge_pages: bool  # started with HUGE_PAGES_ENV: torch asks for huge pages for its large allocations
     compute_dtype: str  # what its GEMMs run in (workers.device.expert_compute_dtype)
+    expert_dtype: str  # what its expert weights are held in
+    expert_bytes: int  # of the expert weights it holds
 
 
 class ExpertWorker:
     def __init__(
-        self, checkpoint: Checkpoint, expert: int, *, channel_secret: bytes, dtype: str | None = None, cpu_share: float = 1.0
+        self,
+        checkpoint: Checkpoint,
+        experts: int | Sequence[int],
+        *,
+        worker: int | None = None,
+        channel_secret: bytes,
+        dtype: str | None = None,
+        cpu_share: float = 1.0,
+        expert_dtype: ExpertDType | None = None,
     ) -> None:
-        self.expert = expert
+        held = [experts] if isinstance(experts, int) else list(experts)
+        self.worker = held[0] if worker is None else worker
         self.threads = set_threads(cpu_share)
         self.device = assigned_device()
-        args = checkpoint.args
+        self.args = args = checkpoint.args
         self.dtype = resolve_dtype(args, dtype)  # of the activations on the wire, as the coordinator's
-        # Held in the dtype the GEMMs are fast in here: a bf16 checkpoint on a CPU without bf16 matmul
-        # is upcast once, at load (exactly: every bf16 value is a float32 value).
-        self.compute_dtype = expert_compute_dtype(self.dtype, self.device)
+        self.expert_dtype = expert_dtype
+        # Float weights are held in the dtype the GEMMs are fast in here: a bf16 checkpoint on a CPU
+        # without bf16 matmul is upcast once, at load (exactly: every bf16 value is a float32 value).
+        # int8 weights compute in the wire's dtype, where torch's int8 kernel takes half activations.
+        self.compute_dtype = self.dtype if expert_dtype == "int8" else expert_compute_dtype(self.dtype, self.device)
         self.reader = checkpoint.reader()
-        weights = dict(
-            self.reader.read(names.expert_weights(args.num_hidden_layers, expert), dtype=self.dtype, device=self.device)
-        )
-        weights = {name: w.to(self.compute_dtype) for name, w in weights.items()}
-        # weights[layer] = (w1 [I, D], w2 [D, I], w3 [I, D])
-        self.layers = [
-            tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3"))
-            for layer in range(args.num_hidden_layers)
-        ]
-        self.stats = WorkerStats(expert)
+        self.experts: dict[int, list[FloatExpert] | list[Int8Expert]] = {}
+        self._loading = threading.Lock()  # the channel's threads and Ray's calls may both load
+        self.stats = WorkerStats(self.worker, [])
+        self.load_experts(held)
         self.telemetry = Telemetry(checkpoint.name)
-        limits = FrameLimits(cols=args.hidden_size, tags=range(args.num_hidden_layers))
+        limits = FrameLimits(cols=args.hidden_size, tags=range(args.num_hidden_layers), experts=range(args.num_local_experts))
         self.channel = ChannelServer(self.forward, secret=channel_secret, limits=limits)
 
+    def load_experts(self, experts: Sequence[int]) -> list[int]:
+        """Read these experts' tensors (only theirs) if not held yet; returns the experts held."""
+        with self._loading:
+            missing = [e for e in experts if e not in self.experts]
+            if missing:
+                self.experts = self.experts | {e: self._read_expert(e) for e in missing}
+                self.stats.experts = sorted(self.experts)
+            return sorted(self.experts)
+
+    def hold_only(self, experts: Sequence[int]) -> list[int]:
+        """Load these experts and drop every other one (a new map); returns the experts held."""
+        self.load_experts(experts)
+        with self._loading:
+            # A new dict, not deletions: a forward in flight keeps the one it started with.
+            self.experts = {e: w for e, w in self.experts.items() if e in experts}
+            self.stats.experts = sorted(self.experts)
+            return sorted(self.experts)
+
+    def _read_expert(self, expert: int) -> list[FloatExpert] | list[Int8Expert]:
+        layers = self.args.num_hidden_layers
+        weights = dict(self.reader.read(names.expert_weights(layers, expert), dtype=self.dtype, device=self.device))
+        per_layer = [tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3")) for layer in range(layers)]
+        if self.expert_dtype == "int8":
+            return [(quantize(w1), quantize(w2), quantize(w3)) for w1, w2, w3 in per_layer]
+        return [(w1.to(self.compute_dtype), w2.to(self.compute_dtype), w3.to(self.compute_dtype)) for w1, w2, w3 in per_layer]
+
     @torch.inference_mode()
-    def forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert FFN of `layer` on this expert's tokens: x [T_e, D] -> w2(silu(w1 x) * w3 x) [T_e, D]."""
+    def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ()) -> torch.Tensor:
+        """The experts' FFNs of `layer` on their rows of x: segment (e, n) is the next n rows, for
+        expert e; each gets w2(silu(w1 x) * w3 x).  x [T, D] -> [T, D]. No segments: all rows to the
+        worker's only expert."""
         start = time.perf_counter()
-        w1, w2, w3 = self.layers[layer]
-        y = expert_ffn(x.to(self.device, self.compute_dtype), w1, w2, w3).to("cpu", self.dtype)
+        if not segments:
+            if len(self.experts) != 1:
+                raise ValueError(f"worker {self.worker} holds experts {sorted(self.experts)}: say whose rows are whose")
+            segments = (Segment(next(iter(self.experts)), x.shape[0]),)
+        if sum(s.rows for s in segments) != x.shape[0]:
+            raise ValueError(f"segments {list(segments)} do not cover the {x.shape[0]} rows sent")
+        held = self.experts
+        if any(s.expert not in held for s in segments):
+            self.load_experts([s.expert for s in segments])
+            held = self.experts
+        x = x.to(self.device, self.compute_dtype)
+        outputs, row = [], 0
+        for expert, rows in segments:
+            outputs.append(self._expert_ffn(held[expert][layer], x[row : row + rows]))
+            row += rows
+            self.stats.tokens[expert] = self.stats.tokens.get(expert, 0) + rows
+        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).to("cpu", self.dtype)
         self._account(time.perf_counter() - start, x.nbytes, y.nbytes)
         return y
+
+    @staticmethod
+    def _expert_ffn(weights: FloatExpert | Int8Expert, x: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = weights
+        if isinstance(w1, Int8Weight):
+            assert isinstance(w2, Int8Weight) and isinstance(w3, Int8Weight)
+            return int8_expert_ffn(x, w1, w2, w3)
+        assert isinstance(w2, torch.Tensor) and isinstance(w3, torch.Tensor)
+        return expert_ffn(x, w1, w2, w3)
+
+    def expert_bytes(self) -> int:
+        return sum(
+            w.nbytes if isinstance(w, (Int8Weight, torch.Tensor)) else 0
+            for layers in list(self.experts.values())
+            for ws in layers
+            for w in ws
+        )
 
     def open_channel(self, coordinator_node: str) -> ChannelAddress:
         """Where the coordinator on node `coordinator_node` sends this worker its tokens (router.wire)."""
@@ -91,12 +169,12 @@ class ExpertWorker:
         self.stats.forward_seconds += seconds
         self.stats.bytes_in += bytes_in
         self.stats.bytes_out += bytes_out
-        self.telemetry.observe("moe_worker_forward_seconds", seconds, expert=self.expert)
-        self.telemetry.inc("moe_worker_bytes_in", bytes_in, expert=self.expert)
-        self.telemetry.inc("moe_worker_bytes_out", bytes_out, expert=self.expert)
+        self.telemetry.observe("moe_worker_forward_seconds", seconds, worker=self.worker)
+        self.telemetry.inc("moe_worker_bytes_in", bytes_in, worker=self.worker)
+        self.telemetry.inc("moe_worker_bytes_out", bytes_out, worker=self.worker)
 
     def worker_stats(self) -> WorkerStats:
-        """Calls, forward time and activation bytes in and out, since start."""
+        """Calls, forward time, activation bytes in and out and rows per expert, since start."""
         return self.stats
 
     def info(self) -> WorkerInfo:
@@ -105,7 +183,8 @@ class ExpertWorker:
 
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         return WorkerInfo(
-            expert=self.expert,
+            worker=self.worker,
+            experts=sorted(self.experts),
             node_id=ctx.get_node_id() if ctx else "local",
             gpu_ids=[str(g) for g in ray.get_gpu_ids()] if ctx else [],
             device=self.device,
@@ -113,6 +192,8 @@ class ExpertWorker:
             threads=self.threads,
             huge_pages=all(os.environ.get(k) == v for k, v in HUGE_PAGES_ENV.items()),
             compute_dtype=str(self.compute_dtype).removeprefix("torch."),
+            expert_dtype=self.expert_dtype or str(self.compute_dtype).removeprefix("torch."),
+            expert_bytes=self.expert_bytes(),
         )
 
     def read_log(self) -> ReadLog:

@@ -15,8 +15,9 @@ from cluster.engine.routing_metrics import RoutingMetrics
 from cluster.engine.scheduler import Engine
 from cluster.errors import UserError
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import DType, MixtralArgs, resolve_dtype
+from mixtral.config import DType, ExpertDType, MixtralArgs, resolve_dtype
 from mixtral.kv_spec import BLOCK_SIZE, GiB, KVSpec
+from router.expert_map import ExpertMap
 from router.load import ExpertLoad
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
@@ -30,6 +31,7 @@ from workers.telemetry import Telemetry
 @dataclass(frozen=True)
 class EngineOptions:
     dtype: DType | None = None  # None: the checkpoint's own dtype
+    expert_dtype: ExpertDType | None = None  # int8: weight-only int8 experts (mixtral.int8); None: as dtype
     max_num_seqs: int = 64  # cap on running sequences; more wait in a queue
     max_num_batched_tokens: int = 2048  # per-step token budget (decode tokens + prefill chunks)
     max_waiting: int | None = 256  # requests queued beyond the running ones; more are refused (503). None: unbounded
@@ -52,9 +54,15 @@ class EngineOptions:
 
 
 def build_engine(
-    checkpoint: Checkpoint, transport: ExpertTransport, options: EngineOptions, *, device: str = "cpu"
+    checkpoint: Checkpoint,
+    transport: ExpertTransport,
+    options: EngineOptions,
+    *,
+    device: str = "cpu",
+    expert_map: ExpertMap | None = None,
 ) -> Engine[Coordinator]:
-    """The coordinator over `transport` (with a routing trace when one was asked for) and the scheduler over it."""
+    """The coordinator over `transport`, whose workers hold the experts as `expert_map` says (None:
+    one expert per worker), with a routing trace when one was asked for, and the scheduler over it."""
     args = checkpoint.args
     load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
     observers: list[RoutingObserver] = [RoutingMetrics(Telemetry(checkpoint.name), load)]
@@ -80,6 +88,7 @@ def build_engine(
         load=load,
         observers=observers,
         overlap_min_tokens=options.overlap_min_tokens,
+        expert_map=expert_map,
     )
     kv = KVManager(
         BlockPool(coordinator.cache.num_blocks),
@@ -107,13 +116,18 @@ def check_kv_budget(args: MixtralArgs, options: EngineOptions) -> None:
         raise UserError(problem)
 
 
-def local_engine(checkpoint: Checkpoint, options: EngineOptions = EngineOptions()) -> Engine[Coordinator]:
-    """Every expert in this process: for tests, and as the one-process baseline."""
-    experts = [
-        ExpertWorker(checkpoint, e, channel_secret=new_secret(), dtype=options.dtype)
-        for e in range(checkpoint.args.num_local_experts)
+def local_engine(
+    checkpoint: Checkpoint, options: EngineOptions = EngineOptions(), expert_map: ExpertMap | None = None
+) -> Engine[Coordinator]:
+    """Every expert worker in this process: for tests, and as the one-process baseline."""
+    expert_map = expert_map or ExpertMap.one_per_worker(checkpoint.args.num_local_experts)
+    workers = [
+        ExpertWorker(
+            checkpoint, experts, worker=w, channel_secret=new_secret(), dtype=options.dtype, expert_dtype=options.expert_dtype
+        )
+        for w, experts in enumerate(expert_map.workers)
     ]
-    return build_engine(checkpoint, LocalTransport(experts), options)
+    return build_engine(checkpoint, LocalTransport(workers), options, expert_map=expert_map)
 
 
 def channel_transport(workers: list[Any], secret: bytes, *, timeout_s: float = 60.0) -> ChannelTransport:
@@ -123,7 +137,10 @@ def channel_transport(workers: list[Any], secret: bytes, *, timeout_s: float = 6
     return ChannelTransport(workers, ray.get_runtime_context().get_node_id(), secret, timeout_s=timeout_s)
 
 
-def engine_over_workers(checkpoint: Checkpoint, workers: list[Any], secret: bytes, options: EngineOptions) -> Engine[Coordinator]:
-    """In a Ray actor: the engine over expert worker actors (their channel secret given), on the device Ray assigned."""
+def engine_over_workers(
+    checkpoint: Checkpoint, workers: list[Any], secret: bytes, options: EngineOptions, expert_map: ExpertMap | None = None
+) -> Engine[Coordinator]:
+    """In a Ray actor: the engine over expert worker actors (their channel secret given), holding
+    experts as `expert_map` says, on the device Ray assigned."""
     transport = channel_transport(workers, secret, timeout_s=options.expert_timeout_s)
-    return build_engine(checkpoint, transport, options, device=assigned_device())
+    return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map)

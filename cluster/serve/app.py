@@ -15,15 +15,17 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, DeploymentAct
 
 from cluster.engine.build import EngineOptions, check_kv_budget
 from cluster.errors import UserError
-from cluster.placement import bundles, check_placeable, fitted, wants_gpus
-from cluster.placement_options import PlacementOptions
+from cluster.placement import bundles, check_placeable, fitted, layout_here
+from cluster.placement_options import PlacementOptions, resolve_expert_map
 from cluster.serve.args import ServeArgs
 from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import ON_HEAD, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
 from mixtral.checkpoint import Checkpoint
+from mixtral.config import MixtralArgs
 from mixtral.synthetic import resolve_checkpoint
+from router.expert_map import ExpertMap
 from workers.device import HUGE_PAGES_ENV
 
 GRPC_SERVICER = "protos.moe_pb2_grpc.add_MoEServiceServicer_to_server"
@@ -43,6 +45,16 @@ def engine_options(args: ServeArgs) -> EngineOptions:
         kv_cache_memory_gb=args.kv_cache_memory,
         prefix_caching=args.prefix_caching,
         trace_path=args.trace_path,
+        expert_dtype=args.expert_dtype,
+    )
+
+
+def expert_map(args: ServeArgs, model_args: MixtralArgs) -> ExpertMap | None:
+    return resolve_expert_map(
+        model_args.num_local_experts,
+        experts_per_worker=args.experts_per_worker,
+        replicate_hot=args.replicate_hot,
+        map_path=args.expert_map,
     )
 
 
@@ -51,9 +63,12 @@ def build_app(args: ServeArgs) -> Application:
     model_args = checkpoint.args
     engine = engine_options(args)
     check_kv_budget(model_args, engine)  # a budget too small for one sequence fails here, not in a replica
-    placement = fitted(model_args, PlacementOptions(strategy=args.strategy, use_gpus=ACCELERATOR[args.accelerator]))
-    gpus, coordinator_gpu = wants_gpus(model_args, placement)
-    replica_bundles = bundles(model_args, placement, gpus=gpus, coordinator_gpu=coordinator_gpu)
+    placement = fitted(
+        model_args,
+        PlacementOptions(strategy=args.strategy, use_gpus=ACCELERATOR[args.accelerator], expert_map=expert_map(args, model_args)),
+    )
+    layout = layout_here(model_args, placement)
+    replica_bundles = bundles(layout, placement)
     if args.accelerator != "gpu":  # asked-for GPUs may be on nodes an autoscaler has yet to start
         check_placeable(replica_bundles, args.strategy)
     engine_server = serve.deployment(EngineServer).options(
@@ -61,7 +76,7 @@ def build_app(args: ServeArgs) -> Application:
         placement_group_strategy=args.strategy,
         ray_actor_options={
             "num_cpus": placement.coordinator_cpus,
-            "num_gpus": 1 if coordinator_gpu else 0,
+            "num_gpus": 1 if layout.coordinator_gpu else 0,
             "runtime_env": {
                 "env_vars": HUGE_PAGES_ENV | {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": AUTOSCALING_METRICS_PUSH_S}
             },
@@ -80,7 +95,7 @@ def build_app(args: ServeArgs) -> Application:
         **replicas(args),
     )
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
-        engine_server.bind(checkpoint, engine, placement, gpus),
+        engine_server.bind(checkpoint, engine, placement, layout),
         str(checkpoint.path),
         args.model_name or checkpoint.name,
         args.guardrail,

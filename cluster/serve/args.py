@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.placement_options import Strategy
-from mixtral.config import DType
+from mixtral.config import DType, ExpertDType
 
 
 class ServeArgs(BaseModel):
@@ -32,6 +32,22 @@ class ServeArgs(BaseModel):
     )
     prefix_caching: bool = Field(True, description="Share the KV blocks of common prompt prefixes between requests.")
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
+    experts_per_worker: int | None = Field(
+        None, ge=1, description="Experts each worker holds (one call per worker and layer carries all their tokens); default 1."
+    )
+    replicate_hot: int = Field(
+        0,
+        ge=0,
+        description="Extra expert copies spread over the workers; tokens split between copies. Rebalancing "
+        "(moe-cluster experts rebalance) moves them to the experts that measured load says are hot.",
+    )
+    expert_map: str | None = Field(
+        None,
+        description="A JSON expert map: which worker holds which experts, and its kind (gpu, cpu, auto); plan --emit writes one.",
+    )
+    expert_dtype: ExpertDType | None = Field(
+        None, description="int8: weight-only int8 experts (per-channel scales), half the bytes of bf16; default: dtype."
+    )
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto",
         description="gpu: the coordinator and every expert worker take a GPU (set it where an autoscaler brings "
@@ -82,6 +98,8 @@ class ServeArgs(BaseModel):
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         if self.api_key is not None and self.api_key_env is not None:
             raise ValueError("give api_key or api_key_env, not both")
+        if self.expert_map is not None and self.experts_per_worker is not None:
+            raise ValueError("expert_map and experts_per_worker both say where the experts go; give one of them")
         return self
 
     @property

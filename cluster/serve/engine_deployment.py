@@ -24,7 +24,7 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.build import EngineOptions, engine_over_workers
 from cluster.engine.protocol import ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
-from cluster.placement import start_workers, wait_loaded
+from cluster.placement import ReplicaLayout, start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions
 from cluster.serve.fleet import fleet_load, fleet_metrics, fleet_stats
 from cluster.serve.replica_registry import HEARTBEAT_S, REGISTRY_ACTOR, ReplicaSnapshot
@@ -50,7 +50,7 @@ def resident_bytes() -> int:
 
 
 class EngineServer:
-    def __init__(self, checkpoint: Checkpoint, engine: EngineOptions, placement: PlacementOptions, gpus: bool) -> None:
+    def __init__(self, checkpoint: Checkpoint, engine: EngineOptions, placement: PlacementOptions, layout: ReplicaLayout) -> None:
         import ray
         from ray import serve
 
@@ -61,10 +61,10 @@ class EngineServer:
         pg = ray.util.get_current_placement_group()
         assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
         secret = new_secret()  # per replica: only this coordinator can talk to its workers
-        self.workers = start_workers(checkpoint, pg, secret=secret, dtype=engine.dtype, placement=placement, gpus=gpus)
+        self.workers = start_workers(checkpoint, pg, secret=secret, engine=engine, placement=placement, layout=layout)
         wait_loaded([w.info.remote() for w in self.workers], progress=False)
         self.engine = AsyncEngine(
-            engine_over_workers(checkpoint, self.workers, secret, engine),
+            engine_over_workers(checkpoint, self.workers, secret, engine, layout.expert_map),
             Telemetry(checkpoint.name),
             max_waiting=engine.max_waiting,
         )
@@ -155,7 +155,9 @@ class EngineServer:
         workers = ray.get([w.worker_stats.remote() for w in self.workers], timeout=self.ping_timeout_s)
         rows = [
             {
-                "expert": w.expert,
+                "worker": w.worker,
+                "experts": w.experts,
+                "tokens": sum(w.tokens.values()),
                 "calls": w.calls,
                 "forward_ms": 1e3 * w.forward_seconds,
                 "bytes_in": w.bytes_in,

@@ -51,10 +51,14 @@ def load_table(report: dict[str, Any]) -> str:
     lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     if report.get("workers"):
         lines.append("")
-        lines.append("expert  calls  forward_ms  MB_in  MB_out")
+        lines.append("worker  experts       tokens  calls  forward_ms  MB_in  MB_out")
         for w in report["workers"]:
             mb_in, mb_out = w["bytes_in"] / 1e6, w["bytes_out"] / 1e6
-            lines.append(f"{w['expert']:>6}  {w['calls']:>5}  {w['forward_ms']:>10.1f}  {mb_in:>5.1f}  {mb_out:>6.1f}")
+            experts = ",".join(str(e) for e in w["experts"])
+            lines.append(
+                f"{w['worker']:>6}  {experts:<12}  {w['tokens']:>6}  {w['calls']:>5}  {w['forward_ms']:>10.1f}  "
+                f"{mb_in:>5.1f}  {mb_out:>6.1f}"
+            )
     return "\n".join(lines)
 
 

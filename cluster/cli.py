@@ -345,6 +345,10 @@ def bench(
     ] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Compute dtype; default: the checkpoint's.")] = None,
     kv_cache_memory: Annotated[Optional[float], typer.Option(help="KV cache memory in GiB, as serve's.")] = None,
+    experts_per_worker: Annotated[Optional[int], typer.Option(help="Experts each worker holds, as serve's.")] = None,
+    replicate_hot: Annotated[int, typer.Option(help="Extra expert copies over the workers, as serve's.")] = 0,
+    expert_map: Annotated[Optional[str], typer.Option(help="JSON expert map, as serve's.")] = None,
+    expert_dtype: Annotated[Optional[ExpertDType], typer.Option(help="int8: weight-only int8 experts.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for bench.json, bench.png and profile.json.")] = Path("bench-out"),
     repeats: Annotated[
         int,
@@ -355,6 +359,7 @@ def bench(
     """Measure output tokens/s, TTFT and TPOT, against transformers in the same run."""
     from cluster.bench.run import BenchSpec, run_bench, summary
     from cluster.engine.build import EngineOptions, check_kv_budget
+    from cluster.placement_options import resolve_expert_map
     from mixtral.checkpoint import Checkpoint
     from mixtral.synthetic import resolve_checkpoint
 
@@ -377,6 +382,9 @@ def bench(
         if prompt_len + output_len > context:
             raise UserError(f"--prompt-len {prompt_len} + --output-len {output_len} exceeds the model's context of {context}")
         check_kv_budget(opened.args, EngineOptions(dtype=dtype, kv_cache_memory_gb=kv_cache_memory))
+        the_map = resolve_expert_map(
+            opened.args.num_local_experts, experts_per_worker=experts_per_worker, replicate_hot=replicate_hot, map_path=expert_map
+        )
         opened.reader().verify()
         start_ray()
         report = run_bench(
@@ -393,12 +401,40 @@ def bench(
                 requests=requests,
                 hf_batch_size=hf_batch_size,
                 kv_cache_memory_gb=kv_cache_memory,
+                expert_map=the_map,
+                expert_dtype=expert_dtype,
             )
         )
     print(summary(report))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}", file=sys.stderr)
     if as_json:
         print(json.dumps({"results": report["results"], "machine": report["machine"]}))
+
+
+@app.command()
+def agreement(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name (tiny, mini) made on first use.")],
+    expert_dtype: Annotated[ExpertDType, typer.Option(help="The expert weights' format to compare with float.")] = "int8",
+    dtype: Annotated[DType, typer.Option(help="Compute dtype of both runs.")] = "float32",
+    prompts: Annotated[int, typer.Option(help="Random prompts, generated together.")] = 16,
+    prompt_len: Annotated[int, typer.Option(help="Tokens per prompt.")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Greedy tokens per prompt.")] = 64,
+) -> None:
+    """How often int8 experts give the same greedy tokens as float ones (both in this process)."""
+    from cluster.bench.agreement import greedy_agreement
+    from mixtral.checkpoint import Checkpoint
+    from mixtral.synthetic import resolve_checkpoint
+
+    with user_errors():
+        if min(prompts, prompt_len, max_tokens) < 1:
+            raise UserError("--prompts, --prompt-len and --max-tokens must be at least 1")
+        opened = Checkpoint.open(resolve_checkpoint(checkpoint))
+        if prompt_len + max_tokens > opened.args.max_position_embeddings:
+            raise UserError(f"--prompt-len + --max-tokens exceeds the model's context of {opened.args.max_position_embeddings}")
+        result = greedy_agreement(
+            opened, expert_dtype=expert_dtype, dtype=dtype, prompts=prompts, prompt_len=prompt_len, max_tokens=max_tokens
+        )
+    print(result.summary(opened.name, expert_dtype))
 
 
 @app.command()

@@ -120,6 +120,8 @@ class ExpertWorker:
         expert e; each gets w2(silu(w1 x) * w3 x).  x [T, D] -> [T, D]. No segments: all rows to the
         worker's only expert."""
         start = time.perf_counter()
+        if not segments and x.shape[0] == 0:  # a wake-up with no tokens (the benchmark's dispatch round trip)
+            return torch.empty(0, x.shape[1], dtype=self.dtype)
         if not segments:
             if len(self.experts) != 1:
                 raise ValueError(f"worker {self.worker} holds experts {sorted(self.experts)}: say whose rows are whose")

@@ -127,13 +127,16 @@ def measure_dispatch(workers: list[Any], secret: bytes, hidden: int, dtype: str)
     transport, with no tokens: the channel and the workers' wake-ups, not their compute, which
     `expert_ms` already counts."""
     from cluster.engine.build import channel_transport
+    from router.transport import WorkerBatch
 
     transport = channel_transport(workers, secret)
     x = torch.zeros(0, hidden, dtype=getattr(torch, dtype))
     out = {}
     try:
         for busy in sorted({1, 2, len(workers)}):
-            out[str(busy)] = _ms(lambda busy=busy: transport.gather(transport.submit(0, {e: x for e in range(busy)})), 15)
+            out[str(busy)] = _ms(
+                lambda busy=busy: transport.gather(transport.submit(0, {w: WorkerBatch(x, ()) for w in range(busy)})), 15
+            )
     finally:
         transport.close()
     return out

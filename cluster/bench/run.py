@@ -28,7 +28,8 @@ from cluster.placement import bring_up
 from cluster.placement_options import PlacementOptions
 from cluster.planning.profile import CALIBRATION_BATCH, TOKEN_COUNTS, Profile
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import DType
+from mixtral.config import DType, ExpertDType
+from router.expert_map import ExpertMap
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class BenchSpec:
     requests: int = 64  # mixed: how many (prompt_len and output_len are then the largest drawn)
     hf_batch_size: int | None = None  # mixed: the baseline's static batch; None: all requests in one
     kv_cache_memory_gb: float | None = None
+    expert_map: ExpertMap | None = None  # None: one expert per worker
+    expert_dtype: ExpertDType | None = None
 
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
@@ -72,7 +75,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         return run_mixed(spec, machine)
     cluster = bring_up(
         spec.checkpoint,
-        placement=PlacementOptions(),
+        placement=PlacementOptions(expert_map=spec.expert_map),
         engine=engine_options(spec, max_num_seqs=max(spec.concurrency)),
     )
     ours: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
@@ -120,6 +123,8 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "results": rows,
         "expert_load": load,
         "expert_compute_dtype": compute_dtype(cluster.worker_info),
+        "expert_map": cluster.layout.expert_map.to_json(),
+        "expert_dtype": spec.expert_dtype,
     }
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -132,7 +137,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
 
 def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
     """The mixed workload (cluster.bench.mixed) on a cluster of its own."""
-    cluster = bring_up(spec.checkpoint, placement=PlacementOptions(), engine=engine_options(spec))
+    cluster = bring_up(spec.checkpoint, placement=PlacementOptions(expert_map=spec.expert_map), engine=engine_options(spec))
     try:
         return mixed_on(cluster.coordinator, spec, machine, expert_compute_dtype=compute_dtype(cluster.worker_info))
     finally:
@@ -188,7 +193,13 @@ def mixed_on(coordinator: Any, spec: BenchSpec, machine: Machine, *, expert_comp
 def engine_options(spec: BenchSpec, **options: Any) -> EngineOptions:
     # Prefix caching off: the same prompts come back in the warm-up, the calibration runs and every
     # repeat, and served from the cache they would measure the cache rather than the engine.
-    return EngineOptions(dtype=spec.dtype, kv_cache_memory_gb=spec.kv_cache_memory_gb, prefix_caching=False, **options)
+    return EngineOptions(
+        dtype=spec.dtype,
+        kv_cache_memory_gb=spec.kv_cache_memory_gb,
+        prefix_caching=False,
+        expert_dtype=spec.expert_dtype,
+        **options,
+    )
 
 
 def machine_dict(machine: Machine) -> dict[str, Any]:

@@ -320,6 +320,31 @@ def stats(
         print(f"heat map: {plot_heatmap(report, plot)}", file=sys.stderr)
 
 
+experts_app = typer.Typer(help="The expert map of a running server.", no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
+
+
+@experts_app.command("rebalance")
+def rebalance(
+    url: Annotated[str, typer.Argument(help="Base URL of a running `moe-cluster serve`.")] = "http://127.0.0.1:8000",
+    max_experts_per_worker: Annotated[
+        Optional[int], typer.Option(help="Most experts a worker may hold; default: as many as the current map's fullest.")
+    ] = None,
+    copies: Annotated[Optional[int], typer.Option(help="Expert copies in all; default: as many as the current map has.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON result.")] = False,
+    api_key: Annotated[Optional[str], typer.Option(help="The server's --api-key, if it has one.")] = None,
+) -> None:
+    """Recompute the expert map from the load measured since the last rebalance, and apply it live."""
+    from cluster.serve.stats_view import post_rebalance, rebalance_summary
+
+    with user_errors():
+        if (max_experts_per_worker is not None and max_experts_per_worker < 1) or (copies is not None and copies < 1):
+            raise UserError("--max-experts-per-worker and --copies must be at least 1")
+        body = {k: v for k, v in {"max_experts_per_worker": max_experts_per_worker, "copies": copies}.items() if v is not None}
+        result = post_rebalance(url, body, api_key)
+    print(json.dumps(result) if as_json else rebalance_summary(result))
+
+
 @app.command()
 def bench(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory, or a preset name (tiny, mini) made on first use.")],

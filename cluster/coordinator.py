@@ -119,6 +119,7 @@ class Coordinator:
         observers: Sequence[RoutingObserver] = (),
         overlap_min_tokens: int | None = None,
         expert_map: ExpertMap | None = None,
+        worker_load: WorkerLoad | None = None,
     ) -> None:
         self.args = args = checkpoint.args
         self.dtype = dtype
@@ -140,7 +141,8 @@ class Coordinator:
         self.overlap_min_tokens = overlap_min_tokens  # None, or steps with fewer tokens: one micro-batch
         # Where the experts are; a new map (rebalancing) takes effect at the next step, never within one.
         self.expert_map = expert_map or ExpertMap.one_per_worker(args.num_local_experts)
-        self.worker_load = WorkerLoad(self.expert_map.num_workers)
+        self.step_map: ExpertMap | None = None  # the map of the step running now, if one is
+        self.worker_load = worker_load or WorkerLoad(self.expert_map.num_workers)
 
     @torch.inference_mode()
     def forward(
@@ -154,7 +156,7 @@ class Coordinator:
         lengths = [len(t) for t in tokens]
         parts = split_for_overlap(lengths, self.overlap_min_tokens)
         batches = [self._micro_batch(tokens[part], starts[part], blocks[part], first_block[part]) for part in parts]
-        expert_map = self.expert_map  # one map for the whole step
+        self.step_map = expert_map = self.expert_map  # one map for the whole step
         # Each micro-batch's pass yields while its experts work, and the other's takes its turn.
         try:
             for _ in itertools.zip_longest(*(self._layers(mb, expert_map) for mb in batches)):
@@ -162,6 +164,8 @@ class Coordinator:
         except BaseException:
             self.transport.abandon()  # nothing of this step may be sent again or taken for a later one's
             raise
+        finally:
+            self.step_map = None
         self.observer.step_done()
         last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
         return F.linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()

@@ -123,6 +123,8 @@ def start_workers(
             # again. Without limit: a replica must outlive any number of worker deaths.
             max_restarts=-1,
             max_task_retries=-1,
+            # Pings and new channels are answered while it reads the experts a rebalance gives it.
+            max_concurrency=4,
             runtime_env={"env_vars": HUGE_PAGES_ENV},
         ).remote(
             checkpoint,

@@ -96,6 +96,7 @@ class WorkerLoad:
 
     def __init__(self, num_workers: int) -> None:
         self.rows = [0] * num_workers
+        self._mark = [0] * num_workers  # rows at the start of the window (the last rebalance)
 
     def record(self, rows: dict[int, int]) -> None:
         for worker, n in rows.items():
@@ -104,7 +105,9 @@ class WorkerLoad:
     def snapshot(self) -> list[int]:
         return list(self.rows)
 
+    def mark(self) -> None:
+        self._mark = self.snapshot()
 
-def window_balancedness(before: list[int], after: list[int]) -> float:
-    """Balancedness of the rows per worker added between two WorkerLoad snapshots."""
-    return balancedness([b - a for a, b in zip(before, after)])
+    def window(self) -> list[int]:
+        """Rows per worker since the last mark."""
+        return [a - b for a, b in zip(self.rows, self._mark)]

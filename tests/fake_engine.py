@@ -16,6 +16,7 @@ import uvicorn
 
 from cluster.engine.protocol import EngineOverloaded, ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
+from cluster.errors import UserError
 from cluster.serve.frontend import Frontend
 from cluster.serve.grpc_service import MoEServicer
 from cluster.serve.http import make_api
@@ -70,6 +71,11 @@ class FakeEngine:
 
     async def stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "steps": len(self.requests), "kv_cache_usage": 0.25}
+
+    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
+        if copies is not None and copies < 2:
+            raise UserError(f"2 experts need at least 2 copies, not {copies}")
+        return {"balancedness_before": 0.5, "balancedness_predicted": 1.0, "copies": copies}
 
     async def metrics(self) -> bytes:
         return b"# TYPE moe_fake_steps counter\nmoe_fake_steps_total %d\n" % len(self.requests)

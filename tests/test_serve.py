@@ -28,7 +28,7 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2_grpc
 from tests.reference import hf_greedy, hf_model
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, run_cli_here
 from tests.test_edge import completion, grpc_request, post
 from tests.test_parity import random_prompts
 
@@ -322,6 +322,27 @@ def test_expert_counters_sum_to_routed_tokens_and_table_agrees(server: Server, c
     assert engine["kv_blocks"] * 16 * per_token == engine["kv_cache_bytes"] == server.stats()["kv_cache_bytes"]
     assert engine["prefix_cache_queried_tokens"] >= sum(map(len, prompts)) and 0 <= engine["kv_cache_usage"] <= 1
     assert f"of {engine['kv_blocks']} blocks used" in proc.stdout
+
+
+def test_rebalance_gives_hot_experts_copies_live_and_changes_no_token(server: Server, cli_env) -> None:  # type: ignore[no-untyped-def]
+    prompt = random_prompts([7], 32000, seed=12)[0]
+    first = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **GREEDY)
+    url = f"http://127.0.0.1:{server.http_port}"
+    proc = run_cli_here("experts", "rebalance", url, "--copies", "12", "--max-experts-per-worker", "2", "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    held = [w["experts"] for w in result["expert_map"]["workers"]]
+    assert result["changed"] and len(held) == 8 and sum(map(len, held)) == 12 and all(len(h) <= 2 for h in held)
+    assert sorted({e for h in held for e in h}) == list(range(8))
+    assert result["balancedness_predicted"] > 0 and result["window_tokens"] > 0
+    # The workers read their new experts while serving; they now hold what the map says.
+    load = get_json(server, "/v1/experts/load")
+    assert [w["experts"] for w in load["workers"]] == held
+    again = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **GREEDY)
+    assert again.choices[0].text == first.choices[0].text
+    assert get_json(server, "/v1/engine/stats")["replicas"][0]["expert_map"]["workers"] == result["expert_map"]["workers"]
+    summary = run_cli_here("experts", "rebalance", url, env=cli_env)  # the same slots and copies: a line either way
+    assert summary.returncode == 0 and "balancedness" in summary.stdout
 
 
 def test_prometheus_exposes_moe_series(server: Server, metrics_port: int) -> None:

@@ -18,7 +18,7 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.config import DType, ExpertDType, MixtralArgs, resolve_dtype
 from mixtral.kv_spec import BLOCK_SIZE, GiB, KVSpec
 from router.expert_map import ExpertMap
-from router.load import ExpertLoad
+from router.load import ExpertLoad, WorkerLoad
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
 from router.transport import ChannelTransport, ExpertTransport, LocalTransport
@@ -65,7 +65,9 @@ def build_engine(
     one expert per worker), with a routing trace when one was asked for, and the scheduler over it."""
     args = checkpoint.args
     load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
-    observers: list[RoutingObserver] = [RoutingMetrics(Telemetry(checkpoint.name), load)]
+    expert_map = expert_map or ExpertMap.one_per_worker(args.num_local_experts)
+    worker_load = WorkerLoad(expert_map.num_workers)
+    observers: list[RoutingObserver] = [RoutingMetrics(Telemetry(checkpoint.name), load, worker_load)]
     if options.trace_path:
         observers.append(
             TraceWriter(
@@ -89,6 +91,7 @@ def build_engine(
         observers=observers,
         overlap_min_tokens=options.overlap_min_tokens,
         expert_map=expert_map,
+        worker_load=worker_load,
     )
     kv = KVManager(
         BlockPool(coordinator.cache.num_blocks),

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from router.load import ExpertLoad, balancedness
+from router.load import ExpertLoad, WorkerLoad, balancedness
 from router.routing import RoutingPlan
 from workers.telemetry import Telemetry
 
 
 class RoutingMetrics:
-    """Per layer: tokens per expert, the round trip, and the load's balancedness and entropy so far."""
+    """Per layer: tokens per expert, the round trip, and the load's balancedness and entropy so far;
+    per step: the balancedness of rows per worker since the last rebalance."""
 
-    def __init__(self, telemetry: Telemetry, load: ExpertLoad) -> None:
+    def __init__(self, telemetry: Telemetry, load: ExpertLoad, worker_load: WorkerLoad) -> None:
         self.telemetry = telemetry
         self.load = load  # the totals since start, recorded before this observer is called
+        self.worker_load = worker_load
 
     def layer_routed(self, layer: int, plan: RoutingPlan, seconds: float) -> None:
         t, load = self.telemetry, self.load
@@ -23,4 +25,4 @@ class RoutingMetrics:
         t.set("moe_router_entropy", load.entropy_sum[layer] / max(1, load.tokens[layer]), layer=layer)
 
     def step_done(self) -> None:
-        pass
+        self.telemetry.set("moe_worker_balancedness", balancedness(self.worker_load.window()))

@@ -23,12 +23,14 @@ from typing import Any
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.build import EngineOptions, engine_over_workers
 from cluster.engine.protocol import ModelInfo, TokenEvent
+from cluster.engine.rebalance import Rebalancer, ray_calls
 from cluster.engine.sampling import SamplingParams
 from cluster.placement import ReplicaLayout, start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions
 from cluster.serve.fleet import fleet_load, fleet_metrics, fleet_stats
 from cluster.serve.replica_registry import HEARTBEAT_S, REGISTRY_ACTOR, ReplicaSnapshot
 from mixtral.checkpoint import Checkpoint
+from router.load import balancedness
 from router.trace import replica_trace_path
 from router.wire import new_secret
 from workers.device import set_coordinator_threads
@@ -74,6 +76,12 @@ class EngineServer:
         self.expert_compute_dtype = "/".join(sorted({i.compute_dtype for i in infos}))
         log.info("experts compute in %s (checkpoint dtype %s)", self.expert_compute_dtype, self.coordinator.dtype)
         self.max_num_seqs = engine.max_num_seqs
+        self.rebalancer = Rebalancer(
+            self.coordinator,
+            load_experts=ray_calls(self.workers, "load_experts"),
+            hold_only=ray_calls(self.workers, "hold_only"),
+            telemetry=Telemetry(checkpoint.name),
+        )
         self._registry_handle: Any = serve.get_deployment_actor(REGISTRY_ACTOR)
         self._published_at = 0.0  # time.monotonic() of the last publish
         self._stopping = threading.Event()
@@ -91,12 +99,20 @@ class EngineServer:
 
     def own_stats(self) -> dict[str, Any]:
         """This replica's engine state (scheduler.Engine.stats), its KV pool's bytes, its resident memory,
-        and the dtype its experts compute in."""
+        the dtype its experts compute in, its expert map and how evenly its workers are loaded."""
         return self.engine.stats() | {
             "kv_cache_bytes": self.coordinator.cache.nbytes,
             "resident_bytes": resident_bytes(),
             "expert_compute_dtype": self.expert_compute_dtype,
+            "expert_map": self.coordinator.expert_map.to_json(),
+            "worker_balancedness": balancedness(self.coordinator.worker_load.window()),
         }
+
+    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
+        """This replica's expert map recomputed from its load since its last rebalance, and applied live."""
+        result = await asyncio.to_thread(self.rebalancer.rebalance, max_experts_per_worker=max_experts_per_worker, copies=copies)
+        log.info("rebalanced experts: %s", result.to_json())
+        return result.to_json() | {"replica": self.replica}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What cluster.serve.autoscaling.EngineLoadPolicy reads; Serve calls it on the replica's metrics period."""

@@ -4,6 +4,7 @@ GET  /health                 the engine's health (workers and loop), 200 or 5xx
 GET  /metrics                Prometheus text: every replica's moe_ series, labelled by replica (no API key, as vLLM)
 GET  /v1/models              the served model
 GET  /v1/experts/load        tokens per expert per layer since start, with balancedness, worker stats, per replica
+POST /v1/experts/rebalance   a new expert map from the load since the last rebalance, applied live (one replica)
 GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage, preemptions, prefix-cache hits, per replica
 POST /v1/completions         text or token-id prompts; SSE with `stream`
 POST /v1/chat/completions    messages in the Mixtral instruct format; SSE with `stream`
@@ -20,8 +21,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.errors import UserError
 from cluster.serve.frontend import Delta, Frontend
-from cluster.serve.openai_api import MAX_BODY_BYTES, ApiError, ChatCompletionRequest, CompletionRequest, parse_body
+from cluster.serve.openai_api import (
+    MAX_BODY_BYTES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RebalanceRequest,
+    parse_body,
+)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -233,6 +242,16 @@ def make_api(frontend: Frontend) -> FastAPI:
     @api.get("/v1/experts/load", dependencies=v1)
     async def experts_load() -> dict[str, Any]:
         return {"model": frontend.model_name} | await frontend.engine.expert_load()
+
+    @api.post("/v1/experts/rebalance", dependencies=v1)
+    async def experts_rebalance(request: Request) -> dict[str, Any]:
+        raw = await read_body(request)
+        body: RebalanceRequest = parse_body(raw or b"{}", RebalanceRequest)
+        try:
+            result = await frontend.engine.rebalance(body.max_experts_per_worker, body.copies)
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
+        return {"model": frontend.model_name} | result
 
     @api.get("/v1/engine/stats", dependencies=v1)
     async def engine_stats() -> dict[str, Any]:

@@ -55,6 +55,9 @@ class HandleEngine:
     async def metrics(self) -> bytes:
         return await self.handle.metrics.remote()
 
+    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
+        return await self.handle.rebalance.remote(max_experts_per_worker, copies)
+
     async def check_health(self) -> None:
         await self.handle.check_health.remote()
 

@@ -125,6 +125,14 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
 
 
+class RebalanceRequest(BaseModel):
+    """POST /v1/experts/rebalance: both optional; by default the current map's slots and copies."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_experts_per_worker: Annotated[int | None, Field(ge=1)] = None
+    copies: Annotated[int | None, Field(ge=1)] = None
+
+
 def _no_constants(name: str) -> Any:
     raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number")
 

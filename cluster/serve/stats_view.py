@@ -19,11 +19,29 @@ def fetch_engine_stats(url: str, api_key: str | None = None) -> dict[str, Any]:
     return fetch_json(url, "/v1/engine/stats", api_key)
 
 
-def fetch_json(url: str, path: str, api_key: str | None) -> dict[str, Any]:
+def post_rebalance(url: str, body: dict[str, int], api_key: str | None = None) -> dict[str, Any]:
+    return fetch_json(url, "/v1/experts/rebalance", api_key, body=body)
+
+
+def rebalance_summary(result: dict[str, Any]) -> str:
+    if not result["changed"]:
+        return f"balancedness {result['balancedness_before']:.3f} over {result['window_tokens']} routed tokens; the map stays"
+    moved = "; ".join(f"worker {w} +{e}" for w, e in result["loaded"].items())
+    return (
+        f"balancedness {result['balancedness_before']:.3f} -> {result['balancedness_predicted']:.3f} (predicted from "
+        f"{result['window_tokens']} routed tokens); {moved}; in {result['seconds']:.1f} s"
+    )
+
+
+def fetch_json(url: str, path: str, api_key: str | None, *, body: dict[str, Any] | None = None) -> dict[str, Any]:
     endpoint = url.rstrip("/") + path
-    request = urllib.request.Request(endpoint, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        endpoint, data=data, headers=headers | ({"Content-Type": "application/json"} if data else {})
+    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=600 if data else 30) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as e:
         raise UserError(f"{endpoint} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None

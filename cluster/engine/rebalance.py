@@ -1,0 +1,132 @@
+"""Rebalancing from live load: a new expert map from the measured window, applied while serving.
+
+    window    = tokens per expert (all layers) and rows per worker since the last rebalance
+    new map   = balanced_map(window load, same workers, slots and copies)   # router.expert_map
+    load      = each worker reads the experts it gains          # while the old map serves
+    switch    = coordinator.expert_map = new                    # takes effect at the next step
+    drop      = once no step runs on the old map, workers let go of what they lost
+
+A step runs on one map from start to end, so no request is lost or changed by the switch (its
+tokens are computed by the same experts, on other workers). A worker that is asked for an expert
+it does not hold loads it first (workers.expert_worker), so even a worker restarted with its
+original experts mid-switch answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.coordinator import Coordinator
+from cluster.errors import UserError
+from router.expert_map import ExpertMap, ExpertMapError, balanced_map, total_copies, worker_loads
+from router.load import balancedness
+from workers.telemetry import Telemetry
+
+# experts per worker -> apply to every worker at once (Ray calls in parallel, or in-process calls)
+WorkerCall = Callable[[dict[int, list[int]]], None]
+SWITCH_WAIT_S = 600.0  # a step longer than this on the old map: drop anyway (a worker reloads on demand)
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    before: float  # balancedness of rows per worker measured over the window, on the old map
+    predicted: float  # the window's expert load spread over the new map
+    window_tokens: int  # routed (token, expert) pairs in the window, over all layers
+    expert_map: ExpertMap
+    loaded: dict[int, list[int]]  # worker -> experts it read for the new map
+    dropped: dict[int, list[int]]  # worker -> experts it let go
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "balancedness_before": self.before,
+            "balancedness_predicted": self.predicted,
+            "window_tokens": self.window_tokens,
+            "expert_map": self.expert_map.to_json(),
+            "loaded": {str(w): e for w, e in self.loaded.items()},
+            "dropped": {str(w): e for w, e in self.dropped.items()},
+            "seconds": self.seconds,
+            "changed": bool(self.loaded or self.dropped),
+        }
+
+
+def ray_calls(workers: Sequence[Any], method: str) -> WorkerCall:
+    """Call `method(experts)` on each named worker actor at once, and wait for all of them."""
+
+    def call(experts: dict[int, list[int]]) -> None:
+        import ray
+
+        ray.get([getattr(workers[w], method).remote(e) for w, e in experts.items()])
+
+    return call
+
+
+def local_calls(workers: Sequence[Any], method: str) -> WorkerCall:
+    def call(experts: dict[int, list[int]]) -> None:
+        for w, e in experts.items():
+            getattr(workers[w], method)(e)
+
+    return call
+
+
+class Rebalancer:
+    def __init__(
+        self, coordinator: Coordinator, *, load_experts: WorkerCall, hold_only: WorkerCall, telemetry: Telemetry
+    ) -> None:
+        self.coordinator = coordinator
+        self.load_experts, self.hold_only = load_experts, hold_only
+        self.telemetry = telemetry
+        self._lock = threading.Lock()  # one rebalance at a time
+        self._mark_experts = self._per_expert()
+        coordinator.worker_load.mark()
+
+    def _per_expert(self) -> list[int]:
+        return [sum(col) for col in zip(*self.coordinator.load.snapshot())]
+
+    def window(self) -> tuple[list[int], list[int]]:
+        """(tokens per expert over all layers, rows per worker) since the last rebalance."""
+        experts = [a - b for a, b in zip(self._per_expert(), self._mark_experts)]
+        return experts, self.coordinator.worker_load.window()
+
+    def rebalance(self, *, max_experts_per_worker: int | None = None, copies: int | None = None) -> Rebalance:
+        """Compute a map from the window's load and apply it live. Slots per worker and copies in all
+        default to the current map's (its most-loaded worker's count, and its total copies)."""
+        with self._lock:
+            start = time.perf_counter()
+            old = self.coordinator.expert_map
+            experts, rows = self.window()
+            if not sum(experts):
+                raise UserError("no tokens were routed since the last rebalance; send traffic first, then rebalance")
+            slots = max_experts_per_worker or max(len(h) for h in old.workers)
+            try:
+                new = balanced_map(experts, kinds=old.kinds, slots_per_worker=slots, copies=copies or total_copies(old))
+            except ExpertMapError as e:
+                raise UserError(str(e)) from None
+            before = balancedness(rows)
+            predicted = balancedness(worker_loads(new, experts))  # type: ignore[arg-type]
+            if predicted <= balancedness(worker_loads(old, experts)):  # type: ignore[arg-type]
+                new = old  # nothing better for this load: keep the map, and the weights where they are
+            gained = {w: sorted(set(n) - set(o)) for w, (o, n) in enumerate(zip(old.workers, new.workers)) if set(n) - set(o)}
+            lost = {w: sorted(set(o) - set(n)) for w, (o, n) in enumerate(zip(old.workers, new.workers)) if set(o) - set(n)}
+            if gained:
+                self.load_experts(gained)  # the old map serves meanwhile
+            self.coordinator.expert_map = new  # the next step runs on it
+            self._wait_off(old)
+            if lost:
+                self.hold_only({w: list(new.workers[w]) for w in lost})
+            self._mark_experts = self._per_expert()
+            self.coordinator.worker_load.mark()
+            self.telemetry.set("moe_rebalance_balancedness_before", before)
+            self.telemetry.set("moe_rebalance_balancedness_predicted", predicted)
+            self.telemetry.inc("moe_rebalances")
+            return Rebalance(before, predicted, sum(experts), new, gained, lost, time.perf_counter() - start)
+
+    def _wait_off(self, old: ExpertMap) -> None:
+        """Until no step runs on `old` (the step in flight at the switch has finished)."""
+        deadline = time.monotonic() + SWITCH_WAIT_S
+        while self.coordinator.step_map is old and self.coordinator.expert_map is not old and time.monotonic() < deadline:
+            time.sleep(0.01)

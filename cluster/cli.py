@@ -478,6 +478,12 @@ def plan(
     skew: Annotated[float, typer.Option(help="Expert load max/mean (Mixtral paper: ~1.2 on text, ~1.5 on maths).")] = 1.2,
     trace: Annotated[Optional[Path], typer.Option(help="A routing trace: its measured skew replaces --skew.")] = None,
     dtype: Annotated[DType, typer.Option(help="Weights dtype.")] = "bfloat16",
+    expert_dtype: Annotated[Optional[ExpertDType], typer.Option(help="int8: weight-only int8 experts (1 byte a weight).")] = None,
+    max_experts_per_gpu: Annotated[
+        Optional[int], typer.Option(help="Most experts one GPU holds; default: as many as its memory takes.")
+    ] = None,
+    cpu_experts: Annotated[int, typer.Option(help="Experts held by a CPU worker instead of GPUs (the last ones).")] = 0,
+    replicate_hot: Annotated[int, typer.Option(help="Spare expert copies on the GPUs, for rebalancing to give hot experts.")] = 0,
     profile: Annotated[Optional[Path], typer.Option(help="A bench profile.json: predict bench on that machine instead.")] = None,
     concurrency: Annotated[str, typer.Option(help="With --profile: concurrency levels to predict.")] = "1,8,64",
     plot: Annotated[Optional[Path], typer.Option(help="Write a cost plot PNG here.")] = None,
@@ -499,7 +505,7 @@ def plan(
 ) -> None:
     """Plan GPUs, latency and cost for a workload; or, with --profile, predict bench on the profiled machine."""
     from cluster.planning import hardware
-    from cluster.planning.planner import Workload, model_args
+    from cluster.planning.planner import ExpertOptions, Workload, model_args
     from cluster.planning.planner import plan as make_plan
     from cluster.planning.report import plan_table, plot_costs
     from mixtral.config import load_args
@@ -510,6 +516,8 @@ def plan(
             return predict_cmd(args, profile, concurrency, prompt_len, output_len, skew, as_json)
         if min(requests_per_s, ttft_ms, tpot_ms) <= 0 or min(prompt_len, output_len) < 1 or skew < 1:
             raise UserError("requests-per-s, ttft-ms and tpot-ms must be positive, lengths at least 1, skew at least 1")
+        if (max_experts_per_gpu is not None and max_experts_per_gpu < 1) or cpu_experts < 0 or replicate_hot < 0:
+            raise UserError("--max-experts-per-gpu must be at least 1, --cpu-experts and --replicate-hot at least 0")
         if trace is not None:
             from router.trace import read_trace
 
@@ -522,6 +530,12 @@ def plan(
             bytes_per_param=4 if dtype == "float32" else 2,
             skew=skew,
             name=Path(model).name,
+            experts=ExpertOptions(
+                int8=expert_dtype == "int8",
+                max_experts_per_gpu=max_experts_per_gpu,
+                cpu_experts=cpu_experts,
+                hot_copies=replicate_hot,
+            ),
         )
     print(plan_table(plans))
     if emit is not None:

@@ -31,7 +31,9 @@ def resolve_expert_map(
     if map_path is None and experts_per_worker is None and not replicate_hot:
         return None
     try:
-        if map_path is not None:
+        if map_path is not None and map_path.lstrip().startswith("{"):  # the map itself (a Serve config's args)
+            base = ExpertMap.loads(map_path, num_experts=num_experts)
+        elif map_path is not None:
             base = ExpertMap.read(map_path, num_experts=num_experts)
         else:
             base = ExpertMap.grouped(num_experts, min(experts_per_worker or 1, num_experts))

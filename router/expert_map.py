@@ -110,12 +110,22 @@ class ExpertMap:
     @classmethod
     def read(cls, path: str | Path, *, num_experts: int) -> ExpertMap:
         try:
-            data = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except OSError as e:
             raise ExpertMapError(f"cannot read the expert map {path}: {e.strerror}") from None
+        return cls.loads(text, num_experts=num_experts, source=f"the expert map {path}")
+
+    @classmethod
+    def loads(cls, text: str, *, num_experts: int, source: str = "the expert map") -> ExpertMap:
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ExpertMapError(f"the expert map {path} is not JSON: {e}") from None
+            raise ExpertMapError(f"{source} is not JSON: {e}") from None
         return cls.from_json(data, num_experts=num_experts)
+
+    def dumps(self) -> str:
+        """One line of JSON: what a Serve config's expert_map takes in place of a file's path."""
+        return json.dumps(self.to_json(), separators=(",", ":"))
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")

@@ -14,7 +14,10 @@ from ray.serve.schema import ServeDeploySchema
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.placement_options import resolve_expert_map
+from cluster.planning.hardware import CPU_NODE, GPUS
 from cluster.serve.args import ServeArgs
+from router.expert_map import ExpertMap
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 
@@ -48,7 +51,7 @@ def emit(tmp_path: Path, *options: str) -> tuple[dict[str, Any], dict[str, dict[
     return plan, {name: yaml.safe_load((tmp_path / name).read_text()) for name in FILES}
 
 
-FILES = ("serve_config.yaml", "cluster.yaml", "rayservice.yaml")
+FILES = ("serve_config.yaml", "cluster.yaml", "rayservice.yaml", "expert_map.json")
 
 
 def test_plan_emit_writes_files_that_pass_rays_schemas_with_the_plans_gpus(tmp_path: Path) -> None:
@@ -97,9 +100,42 @@ def test_the_repositorys_deploy_files_are_as_emitted(tmp_path: Path, monkeypatch
         (["--gpu", "RTX4090"], "no cloud node type is known for RTX4090"),
         (["--gpu", "L4", "--dtype", "float32"], "splits each expert over 2 GPUs"),
         (["--gpu", "L4", "--requests-per-s", "4", "--max-replicas", "1"], "below the 2 replicas the plan needs"),
+        (["--gpu", "L4", "--cpu-experts", "8"], "--cpu-experts must be from 0 to 7"),
+        (["--gpu", "L4", "--dtype", "float32", "--replicate-hot", "2"], "copies and CPU experts need it whole"),
+        (["--gpu", "L4", "--max-experts-per-gpu", "0"], "--max-experts-per-gpu must be at least 1"),
     ],
 )
 def test_plan_emit_refuses_what_it_cannot_deploy_in_one_line(tmp_path: Path, options: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["plan", *options, "--emit", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_the_planner_counts_int8_hot_copies_and_cpu_workers_and_emits_their_map(tmp_path: Path) -> None:
+    base, _ = emit(tmp_path / "base", "--gpu", "L4", "--skew", "1.5")
+    int8, files = emit(tmp_path / "int8", "--gpu", "L4", "--skew", "1.5", "--expert-dtype", "int8")
+    # An int8 expert is half a bf16 one: three fit an L4 where one did, so a replica needs 1 + 3 GPUs, not 1 + 8.
+    assert int8["memory_gb"]["expert"]["expert_weights"] == pytest.approx(
+        3 * base["memory_gb"]["expert"]["expert_weights"] / 2, rel=1e-3
+    )
+    assert (base["gpus_per_replica"], int8["gpus_per_replica"]) == (9, 4)
+    args = ServeArgs.model_validate(ServeDeploySchema.model_validate(files["serve_config.yaml"]).applications[0].args)
+    assert args.expert_dtype == "int8"
+    served = resolve_expert_map(8, map_path=args.expert_map)  # the runtime takes the inline map
+    assert served == ExpertMap.read(tmp_path / "int8" / "expert_map.json", num_experts=8)
+    assert served is not None and served.workers == ((0, 1, 2), (3, 4, 5), (6, 7)) and set(served.kinds) == {"gpu"}
+
+    # Spare copies on the GPUs take the hot experts' excess off the busiest GPU: a shorter step at the same batch.
+    hot, _ = emit(tmp_path / "hot", "--gpu", "A100-80GB", "--skew", "1.5", "--replicate-hot", "2")
+    plain, _ = emit(tmp_path / "plain", "--gpu", "A100-80GB", "--skew", "1.5")
+    assert hot["batch"] == plain["batch"] and hot["tpot_ms"] < plain["tpot_ms"]
+    assert sum(len(w["experts"]) for w in hot["expert_map"]["workers"]) == 10
+
+    # A CPU worker's node is paid for, and the map says which experts it holds.
+    cpu, files = emit(tmp_path / "cpu", "--gpu", "A100-80GB", "--max-experts-per-gpu", "2", "--cpu-experts", "2")
+    assert cpu["cpu_workers"] == 1 and cpu["gpus_per_replica"] == 4
+    assert cpu["usd_per_hour"] == pytest.approx(
+        cpu["replicas"] * (4 * GPUS["A100-80GB"].price_per_hour + CPU_NODE.price_per_hour)
+    )
+    assert [(w["experts"], w["kind"]) for w in cpu["expert_map"]["workers"]][-1] == ([6, 7], "cpu")
+    assert files["cluster.yaml"]["available_node_types"]["gpu_workers"]["resources"]["GPU"] == 8

@@ -1,46 +1,57 @@
-"""Placement on a simulated multi-node cluster: one node per expert, each with a fake GPU."""
+"""Placement on a simulated multi-node cluster: 4 nodes with a fake GPU each and one CPU node,
+running the expert map the planner emitted for it (issue 15, item 5)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from router.expert_map import ExpertMap
 from tests.reference import hf_greedy, hf_model
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, run_cli_here
 
 PROMPT = [1, 33, 400, 7, 7, 91]
 
 
-def test_strict_spread_puts_each_worker_on_its_own_gpu_node(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
-    # Two experts, so two GPU nodes: each simulated node is a raylet of its own on the 2-core machine.
-    checkpoint = make_ckpt(num_local_experts=2, num_experts_per_tok=1)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+def test_a_planned_map_with_a_cpu_worker_runs_on_gpu_nodes_and_a_cpu_node(make_ckpt, cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = make_ckpt()  # 8 experts
+    # The plan for this cluster: experts two a GPU on 3 GPUs, the coordinator on the 4th, two on a CPU worker.
+    planned = run_cli_here(
+        "plan", "--model", str(checkpoint), "--gpu", "A100-80GB", "--max-experts-per-gpu", "2", "--cpu-experts", "2",
+        "--emit", str(tmp_path), env=cli_env,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    expert_map = ExpertMap.read(tmp_path / "expert_map.json", num_experts=8)
+    assert expert_map.workers == ((0, 1), (2, 3), (4, 5), (6, 7)) and expert_map.kinds == ("gpu", "gpu", "gpu", "cpu")
+    assert "4 GPUs + 1 CPU worker per replica" in planned.stdout
+
+    # The head holds no resources: every bundle goes to a node of its kind.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
-        gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)}
+        gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(4)}
+        cpu_node = cluster.add_node(num_cpus=1).node_id
         cluster.wait_for_nodes()
         proc = run_cli(
-            "generate",
-            str(checkpoint),
-            "--prompt-ids",
-            ",".join(map(str, PROMPT)),
-            "--max-tokens",
-            "6",
-            "--ignore-eos",
-            "--json",
-            "--strategy",
-            "STRICT_SPREAD",
+            "generate", str(checkpoint), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "6", "--ignore-eos",
+            "--json", "--strategy", "STRICT_SPREAD", "--expert-map", str(tmp_path / "expert_map.json"),
             env=cli_env | {"RAY_ADDRESS": cluster.address},
-        )
+        )  # fmt: skip
     finally:
+        ray.shutdown()
         cluster.shutdown()
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     workers = out["workers"]
-    assert {w["node_id"] for w in workers} == gpu_nodes and len(workers) == 2  # 2 workers on 2 distinct GPU nodes
-    assert all(w["gpu_ids"] == ["0"] for w in workers)  # each sees the one GPU of its node
-    assert all(w["device"] == "cpu" for w in workers)  # a fake GPU: torch falls back to the CPU
+    assert [w["experts"] for w in workers] == [list(h) for h in expert_map.workers]
+    gpu_workers, [cpu_worker] = workers[:3], workers[3:]
+    assert len({w["node_id"] for w in gpu_workers}) == 3 and {w["node_id"] for w in gpu_workers} < gpu_nodes
+    assert all(w["gpu_ids"] == ["0"] for w in gpu_workers)  # each sees the one GPU of its node
+    assert all(w["device"] == "cpu" for w in gpu_workers)  # a fake GPU: torch falls back to the CPU
+    assert cpu_worker["node_id"] == cpu_node and cpu_worker["gpu_ids"] == []
     ref_ids, ref_logprobs = hf_greedy(hf_model(checkpoint), PROMPT, 6)
     assert out["token_ids"] == ref_ids
     torch.testing.assert_close(torch.tensor(out["logprobs"]), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)

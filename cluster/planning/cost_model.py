@@ -1,10 +1,11 @@
 """Memory and step time of the expert-parallel layout, from a model's shape and the hardware.
 
 Layout: one coordinator GPU (embeddings, attention, routers, KV cache, lm_head) and the experts
-spread over expert GPUs (an expert's every layer together). A decode step of batch c runs, per
-layer, attention on the coordinator, then dispatch, the busiest expert GPU, and combine, in
-sequence; then the lm_head. Each part costs the larger of its bytes over bandwidth and its FLOPs
-over compute (a roofline), at the efficiencies below.
+spread over expert GPUs (an expert's every layer together), some of them perhaps on one CPU
+worker, and spare slots holding copies of hot experts. A decode step of batch c runs, per layer,
+attention on the coordinator, then dispatch, the busiest expert worker, and combine, in sequence;
+then the lm_head. Each part costs the larger of its bytes over bandwidth and its FLOPs over
+compute (a roofline), at the efficiencies below.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from cluster.planning.hardware import Gpu, Interconnect
+from cluster.errors import UserError
+from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
 from mixtral.config import MixtralArgs
 from mixtral.kv_spec import KVSpec
 
@@ -79,29 +81,66 @@ def expert_params_all_layers(args: MixtralArgs) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    experts_per_gpu: int  # experts sharing one expert GPU (>= 1)
+    experts_per_gpu: int  # expert slots of one expert GPU (>= 1)
     gpus_per_expert: int  # expert GPUs one expert is split over (>= 1; > 1 only when experts_per_gpu == 1)
     expert_gpus: int
+    cpu_experts: int = 0  # experts held by one CPU worker (a CPU node's memory and cores) instead
+    hot_copies: int = 0  # spare slots on the expert GPUs holding copies of hot experts
 
     @property
     def gpus(self) -> int:
         return 1 + self.expert_gpus
 
+    @property
+    def cpu_workers(self) -> int:
+        return 1 if self.cpu_experts else 0
 
-def layout_for(args: MixtralArgs, gpu: Gpu, bytes_per_param: int, *, activation_gb: float) -> Layout:
+    def skew_after_copies(self, skew: float, experts: int) -> float:
+        """The busiest GPU's load over the mean, once copies split the hot experts (rebalancing puts
+        them where the measured load is): the spare copies take their share off the peak."""
+        gpu_experts = experts - self.cpu_experts
+        return max(1.0, skew * gpu_experts / (gpu_experts + self.hot_copies)) if gpu_experts else 1.0
+
+
+def layout_for(
+    args: MixtralArgs,
+    gpu: Gpu,
+    expert_bytes_per_param: float,
+    *,
+    activation_gb: float,
+    max_experts_per_gpu: int | None = None,
+    cpu_experts: int = 0,
+    hot_copies: int = 0,
+) -> Layout:
+    """Experts (all but `cpu_experts`) and `hot_copies` spare copies packed on as few expert GPUs as
+    memory and `max_experts_per_gpu` allow; an expert larger than a GPU is split over several."""
+    experts = args.num_local_experts
+    if not 0 <= cpu_experts < experts:
+        raise UserError(f"--cpu-experts must be from 0 to {experts - 1} (at least one expert stays on a GPU)")
     usable = gpu.memory_gb - RUNTIME_RESERVE_GB - activation_gb
-    expert_gb = expert_params_all_layers(args) * bytes_per_param / 1e9
+    expert_gb = expert_params_all_layers(args) * expert_bytes_per_param / 1e9
+    on_gpus = experts - cpu_experts
     if expert_gb <= usable:
-        per_gpu = min(args.num_local_experts, max(1, int(usable // expert_gb)))
-        return Layout(per_gpu, 1, math.ceil(args.num_local_experts / per_gpu))
+        per_gpu = min(on_gpus, max(1, int(usable // expert_gb)), max_experts_per_gpu or experts)
+        # per_gpu <= the experts on GPUs, so each expert's copies always find GPUs of their own.
+        return Layout(per_gpu, 1, math.ceil((on_gpus + hot_copies) / per_gpu), cpu_experts, hot_copies)
+    if hot_copies or cpu_experts:
+        raise UserError(f"an expert ({expert_gb:.1f} GB) is split over GPUs here; copies and CPU experts need it whole")
     split = math.ceil(expert_gb / usable)
-    return Layout(1, split, split * args.num_local_experts)
+    return Layout(1, split, split * experts)
 
 
 def memory_splits(
-    args: MixtralArgs, gpu: Gpu, layout: Layout, bytes_per_param: int, *, kv_tokens: int, activation_gb: float
+    args: MixtralArgs,
+    gpu: Gpu,
+    layout: Layout,
+    bytes_per_param: int,
+    *,
+    kv_tokens: int,
+    activation_gb: float,
+    expert_bytes_per_param: float | None = None,
 ) -> tuple[MemorySplit, MemorySplit]:
-    """(coordinator GPU, one expert GPU)."""
+    """(coordinator GPU, one expert GPU); expert weights at `expert_bytes_per_param` (int8: 1)."""
     coordinator = MemorySplit(
         expert_weights=0.0,
         attention_weights=non_expert_params(args) * bytes_per_param / 1e9,
@@ -110,7 +149,8 @@ def memory_splits(
         reserve=RUNTIME_RESERVE_GB,
         total=gpu.memory_gb,
     )
-    expert_gb = expert_params_all_layers(args) * bytes_per_param / 1e9 * layout.experts_per_gpu / layout.gpus_per_expert
+    expert_bytes = bytes_per_param if expert_bytes_per_param is None else expert_bytes_per_param
+    expert_gb = expert_params_all_layers(args) * expert_bytes / 1e9 * layout.experts_per_gpu / layout.gpus_per_expert
     worker = MemorySplit(
         expert_weights=expert_gb,
         attention_weights=0.0,
@@ -137,10 +177,12 @@ def step_seconds(
     context: int,
     bytes_per_param: int,
     skew: float,
+    expert_bytes_per_param: float | None = None,
 ) -> float:
     """One engine step feeding `tokens` tokens of `sequences` sequences of `context` tokens (decode: tokens == sequences)."""
     cost = ModelCost.of(args)
     b, k, e, d = bytes_per_param, args.num_experts_per_tok, args.num_local_experts, args.hidden_size
+    eb = b if expert_bytes_per_param is None else expert_bytes_per_param
     attention = _roofline(
         (cost.attention_params + cost.gate_params) * b
         + sequences * context * kv_spec(args, b).bytes_per_token / args.num_hidden_layers,
@@ -148,14 +190,20 @@ def step_seconds(
         gpu,
     )
     mean_tokens = tokens * k / e
-    hot = min(tokens, skew * mean_tokens)  # the busiest expert's tokens this layer
+    hot = min(tokens, layout.skew_after_copies(skew, e) * mean_tokens)  # the busiest expert's tokens this layer
     gpu_tokens = hot * layout.experts_per_gpu if layout.experts_per_gpu > 1 else hot
     busy_on_gpu = min(layout.experts_per_gpu, busy_experts(tokens, e, k) / max(1, layout.expert_gpus) * layout.gpus_per_expert)
     experts = _roofline(
-        busy_on_gpu * cost.expert_params * b / layout.gpus_per_expert,
+        busy_on_gpu * cost.expert_params * eb / layout.gpus_per_expert,
         2 * gpu_tokens * cost.expert_params / layout.gpus_per_expert,
         gpu,
     )
+    if layout.cpu_experts:  # one CPU worker, its experts one after another, beside the GPUs
+        busy_on_cpu = min(layout.cpu_experts, busy_experts(tokens, e, k) * layout.cpu_experts / e)
+        cpu = _roofline(
+            busy_on_cpu * cost.expert_params * eb, 2 * mean_tokens * layout.cpu_experts * cost.expert_params, CPU_NODE
+        )
+        experts = max(experts, cpu)
     dispatch = 0.0
     if link is not None:  # send the hot GPU's tokens out and back, after one message latency each way
         dispatch = 2 * link.latency_us * 1e-6 + 2 * gpu_tokens * d * b / (link.bandwidth_gbs * 1e9)

@@ -3,9 +3,11 @@
 - serve_config.yaml: `serve run` / `serve deploy`; replica bounds and autoscaling, the plan's batch and KV budget.
 - cluster.yaml: Ray's cluster launcher (AWS), a GPU worker node type sized from the plan (`ray up`).
 - rayservice.yaml: a KubeRay RayService with the same Serve config, GPU requests and limits (`kubectl apply`).
+- expert_map.json: the plan's expert map (which GPU or CPU worker holds which experts), for `--expert-map`;
+  the Serve config carries the same map inline.
 
-The runtime runs one expert per GPU worker and the coordinator on a GPU of its own (1 + E GPUs a
-replica), so the files ask for that; where the plan packs experts tighter, their headers say so.
+A replica is the coordinator on a GPU of its own and the map's workers: a GPU each for its GPU
+workers, CPU only for its CPU worker (on a GPU node's cores).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 
 from cluster.errors import UserError
 from cluster.planning.planner import TierPlan
+from router.expert_map import ExpertMap
 
 API_KEY_ENV = "MOE_API_KEY"
 API_KEY_SECRET = "moe-api-key"  # the Kubernetes Secret holding it (key: api-key)
@@ -66,7 +69,12 @@ class DeploySpec:
 
     @property
     def gpus_per_replica(self) -> int:
-        return 1 + self.experts
+        return self.plan.gpus_per_replica
+
+    @property
+    def expert_map(self) -> ExpertMap:
+        assert self.plan.expert_map is not None  # deploy_spec refuses a plan without one
+        return ExpertMap.from_json(self.plan.expert_map, num_experts=self.experts)
 
     @property
     def instance(self) -> Instance:
@@ -98,10 +106,10 @@ def deploy_spec(
     where it cannot hold one sequence of the model's full context, max_model_len is the plan's context."""
     if not plan.fits:
         raise UserError(f"the plan does not fit ({plan.reason}); nothing to emit")
-    if plan.gpus_per_replica > 1 + experts:
+    if plan.expert_map is None:
         raise UserError(
             f"the plan splits each expert over {(plan.gpus_per_replica - 1) // experts} GPUs, which the runtime "
-            "cannot run; choose a GPU with more memory or --dtype bfloat16"
+            "cannot run; choose a GPU with more memory, --dtype bfloat16 or --expert-dtype int8"
         )
     replicas = max(1, plan.replicas)
     if max_replicas is not None and max_replicas < replicas:
@@ -123,6 +131,7 @@ def serve_config(spec: DeploySpec) -> dict[str, Any]:
         "checkpoint": spec.checkpoint_path,
         "model_name": spec.model,
         "accelerator": "gpu",
+        "expert_map": spec.expert_map.dumps(),
         "max_num_seqs": spec.plan.batch,
         "kv_cache_memory": round(spec.plan.kv_cache_memory, 4),
         "min_replicas": spec.min_replicas,
@@ -131,6 +140,8 @@ def serve_config(spec: DeploySpec) -> dict[str, Any]:
     }
     if spec.max_model_len is not None:
         args["max_model_len"] = spec.max_model_len
+    if spec.plan.expert_dtype == "int8":
+        args["expert_dtype"] = "int8"
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": HTTP_PORT},
@@ -251,18 +262,16 @@ def rayservice(spec: DeploySpec) -> dict[str, Any]:
 
 
 def header(spec: DeploySpec, how: str) -> str:
-    plan = spec.plan
-    packed = (
-        f"# The plan packs the experts on {plan.gpus_per_replica} GPUs a replica; the runtime runs one expert per GPU, "
-        f"so these files ask for {spec.gpus_per_replica}.\n"
-        if plan.gpus_per_replica != spec.gpus_per_replica
-        else ""
-    )
+    plan, expert_map = spec.plan, spec.expert_map
+    gpu_workers = sum(k != "cpu" for k in expert_map.kinds)
+    cpu = f" and {plan.cpu_workers} CPU worker" if plan.cpu_workers else ""
     return (
         f"# moe-cluster plan --emit: {spec.model} on {plan.gpu}, {spec.gpus_per_replica} GPUs a replica "
-        f"(1 coordinator + {spec.experts} experts), {spec.min_replicas}-{spec.max_replicas} replicas,\n"
+        f"(1 coordinator + {gpu_workers} expert workers{cpu}; {plan.expert_dtype} experts), "
+        f"{spec.min_replicas}-{spec.max_replicas} replicas,\n"
         f"# batch {plan.batch} ({plan.kv_blocks} KV blocks, {plan.kv_cache_memory:.2f} GiB) per replica; "
-        f"planned TPOT {plan.tpot_ms:.0f} ms, TTFT {plan.ttft_ms:.0f} ms (for the plan's --interconnect).\n{packed}# {how}\n"
+        f"planned TPOT {plan.tpot_ms:.0f} ms, TTFT {plan.ttft_ms:.0f} ms (for the plan's --interconnect).\n"
+        f"# Expert map: {expert_map.describe()}\n# {how}\n"
     )
 
 
@@ -303,4 +312,5 @@ def write_files(spec: DeploySpec, out: Path) -> list[Path]:
         path = out / name
         path.write_text(header(spec, how) + yaml.safe_dump(content, sort_keys=False))
         written.append(path)
-    return written
+    spec.expert_map.write(out / "expert_map.json")
+    return [*written, out / "expert_map.json"]

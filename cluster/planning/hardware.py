@@ -40,6 +40,10 @@ GPUS: dict[str, Gpu] = {
     ]
 }
 
+# What a CPU expert worker runs on: one server socket's memory bandwidth and bf16 GEMM rate (AVX-512
+# BF16/AMX class), and an on-demand price for such a node (a 32-vCPU, 256 GB instance).
+CPU_NODE = Gpu("cpu-node", 256, 100, 2.0, 1.60)
+
 INTERCONNECTS: dict[str, Interconnect] = {
     i.name: i
     for i in [

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from cluster.planning.cost_model import (
+    RUNTIME_RESERVE_GB,
     Layout,
     MemorySplit,
     expert_params_all_layers,
@@ -21,10 +22,11 @@ from cluster.planning.cost_model import (
     non_expert_params,
     step_seconds,
 )
-from cluster.planning.hardware import Gpu, Interconnect
+from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
 from mixtral.config import MixtralArgs, args_from_dict
 from mixtral.kv_spec import GiB
 from mixtral.presets import preset
+from router.expert_map import ExpertMap, WorkerKind, balanced_map
 
 HOURS_PER_MONTH = 730
 MONTHLY_VOLUMES = (1_000_000, 10_000_000, 100_000_000)
@@ -74,6 +76,9 @@ class TierPlan:
     meets_targets: bool
     usd_per_hour: float
     usd_per_million_tokens: float  # at the workload's load
+    cpu_workers: int = 0  # per replica: CPU expert workers (a CPU node each)
+    expert_dtype: str = "bfloat16"  # what the expert weights are held in
+    expert_map: dict[str, Any] | None = None  # the replica's expert map (router.expert_map JSON); None: dense
     monthly: list[dict[str, float]] = field(default_factory=list)  # per volume: tokens, gpus, usd, usd_per_million
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,21 +96,68 @@ def model_args(name_or_config: str | dict) -> MixtralArgs:
     return args_from_dict({"model_type": "mixtral", "rope_theta": rope_theta} | fields)
 
 
+@dataclass(frozen=True)
+class ExpertOptions:
+    """How the experts are held: int8 or not, at most this many a GPU, some on a CPU worker, hot copies."""
+
+    int8: bool = False
+    max_experts_per_gpu: int | None = None
+    cpu_experts: int = 0
+    hot_copies: int = 0
+
+
+def planned_map(layout: Layout, num_experts: int) -> ExpertMap | None:
+    """The layout as a map the runtime runs: expert GPUs holding experts 0.. in order (spare slots
+    with copies, spread evenly until rebalancing moves them to the measured hot experts), then one
+    CPU worker holding the last `cpu_experts`. None where an expert is split over GPUs (no map can say that)."""
+    if layout.gpus_per_expert > 1:
+        return None
+    on_gpus = num_experts - layout.cpu_experts
+    kinds: list[WorkerKind] = ["gpu"] * layout.expert_gpus
+    if layout.hot_copies:
+        gpu_part = balanced_map(
+            [1.0] * on_gpus, kinds=kinds, slots_per_worker=layout.experts_per_gpu, copies=on_gpus + layout.hot_copies
+        )
+    else:
+        gpu_part = ExpertMap.grouped(on_gpus, layout.experts_per_gpu, "gpu")
+    workers = list(gpu_part.workers) + ([tuple(range(on_gpus, num_experts))] if layout.cpu_experts else [])
+    return ExpertMap(num_experts, tuple(workers), gpu_part.kinds + (("cpu",) if layout.cpu_experts else ()))
+
+
 def _split_dict(split: MemorySplit) -> dict[str, float]:
     return {k: round(v, 2) for k, v in asdict(split).items()} | {"headroom": round(split.headroom, 2)}
 
 
 def plan_tier(
-    tier: str, args: MixtralArgs, gpu: Gpu, link: Interconnect | None, workload: Workload, *, bytes_per_param: int, skew: float
+    tier: str,
+    args: MixtralArgs,
+    gpu: Gpu,
+    link: Interconnect | None,
+    workload: Workload,
+    *,
+    bytes_per_param: int,
+    skew: float,
+    experts: ExpertOptions = ExpertOptions(),
 ) -> TierPlan:
     dense = args.num_local_experts == 1
     context = workload.prompt_len + workload.output_len
+    expert_bytes = 1 if experts.int8 and not dense else bytes_per_param
     if dense:
         layout = Layout(1, 1, 0)
         weights_gb = (expert_params_all_layers(args) + non_expert_params(args)) * bytes_per_param / 1e9
     else:
-        layout = layout_for(args, gpu, bytes_per_param, activation_gb=ACTIVATION_GB)
-    coordinator, worker = memory_splits(args, gpu, layout, bytes_per_param, kv_tokens=0, activation_gb=ACTIVATION_GB)
+        layout = layout_for(
+            args,
+            gpu,
+            expert_bytes,
+            activation_gb=ACTIVATION_GB,
+            max_experts_per_gpu=experts.max_experts_per_gpu,
+            cpu_experts=experts.cpu_experts,
+            hot_copies=experts.hot_copies,
+        )
+    coordinator, worker = memory_splits(
+        args, gpu, layout, bytes_per_param, kv_tokens=0, activation_gb=ACTIVATION_GB, expert_bytes_per_param=expert_bytes
+    )
     if dense:
         coordinator = replace(coordinator, attention_weights=weights_gb)
     # In the engine's blocks: a sequence holds whole blocks, and a sliding window recycles them.
@@ -113,7 +165,9 @@ def plan_tier(
     blocks_per_seq = spec.blocks_per_sequence(context, args.sliding_window)
     kv_per_seq_gb = spec.pool_bytes(blocks_per_seq) / 1e9
     max_batch_by_kv = spec.blocks_in(max(0.0, coordinator.headroom) * 1e9) // blocks_per_seq
-    fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0)
+    cpu_gb = layout.cpu_experts * expert_params_all_layers(args) * expert_bytes / 1e9
+    cpu_fits = cpu_gb <= CPU_NODE.memory_gb - RUNTIME_RESERVE_GB - ACTIVATION_GB
+    fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0) and cpu_fits
     reason = (
         "fits"
         if fits
@@ -121,6 +175,8 @@ def plan_tier(
             "the coordinator GPU cannot hold the non-expert weights and one sequence's KV cache"
             if coordinator.headroom <= kv_per_seq_gb
             else "an expert GPU cannot hold its expert weights"
+            if worker.headroom < 0
+            else f"the CPU worker cannot hold its experts' {cpu_gb:.0f} GB"
         )
     )
 
@@ -135,6 +191,7 @@ def plan_tier(
             context=context,
             bytes_per_param=bytes_per_param,
             skew=skew,
+            expert_bytes_per_param=expert_bytes,
         )
 
     prefill_s = step(workload.prompt_len, 1)
@@ -147,7 +204,8 @@ def plan_tier(
     ttft_s = prefill_s + tpot_s
     demand = workload.requests_per_s * workload.output_len
     replicas = max(1, math.ceil(demand / replica_tok_s))
-    usd_per_hour = replicas * layout.gpus * gpu.price_per_hour
+    replica_usd_per_hour = layout.gpus * gpu.price_per_hour + layout.cpu_workers * CPU_NODE.price_per_hour
+    usd_per_hour = replicas * replica_usd_per_hour
     kv_blocks = batch * blocks_per_seq  # the pool the engine allocates with --kv-cache-memory below
     coordinator = replace(coordinator, kv_cache=spec.pool_bytes(kv_blocks) / 1e9)
     memory = (
@@ -171,11 +229,14 @@ def plan_tier(
         meets_targets=fits and 1e3 * tpot_s <= workload.tpot_ms and 1e3 * ttft_s <= workload.ttft_ms,
         usd_per_hour=usd_per_hour,
         usd_per_million_tokens=usd_per_hour / (demand * 3600 / 1e6) if demand else float("inf"),
+        cpu_workers=layout.cpu_workers,
+        expert_dtype="int8" if expert_bytes == 1 else {2: "bfloat16", 4: "float32"}[bytes_per_param],
+        expert_map=None if dense or (m := planned_map(layout, args.num_local_experts)) is None else m.to_json(),
     )
     for volume in MONTHLY_VOLUMES:
         rate = volume / (HOURS_PER_MONTH * 3600)
         n = max(1, math.ceil(rate / replica_tok_s))
-        usd = n * layout.gpus * gpu.price_per_hour * HOURS_PER_MONTH
+        usd = n * replica_usd_per_hour * HOURS_PER_MONTH
         plan.monthly.append({"tokens": volume, "gpus": n * layout.gpus, "usd": usd, "usd_per_million": usd / (volume / 1e6)})
     return plan
 
@@ -189,9 +250,12 @@ def plan(
     bytes_per_param: int = 2,
     skew: float = 1.2,
     name: str = "model",
+    experts: ExpertOptions = ExpertOptions(),
 ) -> list[TierPlan]:
     """The MoE model on expert-parallel GPUs, and dense Mistral 7B on the same GPU type, side by side."""
     return [
-        plan_tier(f"{name} (expert parallel)", args, gpu, link, workload, bytes_per_param=bytes_per_param, skew=skew),
+        plan_tier(
+            f"{name} (expert parallel)", args, gpu, link, workload, bytes_per_param=bytes_per_param, skew=skew, experts=experts
+        ),
         plan_tier("mistral-7b (dense)", model_args("mistral-7b"), gpu, None, workload, bytes_per_param=bytes_per_param, skew=1.0),
     ]

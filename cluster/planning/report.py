@@ -19,10 +19,14 @@ def plan_table(plans: list[TierPlan]) -> str:
         for role, split in p.memory_gb.items():
             parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "total")
             lines.append(f"  {role} GPU ({split['total']:.0f} GB): {parts}")
+        cpu = f" + {p.cpu_workers} CPU worker" if p.cpu_workers else ""
         lines.append(
-            f"  {p.gpus_per_replica} GPUs per replica, batch {p.batch}: TPOT {p.tpot_ms:.1f} ms, TTFT {p.ttft_ms:.0f} ms, "
+            f"  {p.gpus_per_replica} GPUs{cpu} per replica, batch {p.batch}: TPOT {p.tpot_ms:.1f} ms, TTFT {p.ttft_ms:.0f} ms, "
             f"{p.replica_tok_s:.0f} output tok/s per replica"
         )
+        if p.expert_map is not None:
+            held = "; ".join(f"{w['kind']} {w['experts']}" for w in p.expert_map["workers"])
+            lines.append(f"  expert map ({p.expert_dtype} experts): {held}")
         budget = math.ceil(p.kv_cache_memory * 1e4) / 1e4  # rounded up: never fewer blocks than planned
         lines.append(f"  KV cache: {p.kv_blocks} blocks of {BLOCK_SIZE} tokens per replica (serve --kv-cache-memory {budget})")
         lines.append(

@@ -43,7 +43,8 @@ class ServeArgs(BaseModel):
     )
     expert_map: str | None = Field(
         None,
-        description="A JSON expert map: which worker holds which experts, and its kind (gpu, cpu, auto); plan --emit writes one.",
+        description="A JSON expert map's path, or the map itself: which worker holds which experts, and its kind "
+        "(gpu, cpu, auto); plan --emit writes one.",
     )
     expert_dtype: ExpertDType | None = Field(
         None, description="int8: weight-only int8 experts (per-channel scales), half the bytes of bf16; default: dtype."

@@ -103,6 +103,17 @@ def layout_here(args: MixtralArgs, placement: PlacementOptions) -> ReplicaLayout
     return replica_layout(args, placement, cluster_gpus=ray.cluster_resources().get("GPU", 0))
 
 
+def worker_threads(pg: PlacementGroup) -> list[int]:
+    """Per worker: its node's cores over the workers placed there, at least one. Workers take turns
+    with the coordinator within a layer, and with each other only where they share a node: one
+    worker holding every expert computes on every core, as transformers does; eight on two cores
+    take one each."""
+    nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]  # bundle -> node, once placed
+    cpus = {n["NodeID"]: n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["Alive"]}
+    workers = [nodes[b] for b in sorted(nodes) if b > 0]
+    return [max(1, int(cpus.get(node, 1.0) // workers.count(node))) for node in workers]
+
+
 def start_workers(
     checkpoint: Checkpoint,
     pg: PlacementGroup,
@@ -112,8 +123,9 @@ def start_workers(
     placement: PlacementOptions,
     layout: ReplicaLayout,
 ) -> list[Any]:
-    """Expert worker w, holding the map's experts of worker w, in bundle 1 + w of `pg`."""
+    """Expert worker w, holding the map's experts of worker w, in bundle 1 + w of `pg` (placed by now)."""
     worker_cls = ray.remote(ExpertWorker)
+    threads = worker_threads(pg)
     return [
         worker_cls.options(
             num_cpus=placement.worker_cpus,
@@ -132,7 +144,7 @@ def start_workers(
             worker=w,
             channel_secret=secret,
             dtype=engine.dtype,
-            cpu_share=placement.worker_cpus,
+            threads=threads[w],
             expert_dtype=engine.expert_dtype,
         )
         for w, (experts, gpu) in enumerate(zip(layout.expert_map.workers, layout.worker_gpus))

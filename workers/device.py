@@ -27,9 +27,9 @@ def assigned_device() -> str:
     return "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
 
-def set_threads(cpu_share: float) -> int:
-    """One torch thread per whole CPU of the actor's share (at least one): no oversubscription."""
-    threads = max(1, int(cpu_share))
+def set_threads(threads: int) -> int:
+    """This process's torch threads (at least one)."""
+    threads = max(1, threads)
     torch.set_num_threads(threads)
     return threads
 

@@ -65,12 +65,12 @@ class ExpertWorker:
         worker: int | None = None,
         channel_secret: bytes,
         dtype: str | None = None,
-        cpu_share: float = 1.0,
+        threads: int = 1,
         expert_dtype: ExpertDType | None = None,
     ) -> None:
         held = [experts] if isinstance(experts, int) else list(experts)
         self.worker = held[0] if worker is None else worker
-        self.threads = set_threads(cpu_share)
+        self.threads = set_threads(threads)
         self.device = assigned_device()
         self.args = args = checkpoint.args
         self.dtype = resolve_dtype(args, dtype)  # of the activations on the wire, as the coordinator's

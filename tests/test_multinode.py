@@ -29,11 +29,11 @@ def test_a_planned_map_with_a_cpu_worker_runs_on_gpu_nodes_and_a_cpu_node(make_c
     assert expert_map.workers == ((0, 1), (2, 3), (4, 5), (6, 7)) and expert_map.kinds == ("gpu", "gpu", "gpu", "cpu")
     assert "4 GPUs + 1 CPU worker per replica" in planned.stdout
 
-    # The head holds no resources: every bundle goes to a node of its kind.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # The head is the CPU node (a raylet fewer on 2 cores); the coordinator and GPU workers need GPU nodes.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
+        cpu_node = cluster.head_node.node_id
         gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(4)}
-        cpu_node = cluster.add_node(num_cpus=1).node_id
         cluster.wait_for_nodes()
         proc = run_cli(
             "generate", str(checkpoint), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", "6", "--ignore-eos",

@@ -42,7 +42,9 @@ def test_a_burst_adds_a_replica_and_its_gpu_node_and_both_go_when_it_ends(tmp_pa
         pytest.skip(f"other Ray processes run on this machine and the fake cluster's start would stop them: {running[0]}")
     checkpoint = make_ckpt(tokenizer=True, vocab_size=32000, num_local_experts=2, max_position_embeddings=2048)
     emitted = tmp_path / "deploy"
-    options = ["--gpu", "L4", "--requests-per-s", "0.05", "--max-replicas", "2", "--checkpoint-path", str(checkpoint)]
+    # One expert a GPU: a replica is 1 + 2 GPUs, so two replicas need two of the 4-GPU nodes.
+    options = ["--gpu", "L4", "--requests-per-s", "0.05", "--max-replicas", "2", "--max-experts-per-gpu", "1"]
+    options += ["--checkpoint-path", str(checkpoint)]
     result = CliRunner().invoke(app, ["plan", "--model", str(checkpoint), *options, "--emit", str(emitted)])
     assert result.exit_code == 0, result.output
 

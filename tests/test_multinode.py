@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ray
 import torch
 from ray.cluster_utils import Cluster
 
@@ -41,7 +40,6 @@ def test_a_planned_map_with_a_cpu_worker_runs_on_gpu_nodes_and_a_cpu_node(make_c
             env=cli_env | {"RAY_ADDRESS": cluster.address},
         )  # fmt: skip
     finally:
-        ray.shutdown()
         cluster.shutdown()
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])

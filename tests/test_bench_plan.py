@@ -18,11 +18,15 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cli_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cli_env, ray_address, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench"
     proc = run_cli(
         "bench",
         str(make_ckpt()),
+        "--experts-per-worker",
+        "8",  # one worker holding every expert
+        "--expert-dtype",
+        "int8",
         "--concurrency",
         "1,4",
         "--prompt-len",
@@ -36,11 +40,14 @@ def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cl
         "--out",
         str(out),
         "--json",
-        env=cli_env,
+        env=cli_env | {"RAY_ADDRESS": ray_address},  # joins the session's Ray, as a user's job joins a cluster
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     results = last_json(proc.stdout)["results"]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["expert_map"]["workers"] == [{"experts": list(range(8)), "kind": "auto"}]
+    assert report["expert_dtype"] == "int8"
     assert [r["concurrency"] for r in results] == [1, 4]
     for r in results:
         assert r["tok_s"] > 0 and r["baseline_tok_s"] > 0

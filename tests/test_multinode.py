@@ -17,7 +17,7 @@ PROMPT = [1, 33, 400, 7, 7, 91]
 
 
 def test_a_planned_map_with_a_cpu_worker_runs_on_gpu_nodes_and_a_cpu_node(make_ckpt, cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    checkpoint = make_ckpt()  # 8 experts
+    checkpoint = make_ckpt(tokenizer=True)  # 8 experts
     # The plan for this cluster: experts two a GPU on 3 GPUs, the coordinator on the 4th, two on a CPU worker.
     planned = run_cli_here(
         "plan", "--model", str(checkpoint), "--gpu", "A100-80GB", "--max-experts-per-gpu", "2", "--cpu-experts", "2",
@@ -53,3 +53,6 @@ def test_a_planned_map_with_a_cpu_worker_runs_on_gpu_nodes_and_a_cpu_node(make_c
     ref_ids, ref_logprobs = hf_greedy(hf_model(checkpoint), PROMPT, 6)
     assert out["token_ids"] == ref_ids
     torch.testing.assert_close(torch.tensor(out["logprobs"]), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+    assert out["finish_reason"] == "length" and isinstance(out["text"], str) and out["text"]
+    # 6 prompt tokens and 5 fed-back outputs, each routed to 2 experts, in every layer.
+    assert [sum(row) for row in out["expert_load"]] == [(6 + 5) * 2] * 2

@@ -250,10 +250,11 @@ def serve(
         from ray import serve as ray_serve
 
         from cluster.engine.build import check_kv_budget
-        from cluster.serve.app import GRPC_SERVICER, api_key, build_app, engine_options
+        from cluster.serve.app import GRPC_SERVICER, api_key, build_app, engine_options, expert_map
 
         api_key(serve_args)  # an --api-key-env naming an unset variable fails here, before Ray starts
         check_kv_budget(opened.args, engine_options(serve_args))
+        expert_map(serve_args, opened.args)  # so does a map that cannot serve
         start_ray()
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if grpc_port else None
         ray_serve.start(http_options={"host": host, "port": port}, grpc_options=grpc_options)
@@ -327,21 +328,16 @@ app.add_typer(experts_app, name="experts")
 @experts_app.command("rebalance")
 def rebalance(
     url: Annotated[str, typer.Argument(help="Base URL of a running `moe-cluster serve`.")] = "http://127.0.0.1:8000",
-    max_experts_per_worker: Annotated[
-        Optional[int], typer.Option(help="Most experts a worker may hold; default: as many as the current map's fullest.")
-    ] = None,
-    copies: Annotated[Optional[int], typer.Option(help="Expert copies in all; default: as many as the current map has.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON result.")] = False,
     api_key: Annotated[Optional[str], typer.Option(help="The server's --api-key, if it has one.")] = None,
 ) -> None:
-    """Recompute the expert map from the load measured since the last rebalance, and apply it live."""
+    """Recompute the expert map from the load measured since the last rebalance, and apply it live.
+
+    Within the workers' slots: serve's --replicate-hot gives them room for copies of hot experts."""
     from cluster.serve.stats_view import post_rebalance, rebalance_summary
 
     with user_errors():
-        if (max_experts_per_worker is not None and max_experts_per_worker < 1) or (copies is not None and copies < 1):
-            raise UserError("--max-experts-per-worker and --copies must be at least 1")
-        body = {k: v for k, v in {"max_experts_per_worker": max_experts_per_worker, "copies": copies}.items() if v is not None}
-        result = post_rebalance(url, body, api_key)
+        result = post_rebalance(url, api_key)
     print(json.dumps(result) if as_json else rebalance_summary(result))
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.build import EngineOptions, engine_over_workers
-from cluster.engine.rebalance import Rebalancer, ray_calls
 from cluster.engine.sampling import SamplingParams
 from mixtral.checkpoint import Checkpoint, ReadLog
 from router.expert_map import ExpertMap
@@ -50,12 +49,6 @@ class CoordinatorActor:
         engine = engine_over_workers(checkpoint, workers, channel_secret, options, expert_map)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.coordinator = self.engine.engine.model
-        self.rebalancer = Rebalancer(
-            self.coordinator,
-            load_experts=ray_calls(workers, "load_experts"),
-            hold_only=ray_calls(workers, "hold_only"),
-            telemetry=Telemetry(checkpoint.name),
-        )
         self._ids = 0
 
     def _request_id(self) -> str:
@@ -95,15 +88,6 @@ class CoordinatorActor:
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert, per layer, since start: [L][E]."""
         return self.coordinator.load.snapshot()
-
-    async def rebalance(self, max_experts_per_worker: int | None = None, copies: int | None = None) -> dict[str, Any]:
-        """The expert map recomputed from the load since the last rebalance, applied while requests run."""
-        result = await asyncio.to_thread(self.rebalancer.rebalance, max_experts_per_worker=max_experts_per_worker, copies=copies)
-        return result.to_json()
-
-    def worker_rows(self) -> list[int]:
-        """Rows (routed tokens) each expert worker computed, since start."""
-        return self.coordinator.worker_load.snapshot()
 
     def engine_steps(self) -> int:
         return self.engine.engine.steps

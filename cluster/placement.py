@@ -70,6 +70,8 @@ def replica_layout(args: MixtralArgs, placement: PlacementOptions, *, cluster_gp
     coordinator takes one too when GPUs were asked for, or when one is left over for it."""
     expert_map = expert_map_of(args, placement)
     kinds = expert_map.kinds
+    if placement.use_gpus is False and "gpu" in kinds:
+        raise UserError("the expert map gives some workers kind gpu, but --accelerator cpu asks for none; change one")
     wanted = sum(k != "cpu" for k in kinds)
     auto = placement.use_gpus if placement.use_gpus is not None else wanted > 0 and cluster_gpus >= wanted
     gpus = tuple(k == "gpu" or (k == "auto" and auto) for k in kinds)

@@ -28,6 +28,10 @@ def resolve_expert_map(
     """The map the options ask for (None: the default, one expert per worker); UserError if it cannot serve."""
     if map_path is not None and experts_per_worker is not None:
         raise UserError("--expert-map and --experts-per-worker both say where the experts go; give one of them")
+    if map_path is not None and replicate_hot:
+        raise UserError("--replicate-hot adds copies to a map it makes; with --expert-map, put the copies in the map itself")
+    if experts_per_worker is not None and experts_per_worker < 1:
+        raise UserError(f"--experts-per-worker must be at least 1, not {experts_per_worker}")
     if map_path is None and experts_per_worker is None and not replicate_hot:
         return None
     try:

@@ -66,10 +66,6 @@ class ExpertMap:
     def num_workers(self) -> int:
         return len(self.workers)
 
-    @property
-    def is_default(self) -> bool:
-        return self == ExpertMap.one_per_worker(self.num_experts)
-
     @classmethod
     def one_per_worker(cls, num_experts: int) -> ExpertMap:
         return cls.grouped(num_experts, 1)
@@ -144,19 +140,25 @@ def worker_loads(expert_map: ExpertMap, expert_load: Sequence[float]) -> list[fl
 
 
 def balanced_map(
-    expert_load: Sequence[float], *, kinds: Sequence[WorkerKind], slots_per_worker: int, copies: int | None = None
+    expert_load: Sequence[float],
+    *,
+    kinds: Sequence[WorkerKind],
+    slots_per_worker: int | Sequence[int],
+    copies: int | None = None,
 ) -> ExpertMap:
-    """A map over these workers, each holding at most `slots_per_worker` experts, that evens their load,
-    with `copies` expert copies in all (None: every slot filled).
+    """A map over these workers, worker w holding at most its slots' worth of experts (one number for
+    all, or one per worker), that evens their load, with `copies` expert copies in all (None: every
+    slot filled).
 
     As EPLB does: first decide the copies (each spare slot goes to the expert whose copies carry the
     most load each), then place the copies, heaviest first, on the least loaded worker that has a
     free slot and no copy of that expert yet. Loads are any measure of tokens per expert.
     """
     num_experts, num_workers = len(expert_load), len(kinds)
-    slots = num_workers * slots_per_worker
+    room = [slots_per_worker] * num_workers if isinstance(slots_per_worker, int) else list(slots_per_worker)
+    slots = sum(room)
     if slots < num_experts:
-        raise ExpertMapError(f"{num_workers} workers of {slots_per_worker} slots cannot hold {num_experts} experts")
+        raise ExpertMapError(f"{num_workers} workers with {slots} slots in all cannot hold {num_experts} experts")
     load = [max(float(x), 0.0) for x in expert_load]
     if not any(load):
         load = [1.0] * num_experts
@@ -171,7 +173,7 @@ def balanced_map(
     held: list[list[int]] = [[] for _ in range(num_workers)]
     loads = [0.0] * num_workers
     for piece, e in pieces:
-        free = [w for w in range(num_workers) if len(held[w]) < slots_per_worker and e not in held[w]]
+        free = [w for w in range(num_workers) if len(held[w]) < room[w] and e not in held[w]]
         w = min(free, key=lambda w: (loads[w], len(held[w]), w))
         held[w].append(e)
         loads[w] += piece

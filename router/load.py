@@ -7,6 +7,7 @@ dispatch round trip of the MoE layer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from router.routing import RoutingPlan
@@ -84,7 +85,7 @@ def share(row: list[int]) -> list[float]:
     return [c / total if total else 0.0 for c in row]
 
 
-def balancedness(row: list[int]) -> float:
+def balancedness(row: Sequence[float]) -> float:
     """mean / max tokens per expert: 1.0 when even, 1/E when one expert takes everything."""
     peak = max(row)
     return (sum(row) / len(row)) / peak if peak else 1.0

@@ -77,6 +77,8 @@ def combine(plan: RoutingPlan, cuts: list[Piece], outputs: dict[int, torch.Tenso
         rows = p.stop - p.start
         parts.append(outputs[p.worker][taken[p.worker] : taken[p.worker] + rows])
         taken[p.worker] += rows
+    if any(outputs[w].shape[0] != rows for w, rows in taken.items()):
+        raise RuntimeError(f"workers answered {[(w, outputs[w].shape[0]) for w in taken]} rows for {dict(taken)} sent")
     sorted_y = torch.cat(parts, dim=0)  # [T*A, D], expert-sorted like plan.token_index
     # Weights stay float32 (as the router computed them) and the product is cast back.
     weighted = (sorted_y.float() * plan.pair_weight[:, None]).to(sorted_y.dtype)

@@ -41,6 +41,10 @@ class ExpertTransport(Protocol):
         """A step failed between submits and gathers: forget what it still has in flight."""
         ...
 
+    def expect(self, holdings: Sequence[Sequence[int]]) -> None:
+        """From now on worker w holds holdings[w] (a new expert map): a worker restarted later gets them first."""
+        ...
+
 
 class WorkerLike(Protocol):
     def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ...) -> torch.Tensor: ...
@@ -60,6 +64,9 @@ class LocalTransport:
 
     def abandon(self) -> None:
         pass
+
+    def expect(self, holdings: Sequence[Sequence[int]]) -> None:
+        pass  # in-process workers are never restarted
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,10 @@ class ChannelTransport:
         addresses = ray.get([w.open_channel.remote(coordinator_node) for w in workers])
         self.sockets = [address.connect(secret, timeout_s=timeout_s) for address in addresses]
         self.owed: list[deque[Owed]] = [deque() for _ in workers]  # sent, not answered, oldest first
+        self.holdings: list[list[int]] | None = None  # per worker, once a rebalance changed them
+
+    def expect(self, holdings: Sequence[Sequence[int]]) -> None:
+        self.holdings = [list(h) for h in holdings]
 
     def _connect(self, worker: int) -> socket.socket:
         """A new connection, waiting (with backoff) for Ray to restart the worker if it is down."""
@@ -119,6 +130,8 @@ class ChannelTransport:
         while True:
             try:
                 address = ray.get(self.workers[worker].open_channel.remote(self.coordinator_node), timeout=self.timeout_s)
+                if self.holdings is not None:  # Ray restarts a worker with its first experts: give it today's
+                    ray.get(self.workers[worker].hold_only.remote(self.holdings[worker]), timeout=RECONNECT_DEADLINE_S)
                 return address.connect(self.secret, timeout_s=self.timeout_s)
             except (GetTimeoutError, RayActorError, OSError):
                 if time.monotonic() > deadline:

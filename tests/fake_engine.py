@@ -40,6 +40,7 @@ class FakeEngine:
     healthy: bool = True
     overloaded: bool = False  # refuse every request as a full waiting queue does
     fail_after: int | None = None  # end every request with an "error" event after this many tokens
+    rebalances: int = 0  # calls of rebalance; the first is refused, as an engine with no load yet refuses
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         if self.overloaded:
@@ -72,10 +73,11 @@ class FakeEngine:
     async def stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "steps": len(self.requests), "kv_cache_usage": 0.25}
 
-    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
-        if copies is not None and copies < 2:
-            raise UserError(f"2 experts need at least 2 copies, not {copies}")
-        return {"balancedness_before": 0.5, "balancedness_predicted": 1.0, "copies": copies}
+    async def rebalance(self) -> dict[str, Any]:
+        self.rebalances += 1
+        if self.rebalances == 1:
+            raise UserError("no tokens were routed since the last rebalance; send traffic first, then rebalance")
+        return {"balancedness_before": 0.5, "balancedness_predicted": 1.0}
 
     async def metrics(self) -> bytes:
         return b"# TYPE moe_fake_steps counter\nmoe_fake_steps_total %d\n" % len(self.requests)

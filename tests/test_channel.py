@@ -204,6 +204,14 @@ class FakeWorker:
     def __init__(self, layers: int = LAYERS) -> None:
         self.layers = layers
         self.server = ChannelServer(self.forward, secret=SECRET, limits=LIMITS)
+        self.held: list[int] = [0]  # as constructed: what Ray restarts it with
+
+    def hold_only(self, experts: list[int]) -> list[int]:
+        self.held = list(experts)
+        return self.held
+
+    def holding(self) -> list[int]:
+        return self.held
 
     def forward(self, layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
         if layer == POISON:
@@ -222,6 +230,7 @@ class FakeWorker:
 def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> None:  # type: ignore[no-untyped-def]
     worker = FakeWorker.remote()
     transport = ChannelTransport([worker], "", SECRET)
+    transport.expect([[3, 5]])  # a rebalance gave it other experts than it was started with
     first_pid = ray.get(worker.pid.remote())
     xs = [torch.randn(4, D) for _ in range(2)]
     pending = [transport.submit(layer, {0: batch(x)}) for layer, x in enumerate(xs)]  # two micro-batches
@@ -229,6 +238,7 @@ def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> No
     for layer, (p, x) in enumerate(zip(pending, xs)):
         assert torch.equal(transport.gather(p)[0], fake_expert(layer, x))
     assert ray.get(worker.pid.remote()) != first_pid  # it was restarted and answered both again
+    assert ray.get(worker.holding.remote()) == [3, 5]  # and was given the current map's experts first
     transport.close()
     ray.kill(worker)
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.engine.build import EngineOptions
+from cluster.engine.rebalance import rebalanced
 from cluster.errors import UserError
 from cluster.placement import ReplicaLayout, bundles, replica_layout
 from cluster.placement_options import PlacementOptions, resolve_expert_map
@@ -144,6 +145,11 @@ def test_map_files_say_what_is_wrong_in_one_line(tmp_path: Path) -> None:
         resolve_expert_map(4, map_path=str(tmp_path / "missing.json"))
     with pytest.raises(UserError, match="give one of them"):
         resolve_expert_map(4, map_path=str(tmp_path / "map.json"), experts_per_worker=2)
+    with pytest.raises(UserError, match="put the copies in the map itself"):
+        resolve_expert_map(4, map_path=str(tmp_path / "map.json"), replicate_hot=2)
+    with pytest.raises(UserError, match="--experts-per-worker must be at least 1, not 0"):
+        resolve_expert_map(4, experts_per_worker=0)
+    assert resolve_expert_map(4, map_path=good.dumps()) == good  # the map itself, as a Serve config carries it
 
 
 def test_options_make_the_maps_they_name() -> None:
@@ -164,8 +170,9 @@ def test_hot_copies_go_where_the_load_is_and_even_the_workers() -> None:
     rebalanced = with_hot_replicas(one_each, 8, load)
     assert len(rebalanced.copies[0]) >= 4 and all(len(h) <= 2 for h in rebalanced.workers)
     assert balancedness(worker_loads(rebalanced, load)) > 0.9  # type: ignore[arg-type]
-    even = balanced_map([1.0] * 8, kinds=("auto",) * 4, slots_per_worker=2)
-    assert sorted(len(c) for c in even.copies) == [1] * 8  # no load to chase: every expert once
+    even = balanced_map([1.0] * 8, kinds=("auto",) * 4, slots_per_worker=3, copies=12)
+    assert sorted(len(c) for c in even.copies) == [1] * 4 + [2] * 4  # no load to chase: the copies spread evenly
+    assert sorted(len(h) for h in even.workers) == [3] * 4
 
 
 def test_bundles_follow_the_map_and_its_kinds(make_ckpt) -> None:  # type: ignore[no-untyped-def]
@@ -179,3 +186,17 @@ def test_bundles_follow_the_map_and_its_kinds(make_ckpt) -> None:  # type: ignor
     assert no_gpus.worker_gpus == (True, True, False, False, False)  # kind gpu asks for one wherever it runs
     with pytest.raises(UserError, match="the expert map is for 8 experts; the checkpoint has 4"):
         replica_layout(dataclasses.replace(args, num_local_experts=4), options, cluster_gpus=4)
+    with pytest.raises(UserError, match="--accelerator cpu asks for none"):
+        replica_layout(args, dataclasses.replace(options, use_gpus=False), cluster_gpus=4)
+
+
+def test_a_rebalance_keeps_each_workers_slots_and_leaves_cpu_workers_alone() -> None:
+    planned = ExpertMap(8, ((0, 1), (2, 3), (4, 5), (0, 2), (6, 7)), ("gpu", "gpu", "gpu", "gpu", "cpu"))
+    load = [1.0, 9.0, 1.0, 1.0, 1.0, 8.0, 50.0, 1.0]  # 1 and 5 hot on the GPUs; 6 hot, but on the CPU worker
+    new = rebalanced(planned, load)
+    assert new.workers[4] == (6, 7) and new.kinds == planned.kinds  # the CPU worker keeps its experts
+    assert [len(h) for h in new.workers] == [2, 2, 2, 2, 2]  # each GPU holds as many as it was sized for
+    assert {e for h in new.workers[:4] for e in h} == set(range(6))  # every GPU expert still on a GPU
+    assert len(new.copies[1]) == 2 and len(new.copies[5]) == 2  # the spare slots went to the hot ones
+    gpu = [worker_loads(new, load)[w] for w in range(4)]
+    assert balancedness(gpu) > balancedness([worker_loads(planned, load)[w] for w in range(4)])

@@ -66,17 +66,19 @@ def test_rebalancing_evens_the_workers_live_while_8_streams_run_and_changes_no_t
     switched: dict[str, object] = {}
 
     def rebalance_mid_stream() -> None:
-        start = engine.steps
+        start, deadline = engine.steps, time.monotonic() + 120
         while engine.steps < start + 10:  # well into the streams: prefill done, decoding
+            if time.monotonic() > deadline:
+                return  # the streams never got going: the assertions below fail, not a hung session
             time.sleep(0.005)
         switched["steps"] = engine.steps
         switched["result"] = rebalancer.rebalance(max_experts_per_worker=2, copies=16)
         switched["done_at"] = engine.steps
 
-    thread = threading.Thread(target=rebalance_mid_stream)
+    thread = threading.Thread(target=rebalance_mid_stream, daemon=True)
     thread.start()
     through_the_switch = run_streams(served, prompts, "b")
-    thread.join()
+    thread.join(timeout=120)
     result = switched["result"]
     steps_after = engine.steps
     assert through_the_switch == reference  # no request lost or changed

@@ -90,12 +90,15 @@ class ExpertWorker:
 
     def load_experts(self, experts: Sequence[int]) -> list[int]:
         """Read these experts' tensors (only theirs) if not held yet; returns the experts held."""
+        return sorted(self._load(experts))
+
+    def _load(self, experts: Sequence[int]) -> dict[int, list[FloatExpert] | list[Int8Expert]]:
+        """The held experts with these among them: the dict installed, which a later new map never changes."""
         with self._loading:
-            missing = [e for e in experts if e not in self.experts]
-            if missing:
+            if missing := [e for e in experts if e not in self.experts]:
                 self.experts = self.experts | {e: self._read_expert(e) for e in missing}
                 self.stats.experts = sorted(self.experts)
-            return sorted(self.experts)
+            return self.experts
 
     def hold_only(self, experts: Sequence[int]) -> list[int]:
         """Load these experts and drop every other one (a new map); returns the experts held."""
@@ -128,10 +131,10 @@ class ExpertWorker:
             segments = (Segment(next(iter(self.experts)), x.shape[0]),)
         if sum(s.rows for s in segments) != x.shape[0]:
             raise ValueError(f"segments {list(segments)} do not cover the {x.shape[0]} rows sent")
+        bytes_in = x.nbytes  # as received, before any upcast
         held = self.experts
         if any(s.expert not in held for s in segments):
-            self.load_experts([s.expert for s in segments])
-            held = self.experts
+            held = self._load([s.expert for s in segments])
         x = x.to(self.device, self.compute_dtype)
         outputs, row = [], 0
         for expert, rows in segments:
@@ -139,7 +142,7 @@ class ExpertWorker:
             row += rows
             self.stats.tokens[expert] = self.stats.tokens.get(expert, 0) + rows
         y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).to("cpu", self.dtype)
-        self._account(time.perf_counter() - start, x.nbytes, y.nbytes)
+        self._account(time.perf_counter() - start, bytes_in, y.nbytes)
         return y
 
     @staticmethod

@@ -56,9 +56,9 @@ class EngineClient(Protocol):
         """Prometheus text exposition of the engine's moe_ series."""
         ...
 
-    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
-        """A new expert map from the load measured since the last rebalance, applied live
-        (cluster.engine.rebalance.Rebalance.to_json); UserError if there is no load to go on."""
+    async def rebalance(self) -> dict[str, Any]:
+        """A new expert map from the load measured since the last rebalance, within the workers' slots,
+        applied live (cluster.engine.rebalance.Rebalance.to_json); UserError if there is no load to go on."""
         ...
 
     async def check_health(self) -> None:

@@ -1,7 +1,8 @@
 """Rebalancing from live load: a new expert map from the measured window, applied while serving.
 
     window    = tokens per expert (all layers) and rows per worker since the last rebalance
-    new map   = balanced_map(window load, same workers, slots and copies)   # router.expert_map
+    new map   = balanced_map(window load, same workers, each its slots, same copies)   # router.expert_map
+                (CPU workers keep their experts: a hot expert belongs where compute is fast)
     load      = each worker reads the experts it gains          # while the old map serves
     switch    = coordinator.expert_map = new                    # takes effect at the next step
     drop      = once no step runs on the old map, workers let go of what they lost
@@ -9,7 +10,8 @@
 A step runs on one map from start to end, so no request is lost or changed by the switch (its
 tokens are computed by the same experts, on other workers). A worker that is asked for an expert
 it does not hold loads it first (workers.expert_worker), so even a worker restarted with its
-original experts mid-switch answers.
+original experts mid-switch answers, and the transport hands a restarted worker its experts under
+the current map before it sends it anything again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from cluster.coordinator import Coordinator
 from cluster.errors import UserError
-from router.expert_map import ExpertMap, ExpertMapError, balanced_map, total_copies, worker_loads
+from router.expert_map import ExpertMap, ExpertMapError, balanced_map, worker_loads
 from router.load import balancedness
 from workers.telemetry import Telemetry
 
@@ -93,27 +95,32 @@ class Rebalancer:
         return experts, self.coordinator.worker_load.window()
 
     def rebalance(self, *, max_experts_per_worker: int | None = None, copies: int | None = None) -> Rebalance:
-        """Compute a map from the window's load and apply it live. Slots per worker and copies in all
-        default to the current map's (its most-loaded worker's count, and its total copies)."""
+        """Compute a map from the window's load and apply it live. By default each worker keeps its
+        number of experts (what its memory was sized for) and the copies in all stay as many; the
+        arguments widen that (tests and operators in-process; the HTTP route takes neither)."""
         with self._lock:
             start = time.perf_counter()
             old = self.coordinator.expert_map
             experts, rows = self.window()
             if not sum(experts):
                 raise UserError("no tokens were routed since the last rebalance; send traffic first, then rebalance")
-            slots = max_experts_per_worker or max(len(h) for h in old.workers)
             try:
-                new = balanced_map(experts, kinds=old.kinds, slots_per_worker=slots, copies=copies or total_copies(old))
+                new = rebalanced(old, experts, max_experts_per_worker=max_experts_per_worker, copies=copies)
             except ExpertMapError as e:
                 raise UserError(str(e)) from None
             before = balancedness(rows)
-            predicted = balancedness(worker_loads(new, experts))  # type: ignore[arg-type]
-            if predicted <= balancedness(worker_loads(old, experts)):  # type: ignore[arg-type]
+            predicted = balancedness(worker_loads(new, experts))
+            if predicted <= balancedness(worker_loads(old, experts)):
                 new = old  # nothing better for this load: keep the map, and the weights where they are
             gained = {w: sorted(set(n) - set(o)) for w, (o, n) in enumerate(zip(old.workers, new.workers)) if set(n) - set(o)}
             lost = {w: sorted(set(o) - set(n)) for w, (o, n) in enumerate(zip(old.workers, new.workers)) if set(o) - set(n)}
             if gained:
-                self.load_experts(gained)  # the old map serves meanwhile
+                try:
+                    self.load_experts(gained)  # the old map serves meanwhile
+                except BaseException:
+                    self.hold_only({w: list(old.workers[w]) for w in gained})  # as they were: nothing half-applied
+                    raise
+            self.coordinator.transport.expect(new.workers)  # what a worker restarted from now on must hold
             self.coordinator.expert_map = new  # the next step runs on it
             self._wait_off(old)
             if lost:
@@ -130,3 +137,23 @@ class Rebalancer:
         deadline = time.monotonic() + SWITCH_WAIT_S
         while self.coordinator.step_map is old and self.coordinator.expert_map is not old and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+def rebalanced(
+    old: ExpertMap, expert_load: Sequence[float], *, max_experts_per_worker: int | None = None, copies: int | None = None
+) -> ExpertMap:
+    """`old` rebalanced for this load over its GPU (and auto) workers, each within its slots; CPU
+    workers and the experts only they hold stay as they are."""
+    movable = [w for w, kind in enumerate(old.kinds) if kind != "cpu"]
+    experts = sorted({e for w in movable for e in old.workers[w]})
+    slots = [max_experts_per_worker or len(old.workers[w]) for w in movable]
+    part = balanced_map(
+        [expert_load[e] for e in experts],
+        kinds=[old.kinds[w] for w in movable],
+        slots_per_worker=slots,
+        copies=copies or sum(len(old.workers[w]) for w in movable),
+    )
+    workers = list(old.workers)
+    for i, w in enumerate(movable):
+        workers[w] = tuple(experts[j] for j in part.workers[i])
+    return ExpertMap(old.num_experts, tuple(workers), old.kinds)

@@ -108,9 +108,10 @@ class EngineServer:
             "worker_balancedness": balancedness(self.coordinator.worker_load.window()),
         }
 
-    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
-        """This replica's expert map recomputed from its load since its last rebalance, and applied live."""
-        result = await asyncio.to_thread(self.rebalancer.rebalance, max_experts_per_worker=max_experts_per_worker, copies=copies)
+    async def rebalance(self) -> dict[str, Any]:
+        """This replica's expert map recomputed from its load since its last rebalance, within its
+        workers' slots and copies (what their memory was sized for), and applied live."""
+        result = await asyncio.to_thread(self.rebalancer.rebalance)
         log.info("rebalanced experts: %s", result.to_json())
         return result.to_json() | {"replica": self.replica}
 

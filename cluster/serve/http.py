@@ -245,12 +245,11 @@ def make_api(frontend: Frontend) -> FastAPI:
 
     @api.post("/v1/experts/rebalance", dependencies=v1)
     async def experts_rebalance(request: Request) -> dict[str, Any]:
-        raw = await read_body(request)
-        body: RebalanceRequest = parse_body(raw or b"{}", RebalanceRequest)
+        parse_body(await read_body(request) or b"{}", RebalanceRequest)  # an empty object, or nothing
         try:
-            result = await frontend.engine.rebalance(body.max_experts_per_worker, body.copies)
-        except UserError as e:
-            raise ApiError(400, str(e)) from None
+            result = await frontend.engine.rebalance()
+        except UserError as e:  # through Serve's handle, a RayTaskError that is also a UserError: its cause's text
+            raise ApiError(400, str(getattr(e, "cause", None) or e)) from None
         return {"model": frontend.model_name} | result
 
     @api.get("/v1/engine/stats", dependencies=v1)

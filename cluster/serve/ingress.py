@@ -55,8 +55,8 @@ class HandleEngine:
     async def metrics(self) -> bytes:
         return await self.handle.metrics.remote()
 
-    async def rebalance(self, max_experts_per_worker: int | None, copies: int | None) -> dict[str, Any]:
-        return await self.handle.rebalance.remote(max_experts_per_worker, copies)
+    async def rebalance(self) -> dict[str, Any]:
+        return await self.handle.rebalance.remote()
 
     async def check_health(self) -> None:
         await self.handle.check_health.remote()

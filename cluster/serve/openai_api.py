@@ -126,11 +126,10 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class RebalanceRequest(BaseModel):
-    """POST /v1/experts/rebalance: both optional; by default the current map's slots and copies."""
+    """POST /v1/experts/rebalance takes no settings: a client can move experts within the workers'
+    slots, never make workers hold more than the operator sized them for (serve's --replicate-hot)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_experts_per_worker: Annotated[int | None, Field(ge=1)] = None
-    copies: Annotated[int | None, Field(ge=1)] = None
 
 
 def _no_constants(name: str) -> Any:

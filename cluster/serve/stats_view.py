@@ -19,8 +19,8 @@ def fetch_engine_stats(url: str, api_key: str | None = None) -> dict[str, Any]:
     return fetch_json(url, "/v1/engine/stats", api_key)
 
 
-def post_rebalance(url: str, body: dict[str, int], api_key: str | None = None) -> dict[str, Any]:
-    return fetch_json(url, "/v1/experts/rebalance", api_key, body=body)
+def post_rebalance(url: str, api_key: str | None = None) -> dict[str, Any]:
+    return fetch_json(url, "/v1/experts/rebalance", api_key, body={})
 
 
 def rebalance_summary(result: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ first difference (a difference changes everything after it, so later positions a
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ class Agreement:
         return (
             f"{name}: {expert_dtype} experts against float, greedy, {self.prompts} prompts x {self.max_tokens} tokens: "
             f"{self.identical}/{self.prompts} outputs identical; {self.prefix_share:.1%} of tokens before the first "
-            f"difference (median {sorted(self.agreeing_prefix)[self.prompts // 2]})"
+            f"difference (median {statistics.median(self.agreeing_prefix):g})"
         )
 
 

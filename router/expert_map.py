@@ -12,6 +12,7 @@ JSON (`plan --emit` writes one, `--expert-map FILE` reads one):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -53,14 +54,10 @@ class ExpertMap:
             return f"no worker holds expert {missing[0]}: every expert needs at least one copy"
         return None
 
-    @property
-    def copies(self) -> list[list[int]]:
-        """Per expert, the workers holding it, in worker order."""
-        out: list[list[int]] = [[] for _ in range(self.num_experts)]
-        for w, experts in enumerate(self.workers):
-            for e in experts:
-                out[e].append(w)
-        return out
+    @functools.cached_property
+    def copies(self) -> tuple[tuple[int, ...], ...]:
+        """Per expert, the workers holding it, in worker order (read on every MoE layer call: made once)."""
+        return tuple(tuple(w for w, experts in enumerate(self.workers) if e in experts) for e in range(self.num_experts))
 
     @property
     def num_workers(self) -> int:
@@ -196,7 +193,3 @@ def with_hot_replicas(expert_map: ExpertMap, replicas: int, expert_load: Sequenc
         )
     load = list(expert_load) if expert_load is not None else [1.0] * expert_map.num_experts
     return balanced_map(load, kinds=expert_map.kinds, slots_per_worker=slots, copies=expert_map.num_experts + replicas)
-
-
-def total_copies(expert_map: ExpertMap) -> int:
-    return sum(len(experts) for experts in expert_map.workers)

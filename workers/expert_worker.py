@@ -155,12 +155,7 @@ class ExpertWorker:
         return expert_ffn(x, w1, w2, w3)
 
     def expert_bytes(self) -> int:
-        return sum(
-            w.nbytes if isinstance(w, (Int8Weight, torch.Tensor)) else 0
-            for layers in list(self.experts.values())
-            for ws in layers
-            for w in ws
-        )
+        return sum(w.nbytes for layers in self.experts.values() for ws in layers for w in ws)
 
     def open_channel(self, coordinator_node: str) -> ChannelAddress:
         """Where the coordinator on node `coordinator_node` sends this worker its tokens (router.wire)."""

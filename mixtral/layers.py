@@ -17,20 +17,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-SMALL_BATCH = 8
-
-
 def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert: w2(silu(w1 x) * w3 x).  x [T, D], w1/w3 [I, D], w2 [D, I] -> [T, D].
-
-    Up to SMALL_BATCH tokens, on rows (x @ W^T): MKL's weight-major GEMM takes a slow path for a
-    handful of columns (README, "Expert maps"). Above it, on columns as the paper writes it (W x with
-    x [D, T]), which reads the weights once in the order they are stored.
-    """
-    if x.shape[0] <= SMALL_BATCH:
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-    xt = x.t().contiguous()  # [D, T]
-    return (w2 @ (F.silu(w1 @ xt) * (w3 @ xt))).t().contiguous()
+    """SwiGLU expert: w2(silu(w1 x) * w3 x).  x [T, D], w1/w3 [I, D], w2 [D, I] -> [T, D]."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
 def rope_cos_sin(

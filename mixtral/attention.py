@@ -45,8 +45,10 @@ def attention(
 
     batch, q_len = layout.q_index.shape
     group = num_heads // num_kv_heads
-    keys = cache_k.index_select(1, layout.key_slots).view(num_kv_heads, batch, -1, head_dim)  # [G, B, K, Dh]
-    values = cache_v.index_select(1, layout.key_slots).view(num_kv_heads, batch, -1, head_dim)
+    # Whole blocks ([bs * Dh] contiguous per kv head), not slot by slot: a few large copies instead
+    # of one per key. The gathered [G, B * NB, bs * Dh] is the [G, B, K, Dh] the GEMMs take.
+    keys = _gather_blocks(cache_k, layout).view(num_kv_heads, batch, -1, head_dim)  # [G, B, K, Dh]
+    values = _gather_blocks(cache_v, layout).view(num_kv_heads, batch, -1, head_dim)
     # Query head h uses kv head h // R (transformers' repeat_kv). The R heads of one kv head are
     # folded into the rows of one GEMM per (kv head, sequence): [R*Q, Dh] @ [Dh, K], so the keys
     # are neither repeated nor broadcast (a broadcast over R runs B*G*R tiny GEMVs instead).
@@ -60,3 +62,9 @@ def attention(
     out = out.view(num_kv_heads, batch, group, q_len, head_dim).permute(1, 3, 0, 2, 4)
     out = out.reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
     return F.linear(out, w.wo)
+
+
+def _gather_blocks(cache: torch.Tensor, layout: StepLayout) -> torch.Tensor:
+    """[G, slots, Dh] cache -> [G, B * NB, block_size * Dh]: the blocks the layout reads, in its order."""
+    num_kv_heads, _, head_dim = cache.shape
+    return cache.view(num_kv_heads, -1, layout.block_size * head_dim).index_select(1, layout.key_blocks)

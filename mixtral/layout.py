@@ -23,7 +23,8 @@ class StepLayout:
     positions: torch.Tensor  # [T] absolute position of each new token
     q_index: torch.Tensor  # [B, Q] flat token index of each padded query (0 where padding)
     q_valid: torch.Tensor  # [B, Q] True for real tokens
-    key_slots: torch.Tensor  # [B * K] cache slot of each key each sequence reads (padding reads slot 0, masked)
+    key_blocks: torch.Tensor  # [B * NB] cache block of each block of keys each sequence reads (padding reads block 0, masked)
+    block_size: int  # tokens per block: key k of sequence b is slot key_blocks[b * NB + k // block_size] * block_size + k % block_size
     bias: torch.Tensor  # [B, 1, Q, K] additive mask, 0 allowed, dtype-min not
     write_slots: torch.Tensor  # [T] cache slot each new token's key and value go to
 
@@ -57,7 +58,6 @@ def build_layout(
 
     in_block = torch.arange(block_size)
     key_pos = ((first + torch.arange(held))[:, :, None] * block_size + in_block).view(num_seqs, -1)  # [B, K]
-    key_slots = (table.clamp_min(0)[:, :, None] * block_size + in_block).view(num_seqs, -1)
     key_valid = (table >= 0).repeat_interleave(block_size, dim=1) & (key_pos < start + length)
     allowed = key_valid[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [B, Q, K]
     if window is not None:
@@ -73,7 +73,8 @@ def build_layout(
         positions=q_pos[q_valid],
         q_index=q_index,
         q_valid=q_valid,
-        key_slots=key_slots.reshape(-1),
+        key_blocks=table.clamp_min(0).reshape(-1),
+        block_size=block_size,
         bias=bias[:, None],
         write_slots=q_slots[q_valid],
     )

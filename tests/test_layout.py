@@ -42,7 +42,8 @@ def test_layout_matches_loops_over_positions(case: str) -> None:
     assert layout.q_index.tolist() == [[f + i if i < n else 0 for i in range(q_len)] for f, n in zip(first, lengths)]
     assert layout.write_slots.tolist() == [slot(b, p) for b, (s, n) in enumerate(zip(starts, lengths)) for p in range(s, s + n)]
 
-    keys = layout.key_slots.view(len(blocks), -1)
+    in_block = torch.arange(layout.block_size)
+    keys = (layout.key_blocks[:, None] * layout.block_size + in_block).view(len(blocks), -1)  # each key's slot
     assert layout.bias.shape == (len(blocks), 1, q_len, keys.shape[1])
     for b, (s, n) in enumerate(zip(starts, lengths)):
         for i in range(n):

@@ -24,7 +24,7 @@ class StepLayout:
     q_index: torch.Tensor  # [B, Q] flat token index of each padded query (0 where padding)
     q_valid: torch.Tensor  # [B, Q] True for real tokens
     key_blocks: torch.Tensor  # [B * NB] cache block of each block of keys each sequence reads (padding reads block 0, masked)
-    block_size: int  # tokens per block: key k of sequence b is slot key_blocks[b * NB + k // block_size] * block_size + k % block_size
+    block_size: int  # key k of sequence b is slot key_blocks[b * NB + k // block_size] * block_size + k % block_size
     bias: torch.Tensor  # [B, 1, Q, K] additive mask, 0 allowed, dtype-min not
     write_slots: torch.Tensor  # [T] cache slot each new token's key and value go to
 

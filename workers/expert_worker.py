@@ -20,13 +20,12 @@ from mixtral import names
 from mixtral.checkpoint import Checkpoint, ReadLog
 from mixtral.config import ExpertDType, resolve_dtype
 from mixtral.int8 import Int8Weight, int8_expert_ffn, quantize
-from mixtral.layers import expert_ffn
+from mixtral.layers import HeldExpert, held_expert_ffn
 from router.wire import FrameLimits, Segment
 from workers.channel_server import ChannelAddress, ChannelServer
 from workers.device import HUGE_PAGES_ENV, assigned_device, expert_compute_dtype, set_threads
 from workers.telemetry import Telemetry
 
-FloatExpert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # per layer: w1 [I, D], w2 [D, I], w3 [I, D]
 Int8Expert = tuple[Int8Weight, Int8Weight, Int8Weight]
 
 
@@ -80,7 +79,7 @@ class ExpertWorker:
         # int8 weights compute in the wire's dtype, where torch's int8 kernel takes half activations.
         self.compute_dtype = self.dtype if expert_dtype == "int8" else expert_compute_dtype(self.dtype, self.device)
         self.reader = checkpoint.reader()
-        self.experts: dict[int, list[FloatExpert] | list[Int8Expert]] = {}
+        self.experts: dict[int, list[HeldExpert] | list[Int8Expert]] = {}
         self._loading = threading.Lock()  # the channel's threads and Ray's calls may both load
         self.stats = WorkerStats(self.worker, [])
         self.load_experts(held)
@@ -92,7 +91,7 @@ class ExpertWorker:
         """Read these experts' tensors (only theirs) if not held yet; returns the experts held."""
         return sorted(self._load(experts))
 
-    def _load(self, experts: Sequence[int]) -> dict[int, list[FloatExpert] | list[Int8Expert]]:
+    def _load(self, experts: Sequence[int]) -> dict[int, list[HeldExpert] | list[Int8Expert]]:
         """The held experts with these among them: the dict installed, which a later new map never changes."""
         with self._loading:
             if missing := [e for e in experts if e not in self.experts]:
@@ -109,13 +108,13 @@ class ExpertWorker:
             self.stats.experts = sorted(self.experts)
             return sorted(self.experts)
 
-    def _read_expert(self, expert: int) -> list[FloatExpert] | list[Int8Expert]:
+    def _read_expert(self, expert: int) -> list[HeldExpert] | list[Int8Expert]:
         layers = self.args.num_hidden_layers
         weights = dict(self.reader.read(names.expert_weights(layers, expert), dtype=self.dtype, device=self.device))
         per_layer = [tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3")) for layer in range(layers)]
         if self.expert_dtype == "int8":
             return [(quantize(w1), quantize(w2), quantize(w3)) for w1, w2, w3 in per_layer]
-        return [(w1.to(self.compute_dtype), w2.to(self.compute_dtype), w3.to(self.compute_dtype)) for w1, w2, w3 in per_layer]
+        return [HeldExpert.of(w1, w2, w3, self.compute_dtype) for w1, w2, w3 in per_layer]
 
     @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ()) -> torch.Tensor:
@@ -146,13 +145,10 @@ class ExpertWorker:
         return y
 
     @staticmethod
-    def _expert_ffn(weights: FloatExpert | Int8Expert, x: torch.Tensor) -> torch.Tensor:
-        w1, w2, w3 = weights
-        if isinstance(w1, Int8Weight):
-            assert isinstance(w2, Int8Weight) and isinstance(w3, Int8Weight)
-            return int8_expert_ffn(x, w1, w2, w3)
-        assert isinstance(w2, torch.Tensor) and isinstance(w3, torch.Tensor)
-        return expert_ffn(x, w1, w2, w3)
+    def _expert_ffn(weights: HeldExpert | Int8Expert, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(weights, HeldExpert):
+            return held_expert_ffn(x, weights)
+        return int8_expert_ffn(x, *weights)
 
     def expert_bytes(self) -> int:
         return sum(w.nbytes for layers in self.experts.values() for ws in layers for w in ws)

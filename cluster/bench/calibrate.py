@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cluster.bench.machine import median_seconds
 from cluster.planning.profile import TOKEN_COUNTS
 from mixtral.config import MixtralArgs
-from mixtral.layers import expert_ffn
+from mixtral.layers import HeldExpert, held_expert_ffn
 from workers.device import expert_compute_dtype, set_coordinator_threads
 
 EXPERT_LAYERS_CYCLED = 4
@@ -38,8 +38,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
     torch.set_num_threads(1)
     expert_dt = expert_compute_dtype(dt, "cpu")  # what a worker's GEMMs run in here, on its one thread
     layers = [
-        (torch.randn(i, d, dtype=expert_dt), torch.randn(d, i, dtype=expert_dt), torch.randn(i, d, dtype=expert_dt))
-        for _ in range(EXPERT_LAYERS_CYCLED)
+        HeldExpert.of(torch.randn(i, d), torch.randn(d, i), torch.randn(i, d), expert_dt) for _ in range(EXPERT_LAYERS_CYCLED)
     ]
     next_layer = itertools.cycle(layers)
     attn = AttentionWeights(
@@ -56,7 +55,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
             x = torch.randn(t, d, dtype=dt)
             repeats = 5 if t <= 256 else 2
             torch.set_num_threads(1)
-            parts["expert_ms"].append(_ms(lambda x=x: expert_ffn(x.to(expert_dt), *next(next_layer)).to(dt), repeats))
+            parts["expert_ms"].append(_ms(lambda x=x: held_expert_ffn(x.to(expert_dt), next(next_layer)).to(dt), repeats))
             set_coordinator_threads(None)
             parts["coordinator_layer_ms"].append(_ms(_attention_step(args, attn, gate, x, context, dt), repeats))
             if t <= 256:

@@ -27,7 +27,7 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Te
 class HeldExpert(NamedTuple):
     """One expert's matrices of one layer as a worker holds them: transposed to [in, out], each the
     right operand of `x @ w`. MKL's GEMM reads them faster that way for the few tokens an expert gets
-    per call in decode than the checkpoint's [out, in] through F.linear (README, "Expert maps")."""
+    per call in decode than the checkpoint's [out, in] through F.linear (README, "Performance with a map")."""
 
     w1: torch.Tensor  # [D, I]
     w2: torch.Tensor  # [I, D]

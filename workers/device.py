@@ -52,9 +52,12 @@ def set_coordinator_threads(requested: int | None) -> int:
 SLOW_HALF_FRACTION = 0.5
 
 
-def matmul_rate(dtype: torch.dtype, device: str, *, tokens: int = 16, size: int = 256, repeats: int = 5) -> float:
-    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size]) on this process's threads.
-    Small on purpose: on a slow path one call of it still takes milliseconds, not seconds."""
+def matmul_rate(dtype: torch.dtype, device: str, *, tokens: int = 16, size: int = 256, repeats: int = 7) -> float:
+    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size], the workers' layout) on this
+    process's threads. Small on purpose: on a slow path one call of it still takes milliseconds, not
+    seconds. The fastest of the repeats: workers measure while their neighbours load weights on the
+    same cores, and a float32 call of tens of microseconds that is preempted a few times reads
+    slower than emulated bf16 (a two-thread worker once chose bf16 that way)."""
     a = torch.randn(tokens, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up
@@ -65,7 +68,7 @@ def matmul_rate(dtype: torch.dtype, device: str, *, tokens: int = 16, size: int 
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 2 * tokens * size * size / max(sorted(times)[repeats // 2], 1e-9)
+    return 2 * tokens * size * size / max(min(times), 1e-9)
 
 
 def choose_compute_dtype(dtype: torch.dtype, rates: dict[torch.dtype, float]) -> torch.dtype:

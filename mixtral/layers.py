@@ -36,7 +36,12 @@ class HeldExpert(NamedTuple):
     @staticmethod
     def of(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype) -> HeldExpert:
         """From the checkpoint's [out, in] matrices, in `dtype`."""
-        return HeldExpert(*(w.to(dtype).t().contiguous() for w in (w1, w2, w3)))
+        return HeldExpert(*(held_matrix(w, dtype) for w in (w1, w2, w3)))
+
+
+def held_matrix(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint matrix [out, in] as a worker holds it: [in, out] in `dtype`, in one copy."""
+    return torch.empty(w.shape[1], w.shape[0], dtype=dtype, device=w.device).copy_(w.t())
 
 
 def held_expert_ffn(x: torch.Tensor, w: HeldExpert) -> torch.Tensor:

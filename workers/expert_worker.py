@@ -20,7 +20,7 @@ from mixtral import names
 from mixtral.checkpoint import Checkpoint, ReadLog
 from mixtral.config import ExpertDType, resolve_dtype
 from mixtral.int8 import Int8Weight, int8_expert_ffn, quantize
-from mixtral.layers import HeldExpert, held_expert_ffn
+from mixtral.layers import HeldExpert, held_expert_ffn, held_matrix
 from router.wire import FrameLimits, Segment
 from workers.channel_server import ChannelAddress, ChannelServer
 from workers.device import HUGE_PAGES_ENV, assigned_device, expert_compute_dtype, set_threads
@@ -110,11 +110,15 @@ class ExpertWorker:
 
     def _read_expert(self, expert: int) -> list[HeldExpert] | list[Int8Expert]:
         layers = self.args.num_hidden_layers
-        weights = dict(self.reader.read(names.expert_weights(layers, expert), dtype=self.dtype, device=self.device))
-        per_layer = [tuple(weights[names.expert_weight(layer, expert, w)] for w in ("w1", "w2", "w3")) for layer in range(layers)]
+        read = self.reader.read(names.expert_weights(layers, expert), dtype=self.dtype, device=self.device)
+        per_layer = [[names.expert_weight(layer, expert, w) for w in ("w1", "w2", "w3")] for layer in range(layers)]
+        # Each matrix is converted as it is read, so that loading takes one expert's memory and one
+        # matrix more, not two experts' (on a GPU sized for one expert, the second would not fit).
         if self.expert_dtype == "int8":
-            return [(quantize(w1), quantize(w2), quantize(w3)) for w1, w2, w3 in per_layer]
-        return [HeldExpert.of(w1, w2, w3, self.compute_dtype) for w1, w2, w3 in per_layer]
+            q = {name: quantize(w) for name, w in read}
+            return [(q[n1], q[n2], q[n3]) for n1, n2, n3 in per_layer]
+        held = {name: held_matrix(w, self.compute_dtype) for name, w in read}
+        return [HeldExpert(held[n1], held[n2], held[n3]) for n1, n2, n3 in per_layer]
 
     @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ()) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Where each token of a step sits: padded query grid, key slots and positions, mask, cache writes.
+"""Where each token of a step sits: padded query grid, key blocks and positions, mask, cache writes.
 
 Built once per step (per attention group) and shared by every layer. Legend: B = sequences,
 Q = most new tokens of any sequence, K = key slots read per sequence (its held blocks times the

@@ -3,8 +3,9 @@
 Per layer, k and v are [G, N * block_size, Dh] (G kv heads, N blocks): token slot s = block *
 block_size + offset. A sequence's keys are wherever its block table points; attention gathers
 whole blocks with one index_select over the [G, N, block_size * Dh] view, which yields
-[G, B * NB, block_size * Dh]: the [G, B, K, Dh] order its GEMMs take, with no second copy. Which block belongs to whom is the
-engine's business (cluster/engine/kv_manager.py); this holds only the memory.
+[G, B * NB, block_size * Dh]: the [G, B, K, Dh] order its GEMMs take, with no second copy.
+Which block belongs to whom is the engine's business (cluster/engine/kv_manager.py); this holds
+only the memory.
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ class Coordinator:
             block_size=self.cache.block_size,
             window=args.sliding_window,
             dtype=self.dtype,
-        )
+        ).to(self.device)
         rope = rope_cos_sin(layout.positions, head_dim=args.head_dim, theta=args.rope_theta, dtype=self.dtype)
         return AttentionGroup(tokens, layout, rope)
 

@@ -13,7 +13,7 @@ full, and a sequence writes only past them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -27,6 +27,11 @@ class StepLayout:
     block_size: int  # key k of sequence b is slot key_blocks[b * NB + k // block_size] * block_size + k % block_size
     bias: torch.Tensor  # [B, 1, Q, K] additive mask, 0 allowed, dtype-min not
     write_slots: torch.Tensor  # [T] cache slot each new token's key and value go to
+
+    def to(self, device: str) -> StepLayout:
+        """This layout with its tensors on `device`: a coordinator on a GPU indexes its cache with them."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return StepLayout(**{name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in moved.items()})
 
 
 def build_layout(

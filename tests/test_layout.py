@@ -54,6 +54,17 @@ def test_layout_matches_loops_over_positions(case: str) -> None:
             assert seen == [slot(b, p) for p in range(lowest, q + 1)], (b, i)
 
 
+def test_every_tensor_of_a_layout_moves_to_the_coordinators_device() -> None:
+    blocks, first_block, starts, lengths, window = CASES["a decode beside a chunk"]
+    layout = build_layout(
+        blocks=blocks, first_block=first_block, starts=starts, lengths=lengths, block_size=BS, window=window, dtype=torch.float32
+    )
+    moved = layout.to("meta")  # a device with no data: any tensor left behind stays on the CPU
+    tensors = {name: v for name, v in vars(moved).items() if isinstance(v, torch.Tensor)}
+    assert len(tensors) == 6 and all(v.device.type == "meta" for v in tensors.values()), tensors.keys()
+    assert moved.block_size == layout.block_size and moved.key_blocks.shape == layout.key_blocks.shape
+
+
 def test_a_token_outside_its_block_table_is_refused_not_written() -> None:
     with pytest.raises(ValueError, match="block table"):
         build_layout(blocks=[[0]], first_block=[0], starts=[3], lengths=[2], block_size=BS, window=None, dtype=torch.float32)

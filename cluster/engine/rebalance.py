@@ -109,9 +109,9 @@ class Rebalancer:
             except ExpertMapError as e:
                 raise UserError(str(e)) from None
             before = balancedness(rows)
-            if balancedness(worker_loads(new, experts)) <= balancedness(worker_loads(old, experts)):
-                new = old  # nothing better for this load: keep the map, and the weights where they are
-            predicted = balancedness(worker_loads(new, experts))
+            predicted, current = (balancedness(worker_loads(m, experts)) for m in (new, old))
+            if predicted <= current:  # nothing better for this load: keep the map, and the weights where they are
+                new, predicted = old, current
             gained = {w: sorted(set(n) - set(o)) for w, (o, n) in enumerate(zip(old.workers, new.workers)) if set(n) - set(o)}
             lost = {w: sorted(set(o) - set(n)) for w, (o, n) in enumerate(zip(old.workers, new.workers)) if set(o) - set(n)}
             if gained:

@@ -8,7 +8,7 @@ from mixtral import names
 from mixtral.checkpoint import Checkpoint
 from mixtral.layers import expert_ffn
 from router.wire import new_secret
-from workers.device import choose_compute_dtype, expert_compute_dtype, matmul_rate
+from workers.device import choose_compute_dtype, expert_compute_dtype, matmul_rates
 from workers.expert_worker import ExpertWorker
 
 
@@ -17,7 +17,10 @@ def test_a_slow_half_precision_matmul_is_computed_in_float32() -> None:
     assert choose_compute_dtype(bf16, {bf16: 1e9, f32: 24e9}) == f32  # emulated bf16, as on an AMD EPYC without it
     assert choose_compute_dtype(bf16, {bf16: 40e9, f32: 24e9}) == bf16  # native bf16 (AVX512_BF16, AMX)
     assert choose_compute_dtype(f32, {f32: 24e9}) == f32
-    assert matmul_rate(f32, "cpu") > 0
+    assert all(rate > 0 for rate in matmul_rates((bf16, f32), "cpu").values())
+    threads = torch.get_num_threads()
+    assert expert_compute_dtype.__wrapped__(bf16, "cpu") in (bf16, f32)  # measured afresh, on one thread
+    assert torch.get_num_threads() == threads  # and the caller's threads are as they were
     assert expert_compute_dtype(f32, "cpu") == f32 and expert_compute_dtype(bf16, "cuda") == bf16
 
 

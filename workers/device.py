@@ -52,23 +52,26 @@ def set_coordinator_threads(requested: int | None) -> int:
 SLOW_HALF_FRACTION = 0.5
 
 
-def matmul_rate(dtype: torch.dtype, device: str, *, tokens: int = 16, size: int = 256, repeats: int = 7) -> float:
-    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size], the workers' layout) on this
-    process's threads. Small on purpose: on a slow path one call of it still takes milliseconds, not
-    seconds. The fastest of the repeats: workers measure while their neighbours load weights on the
-    same cores, and a float32 call of tens of microseconds that is preempted a few times reads
-    slower than emulated bf16 (a two-thread worker once chose bf16 that way)."""
-    a = torch.randn(tokens, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    times = []
+def matmul_rates(
+    dtypes: tuple[torch.dtype, ...], device: str, *, tokens: int = 16, size: int = 256, repeats: int = 7
+) -> dict[torch.dtype, float]:
+    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size], the workers' layout) in each
+    dtype, on the calling thread's threads. Small on purpose: on a slow path one call of it still takes
+    milliseconds, not seconds. The fastest of the repeats, and the dtypes take turns: workers measure
+    while their neighbours load weights on the same cores, and a float32 call of tens of microseconds
+    timed in one burst could have every repeat fall within one preemption."""
+    operands = {d: (torch.randn(tokens, size, device=device).to(d), torch.randn(size, size, device=device).to(d)) for d in dtypes}
+    for a, b in operands.values():
+        torch.matmul(a, b)  # warm-up
+    fastest = dict.fromkeys(dtypes, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * tokens * size * size / max(min(times), 1e-9)
+        for d, (a, b) in operands.items():
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            fastest[d] = min(fastest[d], time.perf_counter() - start)
+    return {d: 2 * tokens * size * size / max(t, 1e-9) for d, t in fastest.items()}
 
 
 def choose_compute_dtype(dtype: torch.dtype, rates: dict[torch.dtype, float]) -> torch.dtype:
@@ -84,4 +87,13 @@ def expert_compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
     half-precision matmul (measured once per process). GPUs always compute in the weights' dtype."""
     if device != "cpu" or dtype == torch.float32:
         return dtype
-    return choose_compute_dtype(dtype, {d: matmul_rate(d, device) for d in (dtype, torch.float32)})
+    # On one thread: the kernels' own speed. On two, a float32 call of tens of microseconds waits for
+    # its second thread to be scheduled, and while neighbours load on the same cores, every repeat
+    # can read slower than emulated bf16 (a two-thread worker chose bf16 that way, again and again).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rates = matmul_rates((dtype, torch.float32), device)
+    finally:
+        torch.set_num_threads(threads)
+    return choose_compute_dtype(dtype, rates)

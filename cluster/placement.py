@@ -24,7 +24,7 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
 from router.expert_map import ExpertMap
 from router.wire import new_secret
-from workers.device import HUGE_PAGES_ENV
+from workers.device import ACTOR_ENV
 from workers.expert_worker import ExpertWorker, WorkerInfo
 
 PLACEMENT_TIMEOUT_S = 120
@@ -139,7 +139,7 @@ def start_workers(
             max_task_retries=-1,
             # Pings and new channels are answered while it reads the experts a rebalance gives it.
             max_concurrency=4,
-            runtime_env={"env_vars": HUGE_PAGES_ENV},
+            runtime_env={"env_vars": ACTOR_ENV},
         ).remote(
             checkpoint,
             experts,
@@ -190,7 +190,7 @@ def bring_up(
             num_cpus=placement.coordinator_cpus,
             num_gpus=1 if layout.coordinator_gpu else 0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
-            runtime_env={"env_vars": HUGE_PAGES_ENV},
+            runtime_env={"env_vars": ACTOR_ENV},
         )
         .remote(checkpoint, workers, secret, engine, layout.expert_map, threads=placement.coordinator_threads)
     )

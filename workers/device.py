@@ -5,8 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # For the actors' runtime_env. torch then puts CPU allocations of 2 MiB and more in transparent huge
 # pages (where the kernel allows them), and its allocator reads the variable once, at the process's
@@ -14,6 +19,14 @@ import torch
 # streams its whole weights through a few tokens; with 4 KiB pages every 4 KiB of them is also a TLB
 # miss. Measured on mini (2 cores): a layer of 8 one-token expert calls 28.9 -> 21.2 ms.
 HUGE_PAGES_ENV: dict[str, str] = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+# For the same runtime_env. An idle OpenMP thread spins for the next parallel region for this many
+# turns of its wait loop before it sleeps (libgomp's default is 300000). Within a process the regions
+# follow each other within tens of microseconds, which a short spin covers. But the coordinator and
+# its workers take turns on the same cores: with the default, the team that has just finished its turn
+# spins on through the other's, holding a core it needs (README, "Performance with a map").
+SPIN_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "10000"}
+ACTOR_ENV = HUGE_PAGES_ENV | SPIN_ENV
 
 
 def assigned_device() -> str:
@@ -32,6 +45,40 @@ def set_threads(threads: int) -> int:
     threads = max(1, threads)
     torch.set_num_threads(threads)
     return threads
+
+
+# Why an actor keeps its parallel torch work on one thread. libgomp (torch's OpenMP) lets the idle
+# threads of a team spin for the next parallel region only while it manages no more threads than
+# the process may use cores; above that it throttles the spin to almost nothing. Every thread that
+# starts a parallel region keeps a team of its own for as long as it lives. So a second such thread
+# in a process (the one that loaded the weights, besides the one that computes) makes every later
+# region sleep and wake its team: two context switches a region, which cost one-row GEMMs most
+# (README, "Performance with a map").
+
+
+class ComputeThread:
+    """Runs a process's parallel torch work on `threads` threads: on a thread of its own when there
+    are several, so that no other long-lived thread has an OpenMP team; in the caller with one."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads = set_threads(threads)  # also the count threads started later begin with
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix=name, initializer=set_threads, initargs=(self.threads,))
+            if self.threads > 1
+            else None
+        )
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            return fn(*args)
+        return self._executor.submit(fn, *args).result()
+
+
+def on_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread that ends when it returns, taking its OpenMP team along (ComputeThread):
+    for work done once, such as reading weights, in a process whose compute runs elsewhere."""
+    with ThreadPoolExecutor(1, thread_name_prefix="passing") as executor:
+        return executor.submit(fn).result()
 
 
 def set_coordinator_threads(requested: int | None) -> int:

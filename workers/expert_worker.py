@@ -23,7 +23,7 @@ from mixtral.int8 import Int8Weight, int8_expert_ffn, quantize
 from mixtral.layers import HeldExpert, held_expert_ffn, held_matrix
 from router.wire import FrameLimits, Segment
 from workers.channel_server import ChannelAddress, ChannelServer
-from workers.device import HUGE_PAGES_ENV, assigned_device, expert_compute_dtype, set_threads
+from workers.device import HUGE_PAGES_ENV, ComputeThread, assigned_device, expert_compute_dtype, on_passing_thread
 from workers.telemetry import Telemetry
 
 Int8Expert = tuple[Int8Weight, Int8Weight, Int8Weight]
@@ -69,7 +69,8 @@ class ExpertWorker:
     ) -> None:
         held = [experts] if isinstance(experts, int) else list(experts)
         self.worker = held[0] if worker is None else worker
-        self.threads = set_threads(threads)
+        self.compute = ComputeThread(threads, f"expert-worker-{self.worker}")
+        self.threads = self.compute.threads
         self.device = assigned_device()
         self.args = args = checkpoint.args
         self.dtype = resolve_dtype(args, dtype)  # of the activations on the wire, as the coordinator's
@@ -77,7 +78,9 @@ class ExpertWorker:
         # Float weights are held in the dtype the GEMMs are fast in here: a bf16 checkpoint on a CPU
         # without bf16 matmul is upcast once, at load (exactly: every bf16 value is a float32 value).
         # int8 weights compute in the wire's dtype, where torch's int8 kernel takes half activations.
-        self.compute_dtype = self.dtype if expert_dtype == "int8" else expert_compute_dtype(self.dtype, self.device)
+        self.compute_dtype = (
+            self.dtype if expert_dtype == "int8" else self.compute.run(expert_compute_dtype, self.dtype, self.device)
+        )
         self.reader = checkpoint.reader()
         self.experts: dict[int, list[HeldExpert] | list[Int8Expert]] = {}
         self._loading = threading.Lock()  # the channel's threads and Ray's calls may both load
@@ -95,7 +98,7 @@ class ExpertWorker:
         """The held experts with these among them: the dict installed, which a later new map never changes."""
         with self._loading:
             if missing := [e for e in experts if e not in self.experts]:
-                self.experts = self.experts | {e: self._read_expert(e) for e in missing}
+                self.experts = self.experts | on_passing_thread(lambda: {e: self._read_expert(e) for e in missing})
                 self.stats.experts = sorted(self.experts)
             return self.experts
 
@@ -120,11 +123,14 @@ class ExpertWorker:
         held = {name: held_matrix(w, self.compute_dtype) for name, w in read}
         return [HeldExpert(held[n1], held[n2], held[n3]) for n1, n2, n3 in per_layer]
 
-    @torch.inference_mode()
     def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ()) -> torch.Tensor:
         """The experts' FFNs of `layer` on their rows of x: segment (e, n) is the next n rows, for
         expert e; each gets w2(silu(w1 x) * w3 x).  x [T, D] -> [T, D]. No segments: all rows to the
-        worker's only expert."""
+        worker's only expert. Computed on the worker's compute thread, whichever thread asks."""
+        return self.compute.run(self._forward, layer, x, segments)
+
+    @torch.inference_mode()
+    def _forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         start = time.perf_counter()
         if not segments and x.shape[0] == 0:  # a wake-up with no tokens (the benchmark's dispatch round trip)
             return torch.empty(0, x.shape[1], dtype=self.dtype)

@@ -26,7 +26,7 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
 from mixtral.synthetic import resolve_checkpoint
 from router.expert_map import ExpertMap
-from workers.device import HUGE_PAGES_ENV
+from workers.device import ACTOR_ENV
 
 GRPC_SERVICER = "protos.moe_pb2_grpc.add_MoEServiceServicer_to_server"
 # How often a replica hands Serve its record_autoscaling_stats (Serve's default is 10 s): an LLM
@@ -78,7 +78,7 @@ def build_app(args: ServeArgs) -> Application:
             "num_cpus": placement.coordinator_cpus,
             "num_gpus": 1 if layout.coordinator_gpu else 0,
             "runtime_env": {
-                "env_vars": HUGE_PAGES_ENV | {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": AUTOSCALING_METRICS_PUSH_S}
+                "env_vars": ACTOR_ENV | {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": AUTOSCALING_METRICS_PUSH_S}
             },
         },
         max_ongoing_requests=1024,

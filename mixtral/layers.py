@@ -27,11 +27,18 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Te
 class HeldExpert(NamedTuple):
     """One expert's matrices of one layer as a worker holds them: transposed to [in, out], each the
     right operand of `x @ w`. MKL's GEMM reads them faster that way for the few tokens an expert gets
-    per call in decode than the checkpoint's [out, in] through F.linear (README, "Performance with a map")."""
+    per call in decode than the checkpoint's [out, in] through F.linear (README, "Performance with a map").
+    `half`: also the checkpoint's own half-precision w1, w2, w3 ([out, in]), where the worker computes
+    in float32 but a call of a few rows is faster on these (workers.device.half_gemv_rows)."""
 
     w1: torch.Tensor  # [D, I]
     w2: torch.Tensor  # [I, D]
     w3: torch.Tensor  # [D, I]
+    half: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in (self.w1, self.w2, self.w3, *(self.half or ())))
 
     @staticmethod
     def of(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype) -> HeldExpert:
@@ -44,8 +51,11 @@ def held_matrix(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(w.shape[1], w.shape[0], dtype=dtype, device=w.device).copy_(w.t())
 
 
-def held_expert_ffn(x: torch.Tensor, w: HeldExpert) -> torch.Tensor:
-    """expert_ffn on a held expert.  x [T, D] -> [T, D]."""
+def held_expert_ffn(x: torch.Tensor, w: HeldExpert, *, half_rows: int = 0) -> torch.Tensor:
+    """expert_ffn on a held expert: on its half-precision matrices for up to `half_rows` rows, where it
+    holds them (x's values are then exactly half-precision ones: they came over the wire so).  x [T, D] -> [T, D]."""
+    if w.half is not None and x.shape[0] <= half_rows:
+        return expert_ffn(x.to(w.half[0].dtype), *w.half).to(x.dtype)
     return (F.silu(x @ w.w1) * (x @ w.w3)) @ w.w2
 
 

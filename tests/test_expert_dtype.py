@@ -7,7 +7,7 @@ import torch
 from mixtral import names
 from mixtral.checkpoint import Checkpoint
 from mixtral.layers import expert_ffn
-from router.wire import new_secret
+from router.wire import Segment, new_secret
 from workers.device import choose_compute_dtype, expert_compute_dtype, matmul_rates
 from workers.expert_worker import ExpertWorker
 
@@ -35,3 +35,30 @@ def test_a_bf16_expert_matches_its_weights_computed_in_float32_whatever_it_chose
     w1, w2, w3 = (weights[names.expert_weight(0, 1, w)].float() for w in ("w1", "w2", "w3"))
     reference = expert_ffn(x.float(), w1, w2, w3)
     torch.testing.assert_close(y.float(), reference, rtol=1.6e-2, atol=1e-2)  # bf16's resolution: 8 bits of mantissa
+
+
+def test_calls_of_few_rows_use_the_checkpoints_bf16_matrices_kept_beside_the_float32_ones(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """Where bf16 GEMMs are emulated the worker computes in float32, and keeps the checkpoint's bf16
+    matrices too for calls of up to `half_rows` rows (reading half the bytes); both give the product
+    within bf16's resolution. Where bf16 is native there is nothing to keep."""
+    checkpoint = Checkpoint.open(make_ckpt())
+    args = checkpoint.args
+    worker = ExpertWorker(checkpoint, [1, 2], channel_secret=new_secret(), dtype="bfloat16", half_rows=2)
+    demoted = worker.info().compute_dtype == "float32"
+    weights_per_expert = args.num_hidden_layers * 3 * args.hidden_size * args.intermediate_size
+    assert worker.info().half_rows == (2 if demoted else 0)
+    said = "float32, calls of up to 2 rows an expert in the checkpoint's precision"
+    assert worker.info().computes_in == (said if demoted else "bfloat16")  # what bench and serve report
+    assert worker.expert_bytes() == 2 * weights_per_expert * (4 + 2 if demoted else 2)
+    x = torch.randn(5, args.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = worker.forward(1, x, [Segment(1, 2), Segment(2, 3)])  # 2 rows: the bf16 matrices; 3: float32
+    weights = dict(
+        checkpoint.reader().read(
+            names.expert_weights(args.num_hidden_layers, 1) + names.expert_weights(args.num_hidden_layers, 2),
+            dtype=torch.bfloat16,
+        )
+    )
+    for expert, rows in ((1, slice(0, 2)), (2, slice(2, 5))):
+        w1, w2, w3 = (weights[names.expert_weight(1, expert, w)].float() for w in ("w1", "w2", "w3"))
+        reference = expert_ffn(x[rows].float(), w1, w2, w3)
+        torch.testing.assert_close(y[rows].float(), reference, rtol=1.6e-2, atol=1e-2)  # bf16's resolution

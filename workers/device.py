@@ -121,6 +121,43 @@ def matmul_rates(
     return {d: 2 * tokens * size * size / max(t, 1e-9) for d, t in fastest.items()}
 
 
+# Rows tried by half_gemv_rows, and the bytes of half-precision matrices it streams per timing: more
+# than a CPU's last-level cache, as an expert's weights are in decode.
+HALF_GEMV_ROWS_TRIED = (1, 2, 4, 8)
+HALF_GEMV_PROBE_BYTES = 48 << 20
+
+
+def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, repeats: int = 3) -> int:
+    """The most rows (of HALF_GEMV_ROWS_TRIED) for which F.linear on a half-precision [out, in]
+    matrix beats float32 `x @ w` on its [in, out] copy, on the calling thread's threads; 0 if none.
+
+    Where the half-precision GEMM is emulated, a worker computes in float32 (expert_compute_dtype).
+    A call of one or two rows is not bound by arithmetic but by reading the weights, and torch's
+    half-precision GEMV over the checkpoint's layout reads half the bytes: on two threads of this
+    project's machine it beats float32 up to 4 rows, on one thread never (README)."""
+    count = max(2, min(64, HALF_GEMV_PROBE_BYTES // max(1, out_features * in_features * dtype.itemsize)))
+    half = [torch.randn(out_features, in_features).to(dtype) for _ in range(count)]
+    full = [w.t().float().contiguous() for w in half]
+
+    def seconds(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in weights:
+                op(x, w)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    most = 0
+    for rows in HALF_GEMV_ROWS_TRIED:
+        x = torch.randn(rows, in_features)
+        seconds(torch.nn.functional.linear, x.to(dtype), half)  # warm-up
+        if seconds(torch.nn.functional.linear, x.to(dtype), half) >= seconds(torch.matmul, x, full):
+            break
+        most = rows
+    return most
+
+
 def choose_compute_dtype(dtype: torch.dtype, rates: dict[torch.dtype, float]) -> torch.dtype:
     """`dtype`, unless it is a half precision whose matmul runs below SLOW_HALF_FRACTION of float32's."""
     if dtype == torch.float32 or dtype not in rates:

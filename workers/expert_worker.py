@@ -23,7 +23,14 @@ from mixtral.int8 import Int8Weight, int8_expert_ffn, quantize
 from mixtral.layers import HeldExpert, held_expert_ffn, held_matrix
 from router.wire import FrameLimits, Segment
 from workers.channel_server import ChannelAddress, ChannelServer
-from workers.device import HUGE_PAGES_ENV, ComputeThread, assigned_device, expert_compute_dtype, on_passing_thread
+from workers.device import (
+    HUGE_PAGES_ENV,
+    ComputeThread,
+    assigned_device,
+    expert_compute_dtype,
+    half_gemv_rows,
+    on_passing_thread,
+)
 from workers.telemetry import Telemetry
 
 Int8Expert = tuple[Int8Weight, Int8Weight, Int8Weight]
@@ -51,8 +58,16 @@ class WorkerInfo:
     threads: int
     huge_pages: bool  # started with HUGE_PAGES_ENV: torch asks for huge pages for its large allocations
     compute_dtype: str  # what its GEMMs run in (workers.device.expert_compute_dtype)
+    half_rows: int  # calls of up to this many rows per expert run in the checkpoint's half precision
     expert_dtype: str  # what its expert weights are held in
     expert_bytes: int  # of the expert weights it holds
+
+    @property
+    def computes_in(self) -> str:
+        """What its GEMMs run in, as bench and serve report it."""
+        if not self.half_rows:
+            return self.compute_dtype
+        return f"{self.compute_dtype}, calls of up to {self.half_rows} rows an expert in the checkpoint's precision"
 
 
 class ExpertWorker:
@@ -66,6 +81,7 @@ class ExpertWorker:
         dtype: str | None = None,
         threads: int = 1,
         expert_dtype: ExpertDType | None = None,
+        half_rows: int | None = None,
     ) -> None:
         held = [experts] if isinstance(experts, int) else list(experts)
         self.worker = held[0] if worker is None else worker
@@ -81,6 +97,12 @@ class ExpertWorker:
         self.compute_dtype = (
             self.dtype if expert_dtype == "int8" else self.compute.run(expert_compute_dtype, self.dtype, self.device)
         )
+        # Computing in float32 a half-precision checkpoint, it also keeps the checkpoint's matrices
+        # where calls of a few rows are faster on them (workers.device.half_gemv_rows). Given: tests.
+        demoted = expert_dtype != "int8" and self.compute_dtype != self.dtype
+        if half_rows is None and demoted:
+            half_rows = self.compute.run(half_gemv_rows, args.intermediate_size, args.hidden_size, self.dtype)
+        self.half_rows = half_rows if demoted and half_rows else 0
         self.reader = checkpoint.reader()
         self.experts: dict[int, list[HeldExpert] | list[Int8Expert]] = {}
         self._loading = threading.Lock()  # the channel's threads and Ray's calls may both load
@@ -120,8 +142,14 @@ class ExpertWorker:
         if self.expert_dtype == "int8":
             q = {name: quantize(w) for name, w in read}
             return [(q[n1], q[n2], q[n3]) for n1, n2, n3 in per_layer]
-        held = {name: held_matrix(w, self.compute_dtype) for name, w in read}
-        return [HeldExpert(held[n1], held[n2], held[n3]) for n1, n2, n3 in per_layer]
+        held, half = {}, {}
+        for name, w in read:
+            held[name] = held_matrix(w, self.compute_dtype)
+            if self.half_rows:
+                half[name] = w.clone()  # its own memory: what the reader gives may be the file's pages
+        return [
+            HeldExpert(held[n1], held[n2], held[n3], (half[n1], half[n2], half[n3]) if half else None) for n1, n2, n3 in per_layer
+        ]
 
     def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ()) -> torch.Tensor:
         """The experts' FFNs of `layer` on their rows of x: segment (e, n) is the next n rows, for
@@ -154,14 +182,17 @@ class ExpertWorker:
         self._account(time.perf_counter() - start, bytes_in, y.nbytes)
         return y
 
-    @staticmethod
-    def _expert_ffn(weights: HeldExpert | Int8Expert, x: torch.Tensor) -> torch.Tensor:
+    def _expert_ffn(self, weights: HeldExpert | Int8Expert, x: torch.Tensor) -> torch.Tensor:
         if isinstance(weights, HeldExpert):
-            return held_expert_ffn(x, weights)
+            return held_expert_ffn(x, weights, half_rows=self.half_rows)
         return int8_expert_ffn(x, *weights)
 
     def expert_bytes(self) -> int:
-        return sum(w.nbytes for layers in self.experts.values() for ws in layers for w in ws)
+        return sum(
+            ws.nbytes if isinstance(ws, HeldExpert) else sum(w.nbytes for w in ws)
+            for layers in self.experts.values()
+            for ws in layers
+        )
 
     def open_channel(self, coordinator_node: str) -> ChannelAddress:
         """Where the coordinator on node `coordinator_node` sends this worker its tokens (router.wire)."""
@@ -198,6 +229,7 @@ class ExpertWorker:
             threads=self.threads,
             huge_pages=all(os.environ.get(k) == v for k, v in HUGE_PAGES_ENV.items()),
             compute_dtype=str(self.compute_dtype).removeprefix("torch."),
+            half_rows=self.half_rows,
             expert_dtype=self.expert_dtype or str(self.compute_dtype).removeprefix("torch."),
             expert_bytes=self.expert_bytes(),
         )

@@ -74,7 +74,7 @@ class EngineServer:
         self.coordinator = self.engine.engine.model
         self.ping_timeout_s = engine.expert_timeout_s
         infos = ray.get([w.info.remote() for w in self.workers])
-        self.expert_compute_dtype = "/".join(sorted({i.compute_dtype for i in infos}))
+        self.expert_compute_dtype = "/".join(sorted({i.computes_in for i in infos}))
         log.info("experts compute in %s (checkpoint dtype %s)", self.expert_compute_dtype, self.coordinator.dtype)
         self.max_num_seqs = engine.max_num_seqs
         self.rebalancer = Rebalancer(

@@ -8,7 +8,7 @@ from mixtral import names
 from mixtral.checkpoint import Checkpoint
 from mixtral.layers import expert_ffn
 from router.wire import Segment, new_secret
-from workers.device import choose_compute_dtype, expert_compute_dtype, matmul_rates
+from workers.device import HALF_GEMV_ROWS_TRIED, choose_compute_dtype, expert_compute_dtype, half_gemv_rows, matmul_rates
 from workers.expert_worker import ExpertWorker
 
 
@@ -21,6 +21,7 @@ def test_a_slow_half_precision_matmul_is_computed_in_float32() -> None:
     threads = torch.get_num_threads()
     assert expert_compute_dtype.__wrapped__(bf16, "cpu") in (bf16, f32)  # measured afresh, on one thread
     assert torch.get_num_threads() == threads  # and the caller's threads are as they were
+    assert half_gemv_rows(256, 64, bf16) in (0, *HALF_GEMV_ROWS_TRIED)  # a measured crossover, or none
     assert expert_compute_dtype(f32, "cpu") == f32 and expert_compute_dtype(bf16, "cuda") == bf16
 
 

@@ -203,6 +203,7 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
                 "gpu_ids": w.gpu_ids,
                 "device": w.device,
                 "compute_dtype": w.compute_dtype,
+                "half_rows": w.half_rows,
                 "expert_dtype": w.expert_dtype,
                 "expert_bytes": w.expert_bytes,
             }

@@ -21,6 +21,7 @@ def test_work_from_any_thread_runs_on_the_one_compute_thread() -> None:
         assert len(ran_on) == 1 and threading.get_ident() not in ran_on
         assert compute.run(torch.get_num_threads) == 2
         assert compute.run(lambda a, b: a + b, 2, 3) == 5  # arguments pass through
+        assert compute.run(lambda: compute.run(threading.get_ident)) in ran_on  # from itself: run there, not wait on itself
     finally:
         torch.set_num_threads(threads)
 

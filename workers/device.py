@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,14 +63,15 @@ class ComputeThread:
 
     def __init__(self, threads: int, name: str) -> None:
         self.threads = set_threads(threads)  # also the count threads started later begin with
-        self._executor = (
-            ThreadPoolExecutor(1, thread_name_prefix=name, initializer=set_threads, initargs=(self.threads,))
-            if self.threads > 1
-            else None
-        )
+        self._ident: int | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._start) if self.threads > 1 else None
+
+    def _start(self) -> None:
+        self._ident = threading.get_ident()
+        set_threads(self.threads)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None:
+        if self._executor is None or threading.get_ident() == self._ident:  # on it already: no wait on itself
             return fn(*args)
         return self._executor.submit(fn, *args).result()
 
@@ -125,6 +127,7 @@ def matmul_rates(
 # than a CPU's last-level cache, as an expert's weights are in decode.
 HALF_GEMV_ROWS_TRIED = (1, 2, 4, 8)
 HALF_GEMV_PROBE_BYTES = 48 << 20
+HALF_GEMV_MARGIN = 0.9  # half precision must be this much faster to be worth its copy of the weights
 
 
 def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, repeats: int = 3) -> int:
@@ -135,24 +138,27 @@ def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, r
     A call of one or two rows is not bound by arithmetic but by reading the weights, and torch's
     half-precision GEMV over the checkpoint's layout reads half the bytes: on two threads of this
     project's machine it beats float32 up to 4 rows, on one thread never (README)."""
-    count = max(2, min(64, HALF_GEMV_PROBE_BYTES // max(1, out_features * in_features * dtype.itemsize)))
-    half = [torch.randn(out_features, in_features).to(dtype) for _ in range(count)]
+    count = max(1, min(64, HALF_GEMV_PROBE_BYTES // max(1, out_features * in_features * dtype.itemsize)))
+    rows_probed = min(out_features, max(1, HALF_GEMV_PROBE_BYTES // (in_features * dtype.itemsize)))
+    half = [torch.randn(rows_probed, in_features).to(dtype) for _ in range(count)]
     full = [w.t().float().contiguous() for w in half]
 
     def seconds(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for w in weights:
-                op(x, w)
-            best = min(best, time.perf_counter() - start)
-        return best
+        start = time.perf_counter()
+        for w in weights:
+            op(x, w)
+        return time.perf_counter() - start
 
     most = 0
     for rows in HALF_GEMV_ROWS_TRIED:
         x = torch.randn(rows, in_features)
-        seconds(torch.nn.functional.linear, x.to(dtype), half)  # warm-up
-        if seconds(torch.nn.functional.linear, x.to(dtype), half) >= seconds(torch.matmul, x, full):
+        x_half = x.to(dtype)
+        seconds(torch.nn.functional.linear, x_half, half)  # warm-up
+        best_half = best_full = float("inf")
+        for _ in range(repeats):  # in turns, as in matmul_rates
+            best_half = min(best_half, seconds(torch.nn.functional.linear, x_half, half))
+            best_full = min(best_full, seconds(torch.matmul, x, full))
+        if best_half > HALF_GEMV_MARGIN * best_full:
             break
         most = rows
     return most

@@ -62,13 +62,6 @@ class WorkerInfo:
     expert_dtype: str  # what its expert weights are held in
     expert_bytes: int  # of the expert weights it holds
 
-    @property
-    def computes_in(self) -> str:
-        """What its GEMMs run in, as bench and serve report it."""
-        if not self.half_rows:
-            return self.compute_dtype
-        return f"{self.compute_dtype}, calls of up to {self.half_rows} rows an expert in the checkpoint's precision"
-
 
 class ExpertWorker:
     def __init__(
@@ -146,7 +139,7 @@ class ExpertWorker:
         for name, w in read:
             held[name] = held_matrix(w, self.compute_dtype)
             if self.half_rows:
-                half[name] = w.clone()  # its own memory: what the reader gives may be the file's pages
+                half[name] = w  # the reader's own copy, in the checkpoint's dtype
         return [
             HeldExpert(held[n1], held[n2], held[n3], (half[n1], half[n2], half[n3]) if half else None) for n1, n2, n3 in per_layer
         ]

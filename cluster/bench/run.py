@@ -123,6 +123,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "results": rows,
         "expert_load": load,
         "expert_compute_dtype": compute_dtype(cluster.worker_info),
+        "expert_half_rows": max(w.half_rows for w in cluster.worker_info),
         "expert_map": cluster.layout.expert_map.to_json(),
         "expert_dtype": spec.expert_dtype,
     }
@@ -146,7 +147,7 @@ def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
 
 def compute_dtype(workers: list[Any]) -> str:
     """What the expert workers' GEMMs ran in (workers.device.expert_compute_dtype): one dtype, or each worker's."""
-    return "/".join(sorted({w.computes_in for w in workers}))
+    return "/".join(sorted({w.compute_dtype for w in workers}))
 
 
 def mixed_on(coordinator: Any, spec: BenchSpec, machine: Machine, *, expert_compute_dtype: str | None = None) -> dict[str, Any]:
@@ -215,6 +216,8 @@ def summary(report: dict[str, Any]) -> str:
             f"experts compute in {report['expert_compute_dtype']}: this CPU's {report['dtype']} matmul is slow "
             f"(weights upcast once, at load)\n"
         )
+    if report.get("expert_half_rows"):
+        head += f"calls of up to {report['expert_half_rows']} rows an expert run on the checkpoint's {report['dtype']} matrices\n"
     if report["workload"] == "mixed":
         (low_p, high_p), (low_o, high_o) = report["prompt_len"], report["output_len"]
         return (

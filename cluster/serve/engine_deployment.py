@@ -74,7 +74,8 @@ class EngineServer:
         self.coordinator = self.engine.engine.model
         self.ping_timeout_s = engine.expert_timeout_s
         infos = ray.get([w.info.remote() for w in self.workers])
-        self.expert_compute_dtype = "/".join(sorted({i.computes_in for i in infos}))
+        self.expert_compute_dtype = "/".join(sorted({i.compute_dtype for i in infos}))
+        self.expert_half_rows = max(i.half_rows for i in infos)
         log.info("experts compute in %s (checkpoint dtype %s)", self.expert_compute_dtype, self.coordinator.dtype)
         self.max_num_seqs = engine.max_num_seqs
         self.rebalancer = Rebalancer(
@@ -100,11 +101,13 @@ class EngineServer:
 
     def own_stats(self) -> dict[str, Any]:
         """This replica's engine state (scheduler.Engine.stats), its KV pool's bytes, its resident memory,
-        the dtype its experts compute in, its expert map and how evenly its workers are loaded."""
+        the dtype its experts compute in (and up to how many rows in the checkpoint's), its expert map
+        and how evenly its workers are loaded."""
         return self.engine.stats() | {
             "kv_cache_bytes": self.coordinator.cache.nbytes,
             "resident_bytes": resident_bytes(),
             "expert_compute_dtype": self.expert_compute_dtype,
+            "expert_half_rows": self.expert_half_rows,  # calls of up to this many rows an expert in the checkpoint's bf16
             "expert_map": self.coordinator.expert_map.to_json(),
             "worker_balancedness": balancedness(self.coordinator.worker_load.window()),
         }

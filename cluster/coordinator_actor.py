@@ -16,7 +16,7 @@ from cluster.engine.build import EngineOptions, engine_over_workers
 from cluster.engine.sampling import SamplingParams
 from mixtral.checkpoint import Checkpoint, ReadLog
 from router.expert_map import ExpertMap
-from workers.device import on_passing_thread, set_coordinator_threads
+from workers.device import set_coordinator_threads
 from workers.telemetry import Telemetry
 
 
@@ -46,9 +46,7 @@ class CoordinatorActor:
         threads: int | None = None,
     ) -> None:
         set_coordinator_threads(threads)
-        # Loaded on a passing thread: the engine loop's thread is then the only one with an
-        # OpenMP team here, and its threads spin between regions (workers.device.ComputeThread).
-        engine = on_passing_thread(lambda: engine_over_workers(checkpoint, workers, channel_secret, options, expert_map))
+        engine = engine_over_workers(checkpoint, workers, channel_secret, options, expert_map)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.coordinator = self.engine.engine.model
         self._ids = 0

@@ -30,8 +30,8 @@ class StepLayout:
 
     def to(self, device: str) -> StepLayout:
         """This layout with its tensors on `device`: a coordinator on a GPU indexes its cache with them."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return StepLayout(**{name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in moved.items()})
+        values = (getattr(self, f.name) for f in fields(self))
+        return StepLayout(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in values))
 
 
 def build_layout(

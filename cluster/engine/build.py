@@ -23,7 +23,7 @@ from router.observer import RoutingObserver
 from router.trace import TraceWriter
 from router.transport import ChannelTransport, ExpertTransport, LocalTransport
 from router.wire import new_secret
-from workers.device import assigned_device
+from workers.device import assigned_device, on_passing_thread
 from workers.expert_worker import ExpertWorker
 from workers.telemetry import Telemetry
 
@@ -144,6 +144,12 @@ def engine_over_workers(
     checkpoint: Checkpoint, workers: list[Any], secret: bytes, options: EngineOptions, expert_map: ExpertMap | None = None
 ) -> Engine[Coordinator]:
     """In a Ray actor: the engine over expert worker actors (their channel secret given), holding
-    experts as `expert_map` says, on the device Ray assigned."""
-    transport = channel_transport(workers, secret, timeout_s=options.expert_timeout_s)
-    return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map)
+    experts as `expert_map` says, on the device Ray assigned. Built on a passing thread, so that the
+    engine loop's thread is the only one with an OpenMP team in the actor and its threads spin between
+    regions (workers.device.ComputeThread)."""
+
+    def build() -> Engine[Coordinator]:
+        transport = channel_transport(workers, secret, timeout_s=options.expert_timeout_s)
+        return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map)
+
+    return on_passing_thread(build)

@@ -33,7 +33,7 @@ from mixtral.checkpoint import Checkpoint
 from router.load import balancedness
 from router.trace import replica_trace_path
 from router.wire import new_secret
-from workers.device import on_passing_thread, set_coordinator_threads
+from workers.device import set_coordinator_threads
 from workers.telemetry import Telemetry, local_families
 
 log = logging.getLogger("ray.serve")  # into the replica's Serve log
@@ -66,8 +66,7 @@ class EngineServer:
         self.workers = start_workers(checkpoint, pg, secret=secret, engine=engine, placement=placement, layout=layout)
         wait_loaded([w.info.remote() for w in self.workers], progress=False)
         self.engine = AsyncEngine(
-            # On a passing thread, as in the coordinator actor (workers.device.ComputeThread).
-            on_passing_thread(lambda: engine_over_workers(checkpoint, self.workers, secret, engine, layout.expert_map)),
+            engine_over_workers(checkpoint, self.workers, secret, engine, layout.expert_map),
             Telemetry(checkpoint.name),
             max_waiting=engine.max_waiting,
         )

@@ -7,8 +7,10 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -43,9 +45,16 @@ def fake_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ())
     return torch.roll(x, shifts=layer + 1, dims=1) * 2
 
 
-@pytest.fixture(params=[True, False], ids=["unix", "tcp"])
+# A worker answers on its compute thread (answers=its executor, shared by every connection); the
+# channel alone answers on a thread per connection. Both must keep every promise below.
+COMPUTE = ThreadPoolExecutor(1, thread_name_prefix="compute")
+
+
+@pytest.fixture(params=[(True, None), (False, None), (True, COMPUTE)], ids=["unix", "tcp", "unix-on-compute-thread"])
 def address(request: pytest.FixtureRequest) -> ChannelAddress:
-    return ChannelServer(fake_expert, secret=SECRET, limits=LIMITS).open(same_node=request.param, node_ip="127.0.0.1")
+    same_node, answers = request.param
+    server = ChannelServer(fake_expert, secret=SECRET, limits=LIMITS, answers=answers)
+    return server.open(same_node=same_node, node_ip="127.0.0.1")
 
 
 @pytest.fixture
@@ -83,6 +92,31 @@ def test_requests_sent_before_replies_are_read_do_not_deadlock(sock: socket.sock
         send_tensor(sock, layer, x, request_id=layer)
     for layer, x in enumerate(xs):
         assert torch.equal(recv_tensor(sock)[2], fake_expert(layer, x))
+
+
+def test_every_connection_is_answered_on_the_one_compute_thread_in_order() -> None:
+    threads: list[str] = []
+
+    def recording_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return fake_expert(layer, x)
+
+    server = ChannelServer(recording_expert, secret=SECRET, limits=LIMITS, answers=COMPUTE)
+    address = server.open(same_node=True, node_ip="127.0.0.1")
+    peers = [address.connect(SECRET, timeout_s=60) for _ in range(2)]
+    try:
+        xs = [torch.randn(4, D) for _ in range(3)]
+        for layer, x in enumerate(xs):  # each peer has all three in flight before reading
+            for peer in peers:
+                send_tensor(peer, layer, x, request_id=layer)
+        for peer in peers:
+            for layer, x in enumerate(xs):
+                _, request_id, y, _ = recv_tensor(peer)
+                assert request_id == layer and torch.equal(y, fake_expert(layer, x))
+    finally:
+        for peer in peers:
+            peer.close()
+    assert len(threads) == 6 and all(name.startswith("compute") for name in threads)
 
 
 def raw_connection(address: ChannelAddress) -> socket.socket:

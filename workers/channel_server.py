@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import socket
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 
@@ -45,10 +45,16 @@ class ChannelServer:
     """Serves `forward` to peers that pass the handshake with `secret`, for frames within `limits`.
     A peer that fails either loses its connection; the worker and its other connections go on."""
 
-    def __init__(self, forward: Forward, *, secret: bytes, limits: FrameLimits = FrameLimits()) -> None:
+    def __init__(
+        self, forward: Forward, *, secret: bytes, limits: FrameLimits = FrameLimits(), answers: Executor | None = None
+    ) -> None:
         self.forward = forward
         self.secret = secret
         self.limits = limits
+        # Where requests are computed and answered, in order: one single-thread executor for every
+        # connection (the worker's compute thread, so a request passes from the reading thread to
+        # the computing one and no further), or None: a thread of its own per connection.
+        self.answers = answers
         self.addresses: dict[bool, ChannelAddress] = {}  # keyed by "same node as the caller"
 
     def open(self, *, same_node: bool, node_ip: str) -> ChannelAddress:
@@ -82,7 +88,7 @@ class ChannelServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True, name="expert-channel-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
-        """Check the peer, then read requests here and answer them on a second thread, in order.
+        """Check the peer, then read requests here and have them answered elsewhere, in order.
 
         Reading never waits for a reply to be taken: with two micro-batches in flight the
         coordinator sends the next request before it reads the last reply, and a worker blocked
@@ -97,11 +103,10 @@ class ChannelServer:
             log.warning("expert channel: refused a peer (%s)", e)
             conn.close()
             return
-        requests: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
-        threading.Thread(target=self._answer, args=(conn, requests), daemon=True, name="expert-channel-answer").start()
+        answers = self.answers or ThreadPoolExecutor(1, thread_name_prefix="expert-channel-answer")
         try:
             while True:
-                requests.put(recv_tensor(conn, self.limits))
+                answers.submit(self._answer, conn, recv_tensor(conn, self.limits))
         except BadFrame as e:
             log.warning("expert channel: dropped a peer that sent %s", e)
             with contextlib.suppress(OSError):
@@ -109,15 +114,16 @@ class ChannelServer:
         except OSError:  # ChannelClosed included: the peer went away
             pass
         finally:
-            requests.put(None)
+            answers.submit(conn.close)  # after the answers queued before it
+            if answers is not self.answers:
+                answers.shutdown(wait=False)
 
-    def _answer(self, conn: socket.socket, requests: queue.SimpleQueue[Frame | None]) -> None:
-        with contextlib.closing(conn), contextlib.suppress(OSError):
-            while (request := requests.get()) is not None:
-                layer, request_id, x, segments = request
-                try:
-                    y = self.forward(layer, x, segments)
-                except Exception as exc:  # the coordinator raises it; this worker keeps serving
-                    send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}", request_id)
-                    continue
-                send_tensor(conn, OK, y, request_id)
+    def _answer(self, conn: socket.socket, request: Frame) -> None:
+        layer, request_id, x, segments = request
+        with contextlib.suppress(OSError):  # the peer went away: its reader thread ends the connection
+            try:
+                y = self.forward(layer, x, segments)
+            except Exception as exc:  # the coordinator raises it; this worker keeps serving
+                send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}", request_id)
+                return
+            send_tensor(conn, OK, y, request_id)

@@ -58,22 +58,24 @@ def set_threads(threads: int) -> int:
 
 
 class ComputeThread:
-    """Runs a process's parallel torch work on `threads` threads: on a thread of its own when there
-    are several, so that no other long-lived thread has an OpenMP team; in the caller with one."""
+    """A process's thread for parallel torch work on `threads` threads, so that no other long-lived
+    thread has an OpenMP team. `run` waits for work done there (in the caller, with one thread: it
+    has no team to keep); `executor` takes work that does not need waiting for, such as answering
+    the expert channel (workers.channel_server), in the order it is given."""
 
     def __init__(self, threads: int, name: str) -> None:
         self.threads = set_threads(threads)  # also the count threads started later begin with
         self._ident: int | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._start) if self.threads > 1 else None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._start)
 
     def _start(self) -> None:
         self._ident = threading.get_ident()
         set_threads(self.threads)
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None or threading.get_ident() == self._ident:  # on it already: no wait on itself
+        if self.threads == 1 or threading.get_ident() == self._ident:  # on it already: no wait on itself
             return fn(*args)
-        return self._executor.submit(fn, *args).result()
+        return self.executor.submit(fn, *args).result()
 
 
 def on_passing_thread(fn: Callable[[], T]) -> T:

@@ -103,7 +103,7 @@ class ExpertWorker:
         self.load_experts(held)
         self.telemetry = Telemetry(checkpoint.name)
         limits = FrameLimits(cols=args.hidden_size, tags=range(args.num_hidden_layers), experts=range(args.num_local_experts))
-        self.channel = ChannelServer(self.forward, secret=channel_secret, limits=limits)
+        self.channel = ChannelServer(self._forward, secret=channel_secret, limits=limits, answers=self.compute.executor)
 
     def load_experts(self, experts: Sequence[int]) -> list[int]:
         """Read these experts' tensors (only theirs) if not held yet; returns the experts held."""

@@ -38,6 +38,7 @@ from router.moe import finish_moe, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
 from router.transport import ExpertTransport
+from workers.device import matmul_dtype
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
 
@@ -129,6 +130,9 @@ class Coordinator:
         self.max_model_len = args.context_length(max_model_len)
         self.reader = checkpoint.reader()
         w = dict(self.reader.read(non_expert_weights(args), dtype=dtype, device=device))
+        # The attention's GEMMs over the cache run in float32 where this CPU's half-precision GEMM is
+        # slow (as the experts' do); its projections are GEMVs in decode, fast in bf16 (mixtral.attention).
+        self.score_dtype = matmul_dtype(dtype, device)
         self.embed = w[names.EMBED]  # [V, D]
         self.final_norm = w[names.FINAL_NORM]
         self.lm_head = w[names.EMBED] if args.tie_word_embeddings else w[names.LM_HEAD]
@@ -197,6 +201,7 @@ class Coordinator:
                 num_heads=args.num_attention_heads,
                 num_kv_heads=args.num_key_value_heads,
                 head_dim=args.head_dim,
+                score_dtype=self.score_dtype,
             )
             for g in groups
         ]

@@ -34,8 +34,14 @@ def attention(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    score_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [T, D] -> [T, D]. Writes this step's keys and values into the [G, slots, Dh] cache, then attends over it."""
+    """x [T, D] -> [T, D]. Writes this step's keys and values into the [G, slots, Dh] cache, then attends over it.
+
+    The two GEMMs over the cache (scores, and the probabilities' sum of values) run in `score_dtype`
+    (None: x's): float32 where the CPU's half-precision GEMM is slow, which for a decode step's few
+    rows costs more than their upcast."""
+    gemm = score_dtype or x.dtype
     num_tokens = x.shape[0]
     q = apply_rope(F.linear(x, w.wq).view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
     k = apply_rope(F.linear(x, w.wk).view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
@@ -47,18 +53,18 @@ def attention(
     group = num_heads // num_kv_heads
     # Whole blocks ([bs * Dh] contiguous per kv head), not slot by slot: a few large copies instead
     # of one per key. The gathered [G, B * NB, bs * Dh] is the [G, B, K, Dh] the GEMMs take.
-    keys = _gather_blocks(cache_k, layout).view(num_kv_heads, batch, -1, head_dim)  # [G, B, K, Dh]
-    values = _gather_blocks(cache_v, layout).view(num_kv_heads, batch, -1, head_dim)
+    keys = _gather_blocks(cache_k, layout).view(num_kv_heads, batch, -1, head_dim).to(gemm)  # [G, B, K, Dh]
+    values = _gather_blocks(cache_v, layout).view(num_kv_heads, batch, -1, head_dim).to(gemm)
     # Query head h uses kv head h // R (transformers' repeat_kv). The R heads of one kv head are
     # folded into the rows of one GEMM per (kv head, sequence): [R*Q, Dh] @ [Dh, K], so the keys
     # are neither repeated nor broadcast (a broadcast over R runs B*G*R tiny GEMVs instead).
     queries = q[layout.q_index].view(batch, q_len, num_kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
-    queries = queries.reshape(num_kv_heads, batch, group * q_len, head_dim)  # [G, B, R*Q, Dh]
+    queries = queries.reshape(num_kv_heads, batch, group * q_len, head_dim).to(gemm)  # [G, B, R*Q, Dh]
 
     scores = torch.matmul(queries, keys.transpose(-1, -2)).view(num_kv_heads, batch, group, q_len, -1)
     scores = scores * head_dim**-0.5 + layout.bias
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)  # [G, B, R, Q, K]
-    out = torch.matmul(probs.view(num_kv_heads, batch, group * q_len, -1), values)  # [G, B, R*Q, Dh]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype).to(gemm)  # [G, B, R, Q, K]
+    out = torch.matmul(probs.view(num_kv_heads, batch, group * q_len, -1), values).to(x.dtype)  # [G, B, R*Q, Dh]
     out = out.view(num_kv_heads, batch, group, q_len, head_dim).permute(1, 3, 0, 2, 4)
     out = out.reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
     return F.linear(out, w.wo)

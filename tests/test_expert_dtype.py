@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from cluster.engine.build import EngineOptions, local_engine
 from mixtral import names
 from mixtral.checkpoint import Checkpoint
 from mixtral.layers import HeldExpert, expert_ffn
 from router.wire import Segment, new_secret
-from workers.device import HALF_GEMV_ROWS_TRIED, choose_compute_dtype, expert_compute_dtype, half_gemv_rows, matmul_rates
+from workers.device import HALF_GEMV_ROWS_TRIED, choose_compute_dtype, half_gemv_rows, matmul_dtype, matmul_rates
 from workers.expert_worker import ExpertWorker
 
 
@@ -21,18 +22,18 @@ def test_a_slow_half_precision_matmul_is_computed_in_float32() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert expert_compute_dtype.__wrapped__(bf16, "cpu") in (bf16, f32)  # measured afresh, on one thread
+        assert matmul_dtype.__wrapped__(bf16, "cpu") in (bf16, f32)  # measured afresh, on one thread
         assert torch.get_num_threads() == 2  # and the caller's threads are as they were
     finally:
         torch.set_num_threads(threads)
     assert half_gemv_rows(256, 64, bf16) in (0, *HALF_GEMV_ROWS_TRIED)  # a measured crossover, or none
-    assert expert_compute_dtype(f32, "cpu") == f32 and expert_compute_dtype(bf16, "cuda") == bf16
+    assert matmul_dtype(f32, "cpu") == f32 and matmul_dtype(bf16, "cuda") == bf16
 
 
 def test_a_bf16_expert_matches_its_weights_computed_in_float32_whatever_it_chose(make_ckpt) -> None:  # type: ignore[no-untyped-def]
     checkpoint = Checkpoint.open(make_ckpt())
     worker = ExpertWorker(checkpoint, 1, channel_secret=new_secret(), dtype="bfloat16")
-    assert worker.info().compute_dtype == str(expert_compute_dtype(torch.bfloat16, "cpu")).removeprefix("torch.")
+    assert worker.info().compute_dtype == str(matmul_dtype(torch.bfloat16, "cpu")).removeprefix("torch.")
     x = torch.randn(5, checkpoint.args.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     y = worker.forward(0, x)
     assert y.dtype == torch.bfloat16  # the wire's dtype, whatever the GEMMs ran in
@@ -71,3 +72,11 @@ def test_calls_of_few_rows_use_the_checkpoints_bf16_matrices_kept_beside_the_flo
         worker.experts[1][1] = kept._replace(half=(torch.zeros_like(kept.half[0]), kept.half[1], kept.half[2]))
         again = worker.forward(1, x, [Segment(1, 2), Segment(1, 3)])
         assert (again[:2] == 0).all() and (again[2:] != 0).any()
+
+
+def test_the_coordinators_attention_gemms_run_in_the_dtype_the_experts_chose(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """Its two GEMMs over the KV cache (mixtral.attention's score_dtype): float32 where bf16 is emulated."""
+    checkpoint = Checkpoint.open(make_ckpt())
+    bf16 = local_engine(checkpoint, EngineOptions(dtype="bfloat16")).model
+    assert bf16.score_dtype == matmul_dtype(torch.bfloat16, "cpu")
+    assert local_engine(checkpoint, EngineOptions(dtype="float32")).model.score_dtype == torch.float32

@@ -92,16 +92,27 @@ def reference_attention(x: torch.Tensor, w: AttentionWeights, window: int | None
     return torch.cat(heads, dim=1) @ w.wo.T
 
 
+# (model dtype, the dtype of the GEMMs over the cache, tolerance): bf16 with float32 GEMMs is what a
+# CPU without fast bf16 matmul runs (workers.device.matmul_dtype); bf16's resolution is 2**-8.
+DTYPES = {
+    "float32": (torch.float32, None, 1e-5),
+    "bf16, float32 gemms": (torch.bfloat16, torch.float32, 2e-2),
+    "bf16": (torch.bfloat16, None, 2e-2),
+}
+
+
+@pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("window", [None, 5])
-def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention(window: int | None) -> None:
+def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention(window: int | None, dtypes: str) -> None:
+    dtype, score_dtype, tolerance = DTYPES[dtypes]
     g = torch.Generator().manual_seed(0)
     w = AttentionWeights(
-        wq=torch.randn(H * DH, D, generator=g) / D**0.5,
-        wk=torch.randn(G * DH, D, generator=g) / D**0.5,
-        wv=torch.randn(G * DH, D, generator=g) / D**0.5,
-        wo=torch.randn(D, H * DH, generator=g) / (H * DH) ** 0.5,
+        wq=(torch.randn(H * DH, D, generator=g) / D**0.5).to(dtype),
+        wk=(torch.randn(G * DH, D, generator=g) / D**0.5).to(dtype),
+        wv=(torch.randn(G * DH, D, generator=g) / D**0.5).to(dtype),
+        wo=(torch.randn(D, H * DH, generator=g) / (H * DH) ** 0.5).to(dtype),
     )
-    cache = PagedKVCache(KVSpec(1, G, DH, 4, block_size=BS), 12, dtype=torch.float32)
+    cache = PagedKVCache(KVSpec(1, G, DH, 4, block_size=BS), 12, dtype=dtype)
     # Stale keys in free blocks must never be attended to.
     cache.k[0].normal_(0, 100, generator=g)
     cache.v[0].normal_(0, 100, generator=g)
@@ -110,7 +121,7 @@ def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention
     tables = [BlockTable(), BlockTable()]
     # Two prompts (11 and 7 tokens) in two chunks each, then decode steps, the window recycling blocks.
     steps = [[6, 4], [5, 3], [1, 1], [1, 1], [1, 1], [1, 1]]
-    xs = [torch.randn(sum(step[b] for step in steps), D, generator=g) for b in range(2)]
+    xs = [torch.randn(sum(step[b] for step in steps), D, generator=g).to(dtype) for b in range(2)]
     outputs: list[list[torch.Tensor]] = [[], []]
     starts = [0, 0]
     for lengths in steps:
@@ -124,11 +135,14 @@ def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention
             lengths=lengths,
             block_size=BS,
             window=window,
-            dtype=torch.float32,
+            dtype=dtype,
         )
-        rope = rope_cos_sin(layout.positions, head_dim=DH, theta=THETA, dtype=torch.float32)
+        rope = rope_cos_sin(layout.positions, head_dim=DH, theta=THETA, dtype=dtype)
         x = torch.cat([xs[b][s : s + n] for b, (s, n) in enumerate(zip(starts, lengths))])
-        out = attention(x, w, layout, cache.k[0], cache.v[0], rope, num_heads=H, num_kv_heads=G, head_dim=DH)
+        out = attention(
+            x, w, layout, cache.k[0], cache.v[0], rope, num_heads=H, num_kv_heads=G, head_dim=DH, score_dtype=score_dtype
+        )
+        assert out.dtype == dtype
         for b, part in enumerate(out.split(lengths)):
             outputs[b].append(part)
         starts = [s + n for s, n in zip(starts, lengths)]
@@ -138,4 +152,6 @@ def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention
     most = cache.spec.blocks_per_sequence(max(starts), window)
     assert [len(t.blocks) for t in tables] == [most if window else 4, most if window else 3]
     for b in range(2):
-        torch.testing.assert_close(torch.cat(outputs[b]), reference_attention(xs[b], w, window), rtol=1e-5, atol=1e-5)
+        full = AttentionWeights(*(m.float() for m in (w.wq, w.wk, w.wv, w.wo)))
+        expected = reference_attention(xs[b].float(), full, window)
+        torch.testing.assert_close(torch.cat(outputs[b]).float(), expected, rtol=tolerance, atol=tolerance)

@@ -136,7 +136,7 @@ def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, r
     """The most rows (of HALF_GEMV_ROWS_TRIED) for which F.linear on a half-precision [out, in]
     matrix beats float32 `x @ w` on its [in, out] copy, on the calling thread's threads; 0 if none.
 
-    Where the half-precision GEMM is emulated, a worker computes in float32 (expert_compute_dtype).
+    Where the half-precision GEMM is emulated, a worker computes in float32 (matmul_dtype).
     A call of one or two rows is not bound by arithmetic but by reading the weights, and torch's
     half-precision GEMV over the checkpoint's layout reads half the bytes: on two threads of this
     project's machine it beats float32 up to 4 rows, on one thread never (README)."""
@@ -174,9 +174,10 @@ def choose_compute_dtype(dtype: torch.dtype, rates: dict[torch.dtype, float]) ->
 
 
 @functools.cache
-def expert_compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
-    """The dtype an expert's GEMMs run in here: the weights' own, or float32 where this CPU has no fast
-    half-precision matmul (measured once per process). GPUs always compute in the weights' dtype."""
+def matmul_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype GEMMs over `dtype` operands run in here (an expert's, the attention's): their own, or
+    float32 where this CPU has no fast half-precision matmul (measured once per process). GPUs always
+    compute in the operands' dtype."""
     if device != "cpu" or dtype == torch.float32:
         return dtype
     # On one thread: the kernels' own speed. On two, a float32 call of tens of microseconds waits for

@@ -27,8 +27,8 @@ from workers.device import (
     HUGE_PAGES_ENV,
     ComputeThread,
     assigned_device,
-    expert_compute_dtype,
     half_gemv_rows,
+    matmul_dtype,
     on_passing_thread,
 )
 from workers.telemetry import Telemetry
@@ -57,7 +57,7 @@ class WorkerInfo:
     pid: int
     threads: int
     huge_pages: bool  # started with HUGE_PAGES_ENV: torch asks for huge pages for its large allocations
-    compute_dtype: str  # what its GEMMs run in (workers.device.expert_compute_dtype)
+    compute_dtype: str  # what its GEMMs run in (workers.device.matmul_dtype)
     half_rows: int  # calls of up to this many rows per expert run in the checkpoint's half precision
     expert_dtype: str  # what its expert weights are held in
     expert_bytes: int  # of the expert weights it holds
@@ -87,9 +87,7 @@ class ExpertWorker:
         # Float weights are held in the dtype the GEMMs are fast in here: a bf16 checkpoint on a CPU
         # without bf16 matmul is upcast once, at load (exactly: every bf16 value is a float32 value).
         # int8 weights compute in the wire's dtype, where torch's int8 kernel takes half activations.
-        self.compute_dtype = (
-            self.dtype if expert_dtype == "int8" else self.compute.run(expert_compute_dtype, self.dtype, self.device)
-        )
+        self.compute_dtype = self.dtype if expert_dtype == "int8" else self.compute.run(matmul_dtype, self.dtype, self.device)
         # Computing in float32 a half-precision checkpoint, it also keeps the checkpoint's matrices
         # where calls of a few rows are faster on them (workers.device.half_gemv_rows). Given: tests.
         demoted = expert_dtype != "int8" and self.compute_dtype != self.dtype

@@ -12,7 +12,7 @@ from cluster.bench.machine import median_seconds
 from cluster.planning.profile import TOKEN_COUNTS
 from mixtral.config import MixtralArgs
 from mixtral.layers import HeldExpert, held_expert_ffn
-from workers.device import expert_compute_dtype, set_coordinator_threads
+from workers.device import matmul_dtype, set_coordinator_threads
 
 EXPERT_LAYERS_CYCLED = 4
 
@@ -36,7 +36,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
     # A worker runs a different layer's weights on every call, so they come from memory, not
     # cache: cycle through a few layers' worth (one set, warm in cache, ran 40% faster at T=1).
     torch.set_num_threads(1)
-    expert_dt = expert_compute_dtype(dt, "cpu")  # what a worker's GEMMs run in here, on its one thread
+    expert_dt = matmul_dtype(dt, "cpu")  # what a worker's GEMMs run in here, on its one thread
     layers = [
         HeldExpert.of(torch.randn(i, d), torch.randn(d, i), torch.randn(i, d), expert_dt) for _ in range(EXPERT_LAYERS_CYCLED)
     ]

@@ -146,7 +146,7 @@ def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:
 
 
 def compute_dtype(workers: list[Any]) -> str:
-    """What the expert workers' GEMMs ran in (workers.device.expert_compute_dtype): one dtype, or each worker's."""
+    """What the expert workers' GEMMs ran in (workers.device.matmul_dtype): one dtype, or each worker's."""
     return "/".join(sorted({w.compute_dtype for w in workers}))
 
 

@@ -52,11 +52,12 @@ def held_matrix(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def held_expert_ffn(x: torch.Tensor, w: HeldExpert, *, half_rows: int = 0) -> torch.Tensor:
-    """expert_ffn on a held expert: on its half-precision matrices for up to `half_rows` rows, where it
-    holds them (x's values are then exactly half-precision ones: they came over the wire so).  x [T, D] -> [T, D]."""
+    """expert_ffn on a held expert, in x's dtype: on its half-precision matrices for up to `half_rows`
+    rows, where it holds them, else in its matrices' dtype.  x [T, D] -> [T, D]."""
     if w.half is not None and x.shape[0] <= half_rows:
         return expert_ffn(x.to(w.half[0].dtype), *w.half).to(x.dtype)
-    return (F.silu(x @ w.w1) * (x @ w.w3)) @ w.w2
+    h = x.to(w.w1.dtype)
+    return ((F.silu(h @ w.w1) * (h @ w.w3)) @ w.w2).to(x.dtype)
 
 
 def rope_cos_sin(

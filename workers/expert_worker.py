@@ -163,13 +163,13 @@ class ExpertWorker:
         held = self.experts
         if any(s.expert not in held for s in segments):
             held = self._load([s.expert for s in segments])
-        x = x.to(self.device, self.compute_dtype)
+        x = x.to(self.device)  # in the wire's dtype: each expert call casts to what its matrices need
         outputs, row = [], 0
         for expert, rows in segments:
             outputs.append(self._expert_ffn(held[expert][layer], x[row : row + rows]))
             row += rows
             self.stats.tokens[expert] = self.stats.tokens.get(expert, 0) + rows
-        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).to("cpu", self.dtype)
+        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).cpu()
         self._account(time.perf_counter() - start, bytes_in, y.nbytes)
         return y
 

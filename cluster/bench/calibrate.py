@@ -55,7 +55,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
             x = torch.randn(t, d, dtype=dt)
             repeats = 5 if t <= 256 else 2
             torch.set_num_threads(1)
-            parts["expert_ms"].append(_ms(lambda x=x: held_expert_ffn(x.to(expert_dt), next(next_layer)).to(dt), repeats))
+            parts["expert_ms"].append(_ms(lambda x=x: held_expert_ffn(x, next(next_layer)), repeats))
             set_coordinator_threads(None)
             parts["coordinator_layer_ms"].append(_ms(_attention_step(args, attn, gate, x, context, dt), repeats))
             if t <= 256:

@@ -63,6 +63,7 @@ def attention(
 
     scores = torch.matmul(queries, keys.transpose(-1, -2)).view(num_kv_heads, batch, group, q_len, -1)
     scores = scores * head_dim**-0.5 + layout.bias
+    # Rounded to x's dtype first, as transformers rounds them, whatever the GEMM then runs in.
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype).to(gemm)  # [G, B, R, Q, K]
     out = torch.matmul(probs.view(num_kv_heads, batch, group * q_len, -1), values).to(x.dtype)  # [G, B, R*Q, Dh]
     out = out.view(num_kv_heads, batch, group, q_len, head_dim).permute(1, 3, 0, 2, 4)

@@ -204,6 +204,7 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
                 "device": w.device,
                 "compute_dtype": w.compute_dtype,
                 "half_rows": w.half_rows,
+                "packed": w.packed,
                 "expert_dtype": w.expert_dtype,
                 "expert_bytes": w.expert_bytes,
             }

@@ -25,15 +25,13 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Te
 
 
 class HeldExpert(NamedTuple):
-    """One expert's matrices of one layer as a worker holds them: transposed to [in, out], each the
-    right operand of `x @ w`. MKL's GEMM reads them faster that way for the few tokens an expert gets
-    per call in decode than the checkpoint's [out, in] through F.linear (README, "Performance with a map").
-    `half`: also the checkpoint's own half-precision w1, w2, w3 ([out, in]), where the worker computes
-    in float32 but a call of a few rows is faster on these (workers.device.half_gemv_rows)."""
+    """One expert's matrices of one layer as a worker holds them (held_matrix), each the right operand
+    of held_matmul. `half`: also the checkpoint's own half-precision w1, w2, w3 ([out, in]), where the
+    worker computes in float32 but a call of a few rows is faster on these (workers.device.half_gemv_rows)."""
 
-    w1: torch.Tensor  # [D, I]
-    w2: torch.Tensor  # [I, D]
-    w3: torch.Tensor  # [D, I]
+    w1: torch.Tensor  # D -> I
+    w2: torch.Tensor  # I -> D
+    w3: torch.Tensor  # D -> I
     half: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -41,14 +39,26 @@ class HeldExpert(NamedTuple):
         return sum(w.nbytes for w in (self.w1, self.w2, self.w3, *(self.half or ())))
 
     @staticmethod
-    def of(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype) -> HeldExpert:
-        """From the checkpoint's [out, in] matrices, in `dtype`."""
-        return HeldExpert(*(held_matrix(w, dtype) for w in (w1, w2, w3)))
+    def of(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype, *, packed: bool = False) -> HeldExpert:
+        """From the checkpoint's [out, in] matrices, in `dtype` (held_matrix)."""
+        return HeldExpert(*(held_matrix(w, dtype, packed=packed) for w in (w1, w2, w3)))
 
 
-def held_matrix(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A checkpoint matrix [out, in] as a worker holds it: [in, out] in `dtype`, in one copy."""
+def held_matrix(w: torch.Tensor, dtype: torch.dtype, *, packed: bool = False) -> torch.Tensor:
+    """A checkpoint matrix [out, in] as a worker holds it, in `dtype`, for held_matmul: transposed to
+    [in, out], in one copy, or `packed` in oneDNN's blocked layout (float32 on a CPU only). For the few
+    to few tens of rows an expert gets per call, MKL's GEMM reads [in, out] faster than the checkpoint's
+    layout, and oneDNN's on its packing faster still on several threads (README, "Performance with a map")."""
+    if packed:
+        return torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous(), None)
     return torch.empty(w.shape[1], w.shape[0], dtype=dtype, device=w.device).copy_(w.t())
+
+
+def held_matmul(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h [T, in] times a held matrix (held_matrix) -> [T, out]."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
+    return h @ w
 
 
 def held_expert_ffn(x: torch.Tensor, w: HeldExpert, *, half_rows: int = 0) -> torch.Tensor:
@@ -57,7 +67,7 @@ def held_expert_ffn(x: torch.Tensor, w: HeldExpert, *, half_rows: int = 0) -> to
     if w.half is not None and x.shape[0] <= half_rows:
         return expert_ffn(x.to(w.half[0].dtype), *w.half).to(x.dtype)
     h = x.to(w.w1.dtype)
-    return ((F.silu(h @ w.w1) * (h @ w.w3)) @ w.w2).to(x.dtype)
+    return held_matmul(F.silu(held_matmul(h, w.w1)) * held_matmul(h, w.w3), w.w2).to(x.dtype)
 
 
 def rope_cos_sin(

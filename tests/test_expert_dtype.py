@@ -7,9 +7,16 @@ import torch
 from cluster.engine.build import EngineOptions, local_engine
 from mixtral import names
 from mixtral.checkpoint import Checkpoint
-from mixtral.layers import HeldExpert, expert_ffn
+from mixtral.layers import HeldExpert, expert_ffn, held_matmul, held_matrix
 from router.wire import Segment, new_secret
-from workers.device import HALF_GEMV_ROWS_TRIED, choose_compute_dtype, half_gemv_rows, matmul_dtype, matmul_rates
+from workers.device import (
+    HALF_GEMV_ROWS_TRIED,
+    choose_compute_dtype,
+    half_gemv_rows,
+    matmul_dtype,
+    matmul_rates,
+    onednn_packs,
+)
 from workers.expert_worker import ExpertWorker
 
 
@@ -27,6 +34,7 @@ def test_a_slow_half_precision_matmul_is_computed_in_float32() -> None:
     finally:
         torch.set_num_threads(threads)
     assert half_gemv_rows(256, 64, bf16) in (0, *HALF_GEMV_ROWS_TRIED)  # a measured crossover, or none
+    assert half_gemv_rows(256, 64, bf16, packed=True) in (0, *HALF_GEMV_ROWS_TRIED)  # against oneDNN's float32
     assert matmul_dtype(f32, "cpu") == f32 and matmul_dtype(bf16, "cuda") == bf16
 
 
@@ -80,3 +88,19 @@ def test_the_coordinators_attention_gemms_run_in_the_dtype_the_experts_chose(mak
     bf16 = local_engine(checkpoint, EngineOptions(dtype="bfloat16")).model
     assert bf16.score_dtype == matmul_dtype(torch.bfloat16, "cpu")
     assert local_engine(checkpoint, EngineOptions(dtype="float32")).model.score_dtype == torch.float32
+
+
+def test_float32_workers_of_several_threads_pack_their_matrices_for_onednn_and_compute_the_same_products() -> None:
+    f32 = torch.float32
+    assert onednn_packs(f32, "cpu", 2)  # torch's CPU wheels have oneDNN
+    assert not onednn_packs(f32, "cpu", 1)  # one thread: MKL's GEMV of one row is the faster
+    assert not onednn_packs(torch.bfloat16, "cpu", 2) and not onednn_packs(f32, "cuda", 2)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 80, generator=g)  # [out, in], as the checkpoint has it
+    packed, plain = held_matrix(w, f32, packed=True), held_matrix(w, f32)
+    assert packed.is_mkldnn and not plain.is_mkldnn and plain.shape == (80, 96)
+    for rows in (0, 1, 3, 17, 64):
+        x = torch.randn(rows, 80, generator=g)
+        reference = torch.nn.functional.linear(x, w)
+        torch.testing.assert_close(held_matmul(x, packed), reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(held_matmul(x, plain), reference, rtol=1e-5, atol=1e-5)

@@ -105,6 +105,17 @@ def test_the_engine_over_a_map_matches_transformers(make_ckpt, map_name: str, ex
     assert_matches_hf(checkpoint, prompts, [8, 5, 11], EngineOptions(max_num_batched_tokens=16), expert_map=expert_map)
 
 
+def test_workers_on_two_threads_hold_matrices_packed_for_onednn_and_match_transformers(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """Float32 workers of several threads compute on matrices packed for oneDNN's GEMM (workers.device.onednn_packs)."""
+    checkpoint = make_ckpt(sliding_window=16)
+    worker = ExpertWorker(Checkpoint.open(checkpoint), [0, 5], channel_secret=new_secret(), threads=2)
+    assert worker.info().packed and not ExpertWorker(Checkpoint.open(checkpoint), 0, channel_secret=new_secret()).info().packed
+    assert all(m.is_mkldnn for layers in worker.experts.values() for expert in layers for m in expert[:3])
+    prompts = random_prompts([3, 17, 9], 512, seed=5)
+    options = EngineOptions(max_num_batched_tokens=16)
+    assert_matches_hf(checkpoint, prompts, [8, 5, 11], options, expert_map=ExpertMap.grouped(8, 4), worker_threads=2)
+
+
 def test_a_worker_reads_only_the_tensors_of_the_experts_it_holds(make_ckpt) -> None:  # type: ignore[no-untyped-def]
     path = make_ckpt()
     checkpoint = Checkpoint.open(path)

@@ -32,8 +32,8 @@ def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def assert_matches_hf(checkpoint, prompts, max_tokens, options=EngineOptions(), expert_map=None) -> None:  # type: ignore[no-untyped-def]
-    engine = local_engine(Checkpoint.open(checkpoint), options, expert_map)
+def assert_matches_hf(checkpoint, prompts, max_tokens, options=EngineOptions(), expert_map=None, worker_threads=1) -> None:  # type: ignore[no-untyped-def]
+    engine = local_engine(Checkpoint.open(checkpoint), options, expert_map, worker_threads=worker_threads)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
     seqs = engine.generate(prompts, params)
     model = hf_model(checkpoint)

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from mixtral.layers import held_matmul, held_matrix
+
 T = TypeVar("T")
 
 # For the actors' runtime_env. torch then puts CPU allocations of 2 MiB and more in transparent huge
@@ -132,9 +134,10 @@ HALF_GEMV_PROBE_BYTES = 48 << 20
 HALF_GEMV_MARGIN = 0.9  # half precision must be this much faster to be worth its copy of the weights
 
 
-def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, repeats: int = 3) -> int:
+def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, packed: bool = False, repeats: int = 3) -> int:
     """The most rows (of HALF_GEMV_ROWS_TRIED) for which F.linear on a half-precision [out, in]
-    matrix beats float32 `x @ w` on its [in, out] copy, on the calling thread's threads; 0 if none.
+    matrix beats float32 held_matmul on its held copy (`packed` or not, as the worker holds it:
+    mixtral.layers.held_matrix), on the calling thread's threads; 0 if none.
 
     Where the half-precision GEMM is emulated, a worker computes in float32 (matmul_dtype).
     A call of one or two rows is not bound by arithmetic but by reading the weights, and torch's
@@ -143,7 +146,7 @@ def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, r
     count = max(1, min(64, HALF_GEMV_PROBE_BYTES // max(1, out_features * in_features * dtype.itemsize)))
     rows_probed = min(out_features, max(1, HALF_GEMV_PROBE_BYTES // (in_features * dtype.itemsize)))
     half = [torch.randn(rows_probed, in_features).to(dtype) for _ in range(count)]
-    full = [w.t().float().contiguous() for w in half]
+    full = [held_matrix(w, torch.float32, packed=packed) for w in half]
 
     def seconds(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]) -> float:
         start = time.perf_counter()
@@ -159,11 +162,19 @@ def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, r
         best_half = best_full = float("inf")
         for _ in range(repeats):  # in turns, as in matmul_rates
             best_half = min(best_half, seconds(torch.nn.functional.linear, x_half, half))
-            best_full = min(best_full, seconds(torch.matmul, x, full))
+            best_full = min(best_full, seconds(held_matmul, x, full))
         if best_half > HALF_GEMV_MARGIN * best_full:
             break
         most = rows
     return most
+
+
+def onednn_packs(dtype: torch.dtype, device: str, threads: int) -> bool:
+    """Whether a worker holds its expert matrices packed for oneDNN's GEMM (mixtral.layers.held_matrix):
+    float32 on a CPU with oneDNN, on two threads or more. There oneDNN splits a call of a few rows over
+    the threads, where MKL's GEMM of a few rows hardly gains from its second; on one thread MKL's GEMV of
+    a single row is the faster (README, "Performance with a map")."""
+    return dtype == torch.float32 and device == "cpu" and threads > 1 and torch.backends.mkldnn.is_available()
 
 
 def choose_compute_dtype(dtype: torch.dtype, rates: dict[torch.dtype, float]) -> torch.dtype:

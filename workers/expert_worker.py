@@ -8,6 +8,7 @@ restarted) loads it first, so any request it is sent is answered.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -30,6 +31,7 @@ from workers.device import (
     half_gemv_rows,
     matmul_dtype,
     on_passing_thread,
+    onednn_packs,
 )
 from workers.telemetry import Telemetry
 
@@ -59,6 +61,7 @@ class WorkerInfo:
     huge_pages: bool  # started with HUGE_PAGES_ENV: torch asks for huge pages for its large allocations
     compute_dtype: str  # what its GEMMs run in (workers.device.matmul_dtype)
     half_rows: int  # calls of up to this many rows per expert run in the checkpoint's half precision
+    packed: bool  # its float matrices are packed for oneDNN's GEMM (workers.device.onednn_packs)
     expert_dtype: str  # what its expert weights are held in
     expert_bytes: int  # of the expert weights it holds
 
@@ -90,9 +93,11 @@ class ExpertWorker:
         self.compute_dtype = self.dtype if expert_dtype == "int8" else self.compute.run(matmul_dtype, self.dtype, self.device)
         # Computing in float32 a half-precision checkpoint, it also keeps the checkpoint's matrices
         # where calls of a few rows are faster on them (workers.device.half_gemv_rows). Given: tests.
+        self.packed = expert_dtype != "int8" and onednn_packs(self.compute_dtype, self.device, self.threads)
         demoted = expert_dtype != "int8" and self.compute_dtype != self.dtype
         if half_rows is None and demoted:
-            half_rows = self.compute.run(half_gemv_rows, args.intermediate_size, args.hidden_size, self.dtype)
+            probe = functools.partial(half_gemv_rows, packed=self.packed)
+            half_rows = self.compute.run(probe, args.intermediate_size, args.hidden_size, self.dtype)
         self.half_rows = half_rows if demoted and half_rows else 0
         self.reader = checkpoint.reader()
         self.experts: dict[int, list[HeldExpert] | list[Int8Expert]] = {}
@@ -135,7 +140,7 @@ class ExpertWorker:
             return [(q[n1], q[n2], q[n3]) for n1, n2, n3 in per_layer]
         held, half = {}, {}
         for name, w in read:
-            held[name] = held_matrix(w, self.compute_dtype)
+            held[name] = held_matrix(w, self.compute_dtype, packed=self.packed)
             if self.half_rows:
                 half[name] = w  # the reader's own copy, in the checkpoint's dtype
         return [
@@ -221,6 +226,7 @@ class ExpertWorker:
             huge_pages=all(os.environ.get(k) == v for k, v in HUGE_PAGES_ENV.items()),
             compute_dtype=str(self.compute_dtype).removeprefix("torch."),
             half_rows=self.half_rows,
+            packed=self.packed,
             expert_dtype=self.expert_dtype or str(self.compute_dtype).removeprefix("torch."),
             expert_bytes=self.expert_bytes(),
         )

@@ -120,13 +120,23 @@ def check_kv_budget(args: MixtralArgs, options: EngineOptions) -> None:
 
 
 def local_engine(
-    checkpoint: Checkpoint, options: EngineOptions = EngineOptions(), expert_map: ExpertMap | None = None
+    checkpoint: Checkpoint,
+    options: EngineOptions = EngineOptions(),
+    expert_map: ExpertMap | None = None,
+    *,
+    worker_threads: int = 1,
 ) -> Engine[Coordinator]:
     """Every expert worker in this process: for tests, and as the one-process baseline."""
     expert_map = expert_map or ExpertMap.one_per_worker(checkpoint.args.num_local_experts)
     workers = [
         ExpertWorker(
-            checkpoint, experts, worker=w, channel_secret=new_secret(), dtype=options.dtype, expert_dtype=options.expert_dtype
+            checkpoint,
+            experts,
+            worker=w,
+            channel_secret=new_secret(),
+            dtype=options.dtype,
+            threads=worker_threads,
+            expert_dtype=options.expert_dtype,
         )
         for w, experts in enumerate(expert_map.workers)
     ]

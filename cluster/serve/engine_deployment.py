@@ -75,7 +75,14 @@ class EngineServer:
         infos = ray.get([w.info.remote() for w in self.workers])
         self.expert_compute_dtype = "/".join(sorted({i.compute_dtype for i in infos}))
         self.expert_half_rows = max(i.half_rows for i in infos)
-        log.info("experts compute in %s (checkpoint dtype %s)", self.expert_compute_dtype, self.coordinator.dtype)
+        self.expert_packed_workers = sum(i.packed for i in infos)
+        log.info(
+            "experts compute in %s (checkpoint dtype %s); %d of %d workers hold their matrices packed for oneDNN's GEMM",
+            self.expert_compute_dtype,
+            self.coordinator.dtype,
+            self.expert_packed_workers,
+            len(infos),
+        )
         self.max_num_seqs = engine.max_num_seqs
         self.rebalancer = Rebalancer(
             self.coordinator,
@@ -107,6 +114,7 @@ class EngineServer:
             "resident_bytes": resident_bytes(),
             "expert_compute_dtype": self.expert_compute_dtype,
             "expert_half_rows": self.expert_half_rows,  # calls of up to this many rows an expert in the checkpoint's bf16
+            "expert_packed_workers": self.expert_packed_workers,  # workers.device.onednn_packs
             "expert_map": self.coordinator.expert_map.to_json(),
             "worker_balancedness": balancedness(self.coordinator.worker_load.window()),
         }

@@ -17,6 +17,7 @@ layer, the coordinator runs the other's attention (two-batch overlap).
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from mixtral.checkpoint import Checkpoint, ReadLog
 from mixtral.config import MixtralArgs
 from mixtral.kv_cache import PagedKVCache
 from mixtral.kv_spec import GiB, KVSpec
-from mixtral.layers import rms_norm, rope_cos_sin
+from mixtral.layers import linear, linear_weight, rms_norm, rope_cos_sin
 from mixtral.layout import StepLayout, build_layout
 from router.expert_map import ExpertMap
 from router.load import ExpertLoad, WorkerLoad
@@ -38,7 +39,7 @@ from router.moe import finish_moe, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
 from router.transport import ExpertTransport
-from workers.device import matmul_dtype
+from workers.device import matmul_dtype, onednn_packs
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
 
@@ -133,10 +134,13 @@ class Coordinator:
         # The attention's GEMMs over the cache run in float32 where this CPU's half-precision GEMM is
         # slow (as the experts' do); its projections are GEMVs in decode, fast in bf16 (mixtral.attention).
         self.score_dtype = matmul_dtype(dtype, device)
+        # The projections and the lm_head packed for oneDNN's GEMM where the workers' would be, on the
+        # cores set_coordinator_threads gives it by default (a tied lm_head then is a second copy).
+        self.packed = onednn_packs(dtype, device, len(os.sched_getaffinity(0)))
         self.embed = w[names.EMBED]  # [V, D]
         self.final_norm = w[names.FINAL_NORM]
-        self.lm_head = w[names.EMBED] if args.tie_word_embeddings else w[names.LM_HEAD]
-        self.layers = [_layer_weights(w, layer) for layer in range(args.num_hidden_layers)]
+        self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w[names.LM_HEAD], packed=self.packed)
+        self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
         num_blocks = kv_cache_blocks(spec, kv_cache_bytes, max_num_seqs, self.max_model_len, args.sliding_window, device)
         self.cache = PagedKVCache(spec, num_blocks, dtype=dtype, device=device)
@@ -172,7 +176,7 @@ class Coordinator:
             self.step_map = None
         self.observer.step_done()
         last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
-        return F.linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
 
     def _layers(self, mb: MicroBatch, expert_map: ExpertMap) -> Iterator[None]:
         """The residual stream of one micro-batch through every layer; yields while its experts run."""
@@ -261,11 +265,11 @@ def kv_cache_blocks(
     return spec.blocks_in(budget)
 
 
-def _layer_weights(w: dict[str, torch.Tensor], layer: int) -> LayerWeights:
+def _layer_weights(w: dict[str, torch.Tensor], layer: int, *, packed: bool) -> LayerWeights:
     def get(suffix: str) -> torch.Tensor:
         return w[names.layer_weight(layer, suffix)]
 
-    q, k, v, o = (get(s) for s in names.ATTENTION)
+    q, k, v, o = (linear_weight(get(s), packed=packed) for s in names.ATTENTION)
     return LayerWeights(
         input_norm=get("input_layernorm"),
         attn=AttentionWeights(wq=q, wk=k, wv=v, wo=o),

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from mixtral.layers import apply_rope
+from mixtral.layers import apply_rope, linear
 from mixtral.layout import StepLayout
 
 
 @dataclass(frozen=True)
 class AttentionWeights:
+    """The projections, each a mixtral.layers.linear_weight: the checkpoint's, or packed for oneDNN."""
+
     wq: torch.Tensor  # [H*Dh, D]
     wk: torch.Tensor  # [G*Dh, D]
     wv: torch.Tensor  # [G*Dh, D]
@@ -43,9 +44,9 @@ def attention(
     rows costs more than their upcast."""
     gemm = score_dtype or x.dtype
     num_tokens = x.shape[0]
-    q = apply_rope(F.linear(x, w.wq).view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
-    k = apply_rope(F.linear(x, w.wk).view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
-    v = F.linear(x, w.wv).view(num_tokens, num_kv_heads, head_dim)
+    q = apply_rope(linear(x, w.wq).view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
+    k = apply_rope(linear(x, w.wk).view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
+    v = linear(x, w.wv).view(num_tokens, num_kv_heads, head_dim)
     cache_k[:, layout.write_slots] = k.transpose(0, 1)
     cache_v[:, layout.write_slots] = v.transpose(0, 1)
 
@@ -68,7 +69,7 @@ def attention(
     out = torch.matmul(probs.view(num_kv_heads, batch, group * q_len, -1), values).to(x.dtype)  # [G, B, R*Q, Dh]
     out = out.view(num_kv_heads, batch, group, q_len, head_dim).permute(1, 3, 0, 2, 4)
     out = out.reshape(batch, q_len, num_heads * head_dim)[layout.q_valid]  # [T, H*Dh]
-    return F.linear(out, w.wo)
+    return linear(out, w.wo)
 
 
 def _gather_blocks(cache: torch.Tensor, layout: StepLayout) -> torch.Tensor:

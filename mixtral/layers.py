@@ -50,15 +50,26 @@ def held_matrix(w: torch.Tensor, dtype: torch.dtype, *, packed: bool = False) ->
     to few tens of rows an expert gets per call, MKL's GEMM reads [in, out] faster than the checkpoint's
     layout, and oneDNN's on its packing faster still on several threads (README, "Performance with a map")."""
     if packed:
-        return torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous(), None)
+        return linear_weight(w.to(dtype), packed=True)
     return torch.empty(w.shape[1], w.shape[0], dtype=dtype, device=w.device).copy_(w.t())
 
 
 def held_matmul(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h [T, in] times a held matrix (held_matrix) -> [T, out]."""
+    return linear(h, w) if w.is_mkldnn else h @ w
+
+
+def linear_weight(w: torch.Tensor, *, packed: bool) -> torch.Tensor:
+    """A checkpoint matrix [out, in] for `linear`: as it is, or `packed` in oneDNN's blocked layout
+    (float32 on a CPU only: workers.device.onednn_packs), a copy."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None) if packed else w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) over a linear_weight, packed or not.  x [T, in] -> [T, out]."""
     if w.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
-    return h @ w
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
 
 
 def held_expert_ffn(x: torch.Tensor, w: HeldExpert, *, half_rows: int = 0) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cluster.engine.build import EngineOptions, local_engine
 from mixtral import names
 from mixtral.checkpoint import Checkpoint
-from mixtral.layers import HeldExpert, expert_ffn, held_matmul, held_matrix
+from mixtral.layers import HeldExpert, expert_ffn, held_matmul, held_matrix, linear, linear_weight
 from router.wire import Segment, new_secret
 from workers.device import (
     HALF_GEMV_ROWS_TRIED,
@@ -104,3 +106,15 @@ def test_float32_workers_of_several_threads_pack_their_matrices_for_onednn_and_c
         reference = torch.nn.functional.linear(x, w)
         torch.testing.assert_close(held_matmul(x, packed), reference, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(held_matmul(x, plain), reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear(x, linear_weight(w, packed=True)), reference, rtol=1e-5, atol=1e-5)
+    assert linear_weight(w, packed=False) is w
+
+
+def test_a_float32_coordinator_on_several_cores_packs_its_projections_and_lm_head(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """Every engine-against-transformers test in float32 then runs them on oneDNN (tests/test_parity.py)."""
+    checkpoint = Checkpoint.open(make_ckpt())
+    coordinator = local_engine(checkpoint, EngineOptions(dtype="float32")).model
+    assert coordinator.packed == (len(os.sched_getaffinity(0)) > 1)
+    attn = coordinator.layers[0].attn
+    assert all(m.is_mkldnn == coordinator.packed for m in (coordinator.lm_head, attn.wq, attn.wk, attn.wv, attn.wo))
+    assert not local_engine(checkpoint, EngineOptions(dtype="bfloat16")).model.packed

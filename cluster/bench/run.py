@@ -219,7 +219,8 @@ def summary(report: dict[str, Any]) -> str:
             f"(weights upcast once, at load)\n"
         )
     if report.get("expert_half_rows"):
-        head += f"calls of up to {report['expert_half_rows']} rows an expert run on the checkpoint's {report['dtype']} matrices\n"
+        rows = report["expert_half_rows"]
+        head += f"calls of up to {rows} row{'s' * (rows > 1)} an expert run on the checkpoint's {report['dtype']} matrices\n"
     if report.get("expert_packed_workers"):
         head += f"{report['expert_packed_workers']} of {report['workers']} workers hold their matrices packed for oneDNN's GEMM\n"
     if report["workload"] == "mixed":

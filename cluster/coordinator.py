@@ -17,7 +17,6 @@ layer, the coordinator runs the other's attention (two-batch overlap).
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ from router.moe import finish_moe, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
 from router.transport import ExpertTransport
-from workers.device import matmul_dtype, onednn_packs
+from workers.device import cores, matmul_dtype, onednn_packs
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
 
@@ -122,6 +121,7 @@ class Coordinator:
         overlap_min_tokens: int | None = None,
         expert_map: ExpertMap | None = None,
         worker_load: WorkerLoad | None = None,
+        threads: int | None = None,
     ) -> None:
         self.args = args = checkpoint.args
         self.dtype = dtype
@@ -134,12 +134,13 @@ class Coordinator:
         # The attention's GEMMs over the cache run in float32 where this CPU's half-precision GEMM is
         # slow (as the experts' do); its projections are GEMVs in decode, fast in bf16 (mixtral.attention).
         self.score_dtype = matmul_dtype(dtype, device)
-        # The projections and the lm_head packed for oneDNN's GEMM where the workers' would be, on the
-        # cores set_coordinator_threads gives it by default (a tied lm_head then is a second copy).
-        self.packed = onednn_packs(dtype, device, len(os.sched_getaffinity(0)))
+        # The projections and the lm_head packed for oneDNN's GEMM where a worker's would be, on the
+        # threads its GEMMs run on (`threads`, None: every core, as set_coordinator_threads gives them).
+        # Each dense matrix is dropped as it is packed (a tied lm_head is a second copy of the embeddings).
+        self.packed = onednn_packs(dtype, device, threads or cores())
         self.embed = w[names.EMBED]  # [V, D]
         self.final_norm = w[names.FINAL_NORM]
-        self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w[names.LM_HEAD], packed=self.packed)
+        self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w.pop(names.LM_HEAD), packed=self.packed)
         self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
         num_blocks = kv_cache_blocks(spec, kv_cache_bytes, max_num_seqs, self.max_model_len, args.sliding_window, device)
@@ -269,7 +270,7 @@ def _layer_weights(w: dict[str, torch.Tensor], layer: int, *, packed: bool) -> L
     def get(suffix: str) -> torch.Tensor:
         return w[names.layer_weight(layer, suffix)]
 
-    q, k, v, o = (linear_weight(get(s), packed=packed) for s in names.ATTENTION)
+    q, k, v, o = (linear_weight(w.pop(names.layer_weight(layer, s)), packed=packed) for s in names.ATTENTION)
     return LayerWeights(
         input_norm=get("input_layernorm"),
         attn=AttentionWeights(wq=q, wk=k, wv=v, wo=o),

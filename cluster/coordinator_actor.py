@@ -45,8 +45,8 @@ class CoordinatorActor:
         *,
         threads: int | None = None,
     ) -> None:
-        set_coordinator_threads(threads)
-        engine = engine_over_workers(checkpoint, workers, channel_secret, options, expert_map)
+        threads = set_coordinator_threads(threads)
+        engine = engine_over_workers(checkpoint, workers, channel_secret, options, expert_map, threads=threads)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.coordinator = self.engine.engine.model
         self._ids = 0

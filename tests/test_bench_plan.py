@@ -48,7 +48,7 @@ def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cl
     report = json.loads((out / "bench.json").read_text())
     assert report["expert_map"]["workers"] == [{"experts": list(range(8)), "kind": "auto"}]
     assert report["expert_dtype"] == "int8"
-    assert (report["workers"], report["expert_packed_workers"]) == (1, 0)  # int8 weights never go to oneDNN's float GEMM
+    assert (report["num_workers"], report["expert_packed_workers"]) == (1, 0)  # int8 weights never go to oneDNN's float GEMM
     assert [r["concurrency"] for r in results] == [1, 4]
     for r in results:
         assert r["tok_s"] > 0 and r["baseline_tok_s"] > 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from cluster.engine.build import EngineOptions, local_engine
@@ -14,6 +12,7 @@ from router.wire import Segment, new_secret
 from workers.device import (
     HALF_GEMV_ROWS_TRIED,
     choose_compute_dtype,
+    cores,
     half_gemv_rows,
     matmul_dtype,
     matmul_rates,
@@ -110,11 +109,14 @@ def test_float32_workers_of_several_threads_pack_their_matrices_for_onednn_and_c
     assert linear_weight(w, packed=False) is w
 
 
-def test_a_float32_coordinator_on_several_cores_packs_its_projections_and_lm_head(make_ckpt) -> None:  # type: ignore[no-untyped-def]
-    """Every engine-against-transformers test in float32 then runs them on oneDNN (tests/test_parity.py)."""
+def test_a_float32_coordinator_on_several_threads_packs_its_projections_and_lm_head(make_ckpt) -> None:  # type: ignore[no-untyped-def]
     checkpoint = Checkpoint.open(make_ckpt())
-    coordinator = local_engine(checkpoint, EngineOptions(dtype="float32")).model
-    assert coordinator.packed == (len(os.sched_getaffinity(0)) > 1)
-    attn = coordinator.layers[0].attn
-    assert all(m.is_mkldnn == coordinator.packed for m in (coordinator.lm_head, attn.wq, attn.wk, attn.wv, attn.wo))
-    assert not local_engine(checkpoint, EngineOptions(dtype="bfloat16")).model.packed
+    for threads in (2, 1):
+        coordinator = local_engine(checkpoint, EngineOptions(dtype="float32"), coordinator_threads=threads).model
+        attn = coordinator.layers[0].attn
+        assert coordinator.packed == (threads > 1)
+        assert all(m.is_mkldnn == (threads > 1) for m in (coordinator.lm_head, attn.wq, attn.wk, attn.wv, attn.wo))
+    assert not local_engine(checkpoint, EngineOptions(dtype="bfloat16"), coordinator_threads=2).model.packed
+    # By default on every core: on this project's 2-core machines, every float32 engine-against-transformers
+    # test (tests/test_parity.py and the rest) runs the coordinator on oneDNN.
+    assert local_engine(checkpoint, EngineOptions(dtype="float32")).model.packed == (cores() > 1)

@@ -81,11 +81,12 @@ def test_stats_sum_counters_over_every_replica_and_gauges_over_serving_ones() ->
     load = ExpertLoad(LAYERS, EXPERTS, TOP_K)
     out = fleet_stats(
         [
-            snapshot("a", load, stats(3, 10, 80, hits=10)),
-            snapshot("b", load, stats(2, 20, 60, hits=20)),
-            snapshot("c", load, stats(9, 30, 0, hits=5), serving=False),  # stopped: its gauges are gone
+            snapshot("a", load, stats(3, 10, 80, hits=10) | {"expert_half_rows": 1, "expert_packed_workers": 1}),
+            snapshot("b", load, stats(2, 20, 60, hits=20) | {"expert_half_rows": 4, "expert_packed_workers": 0}),
+            snapshot("c", load, stats(9, 30, 0, hits=5) | {"expert_packed_workers": 2}, serving=False),  # stopped
         ]
     )
+    assert (out["expert_half_rows"], out["expert_packed_workers"]) == (4, 1)  # what the serving replicas chose
     assert (out["steps"], out["preemptions"], out["prefix_cache_hit_tokens"]) == (60, 6, 35)
     assert (out["running"], out["waiting"], out["kv_blocks"], out["kv_blocks_free"]) == (5, 2, 200, 140)
     assert out["kv_cache_usage"] == pytest.approx(0.3)

@@ -94,9 +94,14 @@ def set_coordinator_threads(requested: int | None) -> int:
     experts, then combine), so the cores the experts use are idle during the coordinator's turn.
     Its logical CPU share in the placement group stays small so that it fits beside them.
     """
-    threads = requested or len(os.sched_getaffinity(0))
+    threads = requested or cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 # A half-precision matmul below this fraction of float32's rate is a slow path: on CPUs without
@@ -108,7 +113,7 @@ SLOW_HALF_FRACTION = 0.5
 def matmul_rates(
     dtypes: tuple[torch.dtype, ...], device: str, *, tokens: int = 16, size: int = 256, repeats: int = 7
 ) -> dict[torch.dtype, float]:
-    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size], the workers' layout) in each
+    """FLOP/s of an expert-shaped matmul ([tokens, size] @ [size, size], a one-thread worker's layout) in each
     dtype, on the calling thread's threads. Small on purpose: on a slow path one call of it still takes
     milliseconds, not seconds. The fastest of the repeats, and the dtypes take turns: workers measure
     while their neighbours load weights on the same cores, and a float32 call of tens of microseconds

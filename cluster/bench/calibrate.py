@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from cluster.bench.machine import median_seconds
 from cluster.planning.profile import TOKEN_COUNTS
 from mixtral.config import MixtralArgs
-from mixtral.layers import HeldExpert, held_expert_ffn
-from workers.device import matmul_dtype, set_coordinator_threads
+from mixtral.layers import HeldExpert, held_expert_ffn, linear, linear_weight
+from workers.device import cores, matmul_dtype, onednn_packs, set_coordinator_threads
 
 EXPERT_LAYERS_CYCLED = 4
 
@@ -41,13 +41,15 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
         HeldExpert.of(torch.randn(i, d), torch.randn(d, i), torch.randn(i, d), expert_dt) for _ in range(EXPERT_LAYERS_CYCLED)
     ]
     next_layer = itertools.cycle(layers)
+    packed = onednn_packs(dt, "cpu", cores())  # as the coordinator holds them, on every core
     attn = AttentionWeights(
-        wq=torch.randn(q_out, d, dtype=dt) / d**0.5,
-        wk=torch.randn(kv_out, d, dtype=dt) / d**0.5,
-        wv=torch.randn(kv_out, d, dtype=dt) / d**0.5,
-        wo=torch.randn(d, q_out, dtype=dt) / q_out**0.5,
+        wq=linear_weight(torch.randn(q_out, d, dtype=dt) / d**0.5, packed=packed),
+        wk=linear_weight(torch.randn(kv_out, d, dtype=dt) / d**0.5, packed=packed),
+        wv=linear_weight(torch.randn(kv_out, d, dtype=dt) / d**0.5, packed=packed),
+        wo=linear_weight(torch.randn(d, q_out, dtype=dt) / q_out**0.5, packed=packed),
     )
-    gate, head = torch.randn(args.num_local_experts, d, dtype=dt), torch.randn(args.vocab_size, d, dtype=dt)
+    gate = torch.randn(args.num_local_experts, d, dtype=dt)
+    head = linear_weight(torch.randn(args.vocab_size, d, dtype=dt), packed=packed)
     greedy = SamplingParams(temperature=0)
     parts: dict[str, Any] = {"expert_ms": [], "coordinator_layer_ms": [], "head_ms": [], "context": context}
     try:
@@ -61,7 +63,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
             if t <= 256:
 
                 def tail(x: torch.Tensor = x) -> None:
-                    logits = F.linear(x, head).float()
+                    logits = linear(x, head).float()
                     tokens = sample_batch(logits, [greedy] * len(logits), [None] * len(logits))
                     torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None])
 

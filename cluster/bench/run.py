@@ -125,7 +125,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "expert_compute_dtype": compute_dtype(cluster.worker_info),
         "expert_half_rows": max(w.half_rows for w in cluster.worker_info),
         "expert_packed_workers": sum(w.packed for w in cluster.worker_info),
-        "workers": len(cluster.worker_info),
+        "num_workers": len(cluster.worker_info),
         "expert_map": cluster.layout.expert_map.to_json(),
         "expert_dtype": spec.expert_dtype,
     }
@@ -221,8 +221,8 @@ def summary(report: dict[str, Any]) -> str:
     if report.get("expert_half_rows"):
         rows = report["expert_half_rows"]
         head += f"calls of up to {rows} row{'s' * (rows > 1)} an expert run on the checkpoint's {report['dtype']} matrices\n"
-    if report.get("expert_packed_workers"):
-        head += f"{report['expert_packed_workers']} of {report['workers']} workers hold their matrices packed for oneDNN's GEMM\n"
+    if packed := report.get("expert_packed_workers"):
+        head += f"{packed} of {report['num_workers']} workers hold their matrices packed for oneDNN's GEMM\n"
     if report["workload"] == "mixed":
         (low_p, high_p), (low_o, high_o) = report["prompt_len"], report["output_len"]
         return (

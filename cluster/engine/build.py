@@ -60,9 +60,11 @@ def build_engine(
     *,
     device: str = "cpu",
     expert_map: ExpertMap | None = None,
+    threads: int | None = None,
 ) -> Engine[Coordinator]:
     """The coordinator over `transport`, whose workers hold the experts as `expert_map` says (None:
-    one expert per worker), with a routing trace when one was asked for, and the scheduler over it."""
+    one expert per worker), on `threads` threads (None: every core), with a routing trace when one
+    was asked for, and the scheduler over it."""
     args = checkpoint.args
     load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
     expert_map = expert_map or ExpertMap.one_per_worker(args.num_local_experts)
@@ -92,6 +94,7 @@ def build_engine(
         overlap_min_tokens=options.overlap_min_tokens,
         expert_map=expert_map,
         worker_load=worker_load,
+        threads=threads,
     )
     kv = KVManager(
         BlockPool(coordinator.cache.num_blocks),
@@ -125,8 +128,10 @@ def local_engine(
     expert_map: ExpertMap | None = None,
     *,
     worker_threads: int = 1,
+    coordinator_threads: int | None = None,
 ) -> Engine[Coordinator]:
-    """Every expert worker in this process: for tests, and as the one-process baseline."""
+    """Every expert worker in this process: for tests, and as the one-process baseline. The
+    coordinator's GEMMs run on `coordinator_threads` (None: every core, as they are set by default)."""
     expert_map = expert_map or ExpertMap.one_per_worker(checkpoint.args.num_local_experts)
     workers = [
         ExpertWorker(
@@ -140,7 +145,7 @@ def local_engine(
         )
         for w, experts in enumerate(expert_map.workers)
     ]
-    return build_engine(checkpoint, LocalTransport(workers), options, expert_map=expert_map)
+    return build_engine(checkpoint, LocalTransport(workers), options, expert_map=expert_map, threads=coordinator_threads)
 
 
 def channel_transport(workers: list[Any], secret: bytes, *, timeout_s: float = 60.0) -> ChannelTransport:
@@ -151,15 +156,22 @@ def channel_transport(workers: list[Any], secret: bytes, *, timeout_s: float = 6
 
 
 def engine_over_workers(
-    checkpoint: Checkpoint, workers: list[Any], secret: bytes, options: EngineOptions, expert_map: ExpertMap | None = None
+    checkpoint: Checkpoint,
+    workers: list[Any],
+    secret: bytes,
+    options: EngineOptions,
+    expert_map: ExpertMap | None = None,
+    *,
+    threads: int | None = None,
 ) -> Engine[Coordinator]:
     """In a Ray actor: the engine over expert worker actors (their channel secret given), holding
-    experts as `expert_map` says, on the device Ray assigned. Built on a passing thread, so that the
+    experts as `expert_map` says, on the device Ray assigned, its coordinator's GEMMs on `threads`
+    (set_coordinator_threads' answer). Built on a passing thread, so that the
     engine loop's thread is the only one with an OpenMP team in the actor and its threads spin between
     regions (workers.device.ComputeThread)."""
 
     def build() -> Engine[Coordinator]:
         transport = channel_transport(workers, secret, timeout_s=options.expert_timeout_s)
-        return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map)
+        return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map, threads=threads)
 
     return on_passing_thread(build)

@@ -59,14 +59,14 @@ class EngineServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         if engine.trace_path:  # one file per replica: replicas never write over each other's trace
             engine = replace(engine, trace_path=str(replica_trace_path(Path(engine.trace_path), self.replica)))
-        set_coordinator_threads(placement.coordinator_threads)
+        threads = set_coordinator_threads(placement.coordinator_threads)
         pg = ray.util.get_current_placement_group()
         assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
         secret = new_secret()  # per replica: only this coordinator can talk to its workers
         self.workers = start_workers(checkpoint, pg, secret=secret, engine=engine, placement=placement, layout=layout)
         wait_loaded([w.info.remote() for w in self.workers], progress=False)
         self.engine = AsyncEngine(
-            engine_over_workers(checkpoint, self.workers, secret, engine, layout.expert_map),
+            engine_over_workers(checkpoint, self.workers, secret, engine, layout.expert_map, threads=threads),
             Telemetry(checkpoint.name),
             max_waiting=engine.max_waiting,
         )

@@ -39,9 +39,9 @@ class HeldExpert(NamedTuple):
         return sum(w.nbytes for w in (self.w1, self.w2, self.w3, *(self.half or ())))
 
     @staticmethod
-    def of(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype, *, packed: bool = False) -> HeldExpert:
-        """From the checkpoint's [out, in] matrices, in `dtype` (held_matrix)."""
-        return HeldExpert(*(held_matrix(w, dtype, packed=packed) for w in (w1, w2, w3)))
+    def of(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, dtype: torch.dtype) -> HeldExpert:
+        """From the checkpoint's [out, in] matrices, in `dtype`, as a worker of one thread holds them."""
+        return HeldExpert(*(held_matrix(w, dtype) for w in (w1, w2, w3)))
 
 
 def held_matrix(w: torch.Tensor, dtype: torch.dtype, *, packed: bool = False) -> torch.Tensor:

@@ -147,7 +147,7 @@ def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, p
     Where the half-precision GEMM is emulated, a worker computes in float32 (matmul_dtype).
     A call of one or two rows is not bound by arithmetic but by reading the weights, and torch's
     half-precision GEMV over the checkpoint's layout reads half the bytes: on two threads of this
-    project's machine it beats float32 up to 4 rows, on one thread never (README)."""
+    project's machine it beats packed float32 for 1 row and MKL's float32 up to 4, on one thread never (README)."""
     count = max(1, min(64, HALF_GEMV_PROBE_BYTES // max(1, out_features * in_features * dtype.itemsize)))
     rows_probed = min(out_features, max(1, HALF_GEMV_PROBE_BYTES // (in_features * dtype.itemsize)))
     half = [torch.randn(rows_probed, in_features).to(dtype) for _ in range(count)]
@@ -175,8 +175,9 @@ def half_gemv_rows(out_features: int, in_features: int, dtype: torch.dtype, *, p
 
 
 def onednn_packs(dtype: torch.dtype, device: str, threads: int) -> bool:
-    """Whether a worker holds its expert matrices packed for oneDNN's GEMM (mixtral.layers.held_matrix):
-    float32 on a CPU with oneDNN, on two threads or more. There oneDNN splits a call of a few rows over
+    """Whether matrices in `dtype` on `device`, multiplied on `threads` threads, are held packed for
+    oneDNN's GEMM (a worker's: mixtral.layers.held_matrix; the coordinator's: linear_weight): float32 on
+    a CPU with oneDNN, on two threads or more. There oneDNN splits a call of a few rows over
     the threads, where MKL's GEMM of a few rows hardly gains from its second; on one thread MKL's GEMV of
     a single row is the faster (README, "Performance with a map")."""
     return dtype == torch.float32 and device == "cpu" and threads > 1 and torch.backends.mkldnn.is_available()

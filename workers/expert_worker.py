@@ -91,9 +91,9 @@ class ExpertWorker:
         # without bf16 matmul is upcast once, at load (exactly: every bf16 value is a float32 value).
         # int8 weights compute in the wire's dtype, where torch's int8 kernel takes half activations.
         self.compute_dtype = self.dtype if expert_dtype == "int8" else self.compute.run(matmul_dtype, self.dtype, self.device)
+        self.packed = expert_dtype != "int8" and onednn_packs(self.compute_dtype, self.device, self.threads)
         # Computing in float32 a half-precision checkpoint, it also keeps the checkpoint's matrices
         # where calls of a few rows are faster on them (workers.device.half_gemv_rows). Given: tests.
-        self.packed = expert_dtype != "int8" and onednn_packs(self.compute_dtype, self.device, self.threads)
         demoted = expert_dtype != "int8" and self.compute_dtype != self.dtype
         if half_rows is None and demoted:
             probe = functools.partial(half_gemv_rows, packed=self.packed)

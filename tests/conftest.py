@@ -26,13 +26,25 @@ torch.set_num_threads(1)  # the test process shares 2 cores with Ray's actors
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "own_ray_cluster: starts a Ray cluster of its own; runs first, before the session's Ray")
-    config.addinivalue_line("markers", "quiet_machine: starts Ray as a user does on a machine with no other Ray; runs early")
+    config.addinivalue_line("markers", "own_ray_cluster: starts a Ray cluster of its own (order: pytest_collection_modifyitems)")
+    config.addinivalue_line(
+        "markers", "quiet_machine: starts Ray from nothing, as a user does (order: pytest_collection_modifyitems)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests with a Ray cluster of their own go first (AutoscalingCluster stops every Ray process of the
-    user), then those that start Ray from nothing as a user does, before the session's Ray is up."""
+    """The one order the tests depend on, by marker; every test that starts Ray other than through
+    the ray_session fixture carries one of the two markers, and no other test relies on its place.
+
+    1. own_ray_cluster (tests/test_autoscaling.py, tests/test_multinode.py): a Ray cluster of their
+       own, started before the session's Ray exists. AutoscalingCluster.start stops every Ray process
+       of the user, the session's own included, and a second cluster beside the session's would
+       share two cores with it.
+    2. quiet_machine (the `serve` command in tests/test_serve.py): Ray started from nothing, as a user
+       starts it on a machine with no other Ray, so before the session's Ray and Serve apps exist.
+    3. Every other test, in file order. The session's Ray starts with the first that asks for
+       ray_session and stays up to the end.
+    """
 
     def order(item: pytest.Item) -> int:
         return 0 if item.get_closest_marker("own_ray_cluster") else 1 if item.get_closest_marker("quiet_machine") else 2

@@ -1,7 +1,7 @@
 """Nodes follow replicas: `plan --emit` files run on a fake-GPU AutoscalingCluster (tests/autoscaling_scenario.py).
 
-The scenario runs in a process of its own, and first in the session (conftest.py), because
-AutoscalingCluster.start stops every Ray process of the user, the session's own included.
+The scenario runs in a process of its own, marked own_ray_cluster (the order: tests/conftest.py):
+AutoscalingCluster.start stops every Ray process of the user.
 """
 
 from __future__ import annotations

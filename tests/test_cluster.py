@@ -14,9 +14,9 @@ import pytest
 import ray
 import torch
 
-from cluster.coordinator import non_expert_weights
 from cluster.engine.build import EngineOptions
 from cluster.engine.sampling import SamplingParams
+from cluster.model_runner import non_expert_weights
 from cluster.placement import ExpertCluster, bring_up
 from cluster.placement_options import PlacementOptions
 from mixtral import names

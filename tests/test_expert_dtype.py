@@ -1,4 +1,4 @@
-"""Experts compute in the fastest dtype the machine has for their weights' precision (issue 15, item 4)."""
+"""Experts compute in the fastest dtype the machine has for their weights' precision."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Expert maps (issue 15, item 1): several experts per worker, copies of an expert on several
+"""Expert maps: several experts per worker, copies of an expert on several
 workers, worker kinds; the tokens stay transformers' whatever the map, and each worker reads only
 the tensors of the experts it holds."""
 

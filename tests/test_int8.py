@@ -1,4 +1,4 @@
-"""int8 weight-only experts (issue 15, item 3): per-channel scales, half the bytes of bf16, and an
+"""int8 weight-only experts: per-channel scales, half the bytes of bf16, and an
 expert's output within a stated tolerance of the same expert with its weights dequantized."""
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ import torch
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.block_pool import BlockPool
 from cluster.engine.build import local_engine
+from cluster.engine.core import EngineCore
 from cluster.engine.kv_manager import KVManager
 from cluster.engine.protocol import EngineOverloaded, EngineUnavailable, TokenEvent
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.scheduler import Engine
 from mixtral.checkpoint import Checkpoint
 from tests.test_parity import random_prompts
 
@@ -82,7 +82,7 @@ class SlowModel:
 
 def async_engine(model: SlowModel, *, max_num_seqs: int = 8, max_waiting: int | None = None) -> AsyncEngine:
     kv = KVManager(BlockPool(64), block_size=16, window=None)
-    return AsyncEngine(Engine(model, kv, eos_token_ids=(), max_num_seqs=max_num_seqs), max_waiting=max_waiting)
+    return AsyncEngine(EngineCore(model, kv, eos_token_ids=(), max_num_seqs=max_num_seqs), max_waiting=max_waiting)
 
 
 async def collect(engine: AsyncEngine, request_id: str, max_tokens: int = 5) -> list[TokenEvent]:

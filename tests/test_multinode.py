@@ -1,11 +1,12 @@
 """Placement on a simulated multi-node cluster: 4 nodes with a fake GPU each and one CPU node,
-running the expert map the planner emitted for it (issue 15, item 5)."""
+running the expert map the planner emitted for it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from ray.cluster_utils import Cluster
 
@@ -14,6 +15,8 @@ from tests.reference import hf_greedy, hf_model
 from tests.test_cli import run_cli, run_cli_here
 
 PROMPT = [1, 33, 400, 7, 7, 91]
+
+pytestmark = pytest.mark.own_ray_cluster  # a Ray cluster of its own (the order: tests/conftest.py)
 
 
 def test_a_planned_map_with_a_cpu_worker_runs_on_gpu_nodes_and_a_cpu_node(make_ckpt, cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -115,7 +115,7 @@ def test_preemption_and_prefix_hits_match_transformers(make_ckpt, window: int | 
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
     [first] = engine.generate(prompts[:1], params[:1])  # its blocks are cached for the rest
     seqs = [first, *engine.generate(prompts[1:], params[1:])]
-    assert engine.kv.num_blocks == blocks and engine.preemptions > 0
+    assert engine.kv.num_blocks == blocks and engine.scheduler.preemptions > 0
     # The shared block, for each of the three later prompts (counted at first admission only).
     assert engine.kv.prefix.hit_tokens >= 16 * 3 and engine.kv.prefix.queried_tokens == sum(map(len, prompts))
     assert engine.kv.num_free == blocks  # every block came back

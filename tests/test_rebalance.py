@@ -1,4 +1,4 @@
-"""Rebalancing from live load (issue 15, item 2): with a router that sends one expert about three
+"""Rebalancing from live load: with a router that sends one expert about three
 times its share, a new map from the measured load evens the workers, live, while 8 streams run
 through the switch, and no token changes."""
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from cluster.engine.block_pool import BlockPool
+from cluster.engine.core import EngineCore
 from cluster.engine.kv_manager import KVManager
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.scheduler import Engine, check_request
+from cluster.engine.scheduler import check_request
 from cluster.errors import UserError
 
 V = 50
@@ -44,9 +45,9 @@ class CountingModel:
 
 def make_engine(
     num_blocks: int = 128, max_model_len: int = 64, eos: int = 0, prefix_caching: bool = True, **options: int
-) -> tuple[Engine[CountingModel], KVManager]:
+) -> tuple[EngineCore[CountingModel], KVManager]:
     kv = KVManager(BlockPool(num_blocks), block_size=4, window=None, prefix_caching=prefix_caching)
-    return Engine(CountingModel(max_model_len=max_model_len), kv, eos_token_ids=(eos,), **options), kv
+    return EngineCore(CountingModel(max_model_len=max_model_len), kv, eos_token_ids=(eos,), **options), kv
 
 
 def fed_tokens(calls: list[Call]) -> list[list[int]]:
@@ -103,7 +104,7 @@ def test_at_most_max_num_seqs_run_and_waiting_requests_join_as_others_finish() -
     finished_at: dict[str, int] = {}
     while engine.has_unfinished():
         step = engine.steps
-        assert len(engine.running) <= 2
+        assert len(engine.scheduler.running) <= 2
         for seq in engine.step():
             joined_at.setdefault(seq.request_id, step)
             if seq.finished:
@@ -135,7 +136,7 @@ def test_abort_of_a_waiting_and_of_a_running_request_frees_its_blocks() -> None:
     b = engine.add_request([3], greedy(2), request_id="b")
     c = engine.add_request([4], greedy(2), request_id="c")
     engine.step()
-    assert [s.request_id for s in engine.running] == ["a"] and kv.num_free == 127
+    assert [s.request_id for s in engine.scheduler.running] == ["a"] and kv.num_free == 127
     engine.abort("c")
     engine.abort("a")
     assert (a.finish_reason, c.finish_reason, kv.num_free) == ("abort", "abort", 128)
@@ -173,20 +174,20 @@ def test_when_blocks_run_out_the_newest_sequence_is_preempted_and_recomputed_and
     prompts = [[10 * i + 1] * 6 for i in range(4)]
     seqs = [engine.add_request(p, greedy(12)) for p in prompts]
     while engine.has_unfinished():
-        running, preempted = list(engine.running), engine.preemptions
+        running, preempted = list(engine.scheduler.running), engine.scheduler.preemptions
         engine.step()
         # Every block is held by one running sequence or free; a waiting sequence holds none.
-        held = [b for seq in engine.running for b in seq.table.blocks]
+        held = [b for seq in engine.scheduler.running for b in seq.table.blocks]
         assert len(set(held)) == len(held) and len(held) + kv.num_free == 6
-        assert not any(seq.table.blocks for seq in engine.waiting)
-        if engine.preemptions > preempted:  # the most recently admitted went back, first in line
-            assert engine.waiting[0] is running[-1]
-    assert engine.preemptions > 0 and kv.num_free == 6
+        assert not any(seq.table.blocks for seq in engine.scheduler.waiting)
+        if engine.scheduler.preemptions > preempted:  # the most recently admitted went back, first in line
+            assert engine.scheduler.waiting[0] is running[-1]
+    assert engine.scheduler.preemptions > 0 and kv.num_free == 6
     big, _ = make_engine(num_blocks=64, max_model_len=24)
     assert [s.output_ids for s in seqs] == [s.output_ids for s in big.generate(prompts, [greedy(12)] * 4)]
     # A preempted sequence is fed again from position 0 with its outputs so far, then goes on.
     records = fed_tokens(engine.model.calls)
-    assert len(records) == 4 + engine.preemptions
+    assert len(records) == 4 + engine.scheduler.preemptions
     for seq in seqs:
         mine = [r for r in records if r[:6] == seq.prompt_ids]
         assert max(mine, key=len) == seq.prompt_ids + seq.output_ids[:-1]
@@ -200,7 +201,7 @@ def test_a_prompt_chunk_takes_only_the_blocks_that_are_free() -> None:
     second = engine.add_request([2] * 20, greedy(4))
     engine.step()
     # 2 blocks free, 1 kept back (watermark) beside a running sequence: a 4-token chunk.
-    assert engine.model.calls[-1].tokens[1] == [2] * 4 and engine.preemptions == 0
+    assert engine.model.calls[-1].tokens[1] == [2] * 4 and engine.scheduler.preemptions == 0
     while engine.has_unfinished():
         engine.step()
     assert (first.output_ids, second.output_ids, kv.num_free) == ([2, 3, 4, 5], [3, 4, 5, 6], 8)

@@ -1,6 +1,6 @@
 """The engine loop on its own thread, with an asyncio stream per request.
 
-Only the loop thread touches the Engine: requests and aborts reach it through an inbox, and its
+Only the loop thread touches the EngineCore: requests and aborts reach it through an inbox, and its
 tokens go back to each request's asyncio queue with call_soon_threadsafe. The thread sleeps on
 an event while there is no work, so an idle server costs no CPU.
 
@@ -20,9 +20,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from cluster.engine.core import EngineCore
 from cluster.engine.protocol import EngineOverloaded, EngineUnavailable, TokenEvent
 from cluster.engine.sampling import SamplingParams
-from cluster.engine.scheduler import Engine, Sequence
+from cluster.engine.scheduler import SequenceState
 from workers.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _send(sink: Sink, event: TokenEvent) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, telemetry: Telemetry | None = None, *, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: EngineCore, telemetry: Telemetry | None = None, *, max_waiting: int | None = None) -> None:
         self.engine = engine
         self.telemetry = telemetry or Telemetry("")
         self.max_waiting = max_waiting  # None: unbounded; else requests beyond it are refused (EngineOverloaded)
@@ -109,7 +110,7 @@ class AsyncEngine:
 
     def queued(self) -> int:
         """Requests not yet running: in the inbox or the engine's waiting queue."""
-        return self._adds_in_inbox + len(self.engine.waiting)
+        return self._adds_in_inbox + len(self.engine.scheduler.waiting)
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats() | {"waiting": self.queued()}
@@ -154,7 +155,7 @@ class AsyncEngine:
         finally:
             with self._inbox_lock:
                 self._stopped = True  # is_alive() is false from here on: health fails at once
-                self._fail(self.engine.running + list(self.engine.waiting))
+                self._fail(self.engine.scheduler.running + list(self.engine.scheduler.waiting))
                 self._drain_inbox_as_errors()
 
     def _run(self) -> None:
@@ -167,7 +168,8 @@ class AsyncEngine:
                     updated = self.engine.step()
                 except Exception:
                     log.exception("engine step failed; failing the requests that were in it")
-                    self._fail(list(self.engine.running))  # their caches are half written; the waiting ones are untouched
+                    # The running sequences' caches are half written; the waiting ones are untouched.
+                    self._fail(list(self.engine.scheduler.running))
                     self._publish()
                     break
                 for seq in updated:
@@ -186,7 +188,7 @@ class AsyncEngine:
             t.inc(metric, stats[key] - self._published.get(key, 0))
             self._published[key] = stats[key]
 
-    def _emit(self, seq: Sequence) -> None:
+    def _emit(self, seq: SequenceState) -> None:
         sink = self._sinks.get(seq.request_id)
         if sink is None:
             return
@@ -198,7 +200,7 @@ class AsyncEngine:
         if seq.finished:
             del self._sinks[seq.request_id]
 
-    def _fail(self, seqs: list[Sequence]) -> None:
+    def _fail(self, seqs: list[SequenceState]) -> None:
         """End these sequences with an error event each."""
         for seq in seqs:
             self.engine.abort(seq.request_id)

@@ -21,7 +21,7 @@ from typing import Any
 from cluster.engine.protocol import EngineClient, EngineOverloaded, EngineUnavailable, ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.engine.scheduler import check_request
-from cluster.errors import UserError
+from cluster.errors import FieldError, UserError
 from cluster.serve.chat import ChatRenderer
 from cluster.serve.detokenizer import Detokenizer
 from cluster.serve.openai_api import ApiError
@@ -138,27 +138,13 @@ class Frontend:
             raise ApiError(400, str(e), param="messages") from None
 
     async def check(self, prompt_ids: list[int], params: SamplingParams, *, param: str) -> None:
-        """Raise ApiError, naming the field to fix, for a request the engine cannot run."""
+        """Raise ApiError, naming the field to fix, for a request the engine cannot run (`param`: the
+        field that holds the prompt)."""
         info = await self.info()
-        context, prompt = info.max_model_len, len(prompt_ids)
-        if prompt >= context:
-            raise ApiError(
-                400,
-                f"this model's maximum context length is {context} tokens; the prompt has {prompt}",
-                param=param,
-                code="context_length_exceeded",
-            )
-        if prompt + params.max_tokens > context:
-            raise ApiError(
-                400,
-                f"this model's maximum context length is {context} tokens; the prompt ({prompt}) plus max_tokens "
-                f"({params.max_tokens}) exceeds it; lower max_tokens",
-                param="max_tokens",
-            )
         try:
-            check_request(prompt_ids, params, max_model_len=context, vocab_size=info.vocab_size)
-        except UserError as e:
-            raise ApiError(400, str(e), param=param) from None
+            check_request(prompt_ids, params, max_model_len=info.max_model_len, vocab_size=info.vocab_size)
+        except FieldError as e:
+            raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field, code=e.code) from None
 
     async def check_health(self) -> None:
         try:

@@ -9,9 +9,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from cluster.engine.sampling import MAX_LOGPROBS, SamplingParams
+from cluster.engine.sampling import (
+    GREEDY_TEMPERATURE,
+    MAX_LOGPROBS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    SamplingParams,
+    check_sampling_field,
+)
+from cluster.errors import FieldError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
 
@@ -46,38 +54,53 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Body fields that the engine knows by another name (SamplingParams').
+ENGINE_FIELD = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs"}
+
+
+def checked(value: Any, info: ValidationInfo) -> Any:
+    """`value` of the body's field, if it keeps the engine's rule for that sampling field; else a
+    ValueError that names the field and says how to fix it."""
+    field = info.field_name
+    assert field is not None  # always set for a field validator
+    if value is None:
+        return value  # unset: the engine's default applies
+    as_engine_holds_it = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+    try:
+        check_sampling_field(ENGINE_FIELD.get(field, field), as_engine_holds_it, called=field)
+    except FieldError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with the usage of the whole request.")
 
 
 class SamplingFields(BaseModel):
+    """The sampling fields of both request kinds. Their ranges are the engine's (cluster.engine.sampling
+    SAMPLING_RULES), applied to each field as the body is parsed, so the error names the field sent."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # clients send fields we do not use (user, ...)
 
     model: str = Field(description="The served model's name, as GET /v1/models lists it.")
-    temperature: Annotated[float, Field(ge=0, le=2, description="0 is greedy (so is anything below 1e-5).")] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1, description="Nucleus sampling mass, in (0, 1].")] = 1.0
-    top_k: Annotated[int, Field(ge=-1, description="Keep the k most likely tokens; -1 keeps all.")] = -1
+    temperature: float = Field(
+        1.0, description=f"0 is greedy (so is anything below {GREEDY_TEMPERATURE:g}), at most {MAX_TEMPERATURE:g}."
+    )
+    top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
+    top_k: int = Field(-1, description="Keep the k most likely tokens; -1 keeps all.")
     seed: int | None = Field(None, description="Same seed, same text.")
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings; not included in the text.")
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP_STRINGS} stop strings; not included in the text.")
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the completion.")
     ignore_eos: bool = Field(False, description="Keep generating past EOS.")
     n: Annotated[int, Field(ge=1, le=1, description="Only 1 choice per request is supported.")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("top_k")
+    @field_validator("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")
     @classmethod
-    def _top_k_not_zero(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("top_k must be -1 (all tokens) or at least 1")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 4:
-            raise ValueError("at most 4 stop strings")
-        return v
+    def _sampling_in_range(cls, v: Any, info: ValidationInfo) -> Any:
+        return checked(v, info)
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -100,9 +123,14 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(description="Text (tokenized with BOS) or token ids (used verbatim).")
-    max_tokens: Annotated[int, Field(ge=1)] = 16
-    logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    max_tokens: int = 16
+    logprobs: int | None = Field(None, description=f"Also return this many most likely tokens per token, at most {MAX_LOGPROBS}.")
     echo: Literal[False] = False
+
+    @field_validator("max_tokens", "logprobs")
+    @classmethod
+    def _completion_in_range(cls, v: Any, info: ValidationInfo) -> Any:
+        return checked(v, info)
 
 
 class ChatMessage(BaseModel):
@@ -119,10 +147,17 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int | None, Field(ge=1)] = None
-    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    top_logprobs: int | None = Field(
+        None, description=f"With logprobs: this many most likely tokens per token, at most {MAX_LOGPROBS}."
+    )
+
+    @field_validator("max_tokens", "max_completion_tokens", "top_logprobs")
+    @classmethod
+    def _chat_in_range(cls, v: Any, info: ValidationInfo) -> Any:
+        return checked(v, info)
 
 
 class RebalanceRequest(BaseModel):
@@ -167,4 +202,6 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "value_error":  # a sampling rule's own words, which name the field (`checked`)
+            raise ApiError(400, str(first["ctx"]["error"]), param=param) from None
         raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None

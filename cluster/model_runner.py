@@ -1,4 +1,4 @@
-"""The coordinator: everything of the model that is not an expert, plus the KV cache.
+"""The model runner: everything of the model that is not an expert, plus the KV cache.
 
 Per step, for the whole running batch (T new tokens over B sequences):
 
@@ -11,7 +11,7 @@ Per step, for the whole running batch (T new tokens over B sequences):
     logits = lm_head(rms_norm(x[last token of each sequence]))   # [B, V]
 
 Large steps run as two micro-batches in flight: while the experts work on one micro-batch's
-layer, the coordinator runs the other's attention (two-batch overlap).
+layer, the runner runs the other's attention (two-batch overlap).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def attention_groups(lengths: list[int], starts: list[int]) -> list[slice]:
     (nothing cached), or continuing one.
 
     One padded grid for a whole mixed step would pad every decode to the longest prompt chunk
-    and give every fresh prompt the cache columns of the longest cached sequence, which made
-    attention most of a mixed prefill step.
+    and give every fresh prompt the cache columns of the longest cached sequence, so that padding,
+    not tokens, would set the cost of attention in a mixed prefill step.
     """
     kinds = [(n == 1, s == 0) for n, s in zip(lengths, starts)]
     runs, begin = [], 0
@@ -104,7 +104,7 @@ def split_for_overlap(lengths: list[int], overlap_min_tokens: int | None) -> lis
     return [slice(0, cut), slice(cut, len(lengths))]
 
 
-class Coordinator:
+class ModelRunner:
     def __init__(
         self,
         checkpoint: Checkpoint,
@@ -114,6 +114,7 @@ class Coordinator:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         block_size: int = 16,
         device: str = "cpu",
         load: ExpertLoad,
@@ -143,7 +144,11 @@ class Coordinator:
         self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w.pop(names.LM_HEAD), packed=self.packed)
         self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
-        num_blocks = kv_cache_blocks(spec, kv_cache_bytes, max_num_seqs, self.max_model_len, args.sliding_window, device)
+        room = float(DEFAULT_CPU_KV_BYTES)
+        if device.startswith("cuda"):  # measured after the weights are in: what they left of the share
+            free, total = torch.cuda.mem_get_info(device)
+            room = gpu_kv_budget(free, total, gpu_memory_utilization)
+        num_blocks = kv_cache_blocks(spec, kv_cache_bytes, max_num_seqs, self.max_model_len, args.sliding_window, room=room)
         self.cache = PagedKVCache(spec, num_blocks, dtype=dtype, device=device)
         self.load = load
         self.observer = RoutingObservers([load, *observers])  # load first: the others may read its totals
@@ -247,18 +252,23 @@ class Coordinator:
         return self.reader.log
 
 
+def gpu_kv_budget(free: int, total: int, utilization: float) -> float:
+    """The KV cache's share of a GPU, vLLM's --gpu-memory-utilization: of `utilization` x the device's
+    memory, what is not in use already (the weights, loaded before the cache)."""
+    return max(0.0, free - (1 - utilization) * total)
+
+
 def kv_cache_blocks(
-    spec: KVSpec, budget_bytes: int | None, max_num_seqs: int, max_model_len: int, window: int | None, device: str
+    spec: KVSpec, budget_bytes: int | None, max_num_seqs: int, max_model_len: int, window: int | None, *, room: float
 ) -> int:
     """Blocks of the KV pool: the budget's worth, or by default what max_num_seqs sequences of
-    max_model_len can hold at once, at most 90% of a GPU's free memory (4 GiB on a CPU, as vLLM's CPU default).
+    max_model_len can hold at once, at most `room` bytes (a GPU's share, or 4 GiB on a CPU as vLLM's CPU default).
 
     Raises UserError, with the numbers and the fix, when the pool cannot hold one sequence of max_model_len.
     """
     if budget_bytes is None:
-        budget = 0.9 * torch.cuda.mem_get_info(device)[0] if device.startswith("cuda") else DEFAULT_CPU_KV_BYTES
         wanted = spec.pool_bytes(max_num_seqs * spec.blocks_per_sequence(max_model_len, window))
-        budget = min(budget, wanted)
+        budget = min(room, wanted)
     else:
         budget = budget_bytes
     if problem := spec.budget_problem(budget, max_model_len, window):

@@ -1,0 +1,138 @@
+"""The engine step: continuous batching over the model runner, one scheduled batch a step.
+
+Every step the scheduler (cluster.engine.scheduler) picks the batch and what each sequence feeds;
+the model runs one forward over it; then each sequence whose tokens are all cached samples its next
+token. Finished sequences leave and free their blocks at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from cluster.engine.kv_manager import KVManager
+from cluster.engine.sampling import FAILED, SamplingParams, make_generator, sample_batch
+from cluster.engine.scheduler import Scheduler, SequenceState, check_request
+
+
+class StepModel(Protocol):
+    """What the engine needs from the model runner."""
+
+    max_model_len: int
+    vocab_size: int
+
+    def forward(
+        self, tokens: list[list[int]], *, starts: list[int], blocks: list[list[int]], first_block: list[int]
+    ) -> torch.Tensor: ...
+
+
+ModelT = TypeVar("ModelT", bound=StepModel)
+
+
+class EngineCore(Generic[ModelT]):
+    """The step loop: admission (by the scheduler), KV blocks, the model's forward, sampling, finishing."""
+
+    def __init__(
+        self,
+        model: ModelT,
+        kv: KVManager,
+        *,
+        eos_token_ids: tuple[int, ...],
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+    ) -> None:
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.kv = kv
+        self.eos_token_ids = eos_token_ids
+        self.scheduler = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+        self.steps = 0
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None) -> SequenceState:
+        self.check_request(prompt_ids, params)
+        seq = SequenceState(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, make_generator(params))
+        self.scheduler.waiting.append(seq)
+        return seq
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_request(prompt_ids, params, max_model_len=self.model.max_model_len, vocab_size=self.vocab_size)
+
+    def abort(self, request_id: str) -> None:
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            if seq.request_id == request_id:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict[str, float]:
+        """The engine's state for operators and autoscalers: sequences, KV blocks, preemptions, prefix cache."""
+        kv = self.kv
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "steps": self.steps,
+            "preemptions": self.scheduler.preemptions,
+            "kv_blocks": kv.num_blocks,
+            "kv_blocks_free": kv.num_free,
+            "kv_cache_usage": kv.usage,
+            "prefix_cache_queried_tokens": kv.prefix.queried_tokens,
+            "prefix_cache_hit_tokens": kv.prefix.hit_tokens,
+            "prefix_cache_hit_rate": kv.prefix.hit_rate,
+        }
+
+    def step(self) -> list[SequenceState]:
+        """Run one engine step; return the sequences that got a token (or finished) in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        histories = [seq.tokens for seq, _ in batch]  # each sequence's prompt + outputs, joined once a step
+        logits = self.model.forward(
+            [h[seq.num_cached : seq.num_cached + n] for h, (seq, n) in zip(histories, batch)],
+            starts=[seq.num_cached for seq, _ in batch],
+            blocks=[seq.table.blocks for seq, _ in batch],
+            first_block=[seq.table.first_block for seq, _ in batch],
+        )
+        self.steps += 1
+        for history, (seq, n) in zip(histories, batch):
+            seq.num_cached += n
+            self.kv.after_step(seq.table, history, seq.num_cached)
+        # Sequences whose tokens are all cached sample their next one; prompts still prefilling don't.
+        rows = [row for row, (seq, _) in enumerate(batch) if seq.num_cached == seq.num_tokens]
+        if not rows:
+            return []
+        seqs = [batch[row][0] for row in rows]
+        logits = logits[rows]  # [B', V]
+        tokens = sample_batch(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        logprobs = torch.log_softmax(logits, dim=-1)  # of the model's own distribution
+        chosen = logprobs.gather(1, torch.tensor(tokens).clamp_min(0)[:, None]).squeeze(1).tolist()
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            if token == FAILED:
+                self.scheduler.finish(seq, "error")
+                continue
+            seq.output_ids.append(token)
+            seq.logprobs.append(chosen[i])
+            if seq.params.logprobs:
+                top = torch.topk(logprobs[i], seq.params.logprobs)
+                seq.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
+            self._check_finish(seq, token)
+        return seqs
+
+    def _check_finish(self, seq: SequenceState, token: int) -> None:
+        params = seq.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.model.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SequenceState]:
+        """Run a fixed set of requests to completion, all batched together."""
+        for p, sp in zip(prompts, params, strict=True):
+            self.check_request(p, sp)  # all or nothing: no request is queued if one is bad
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return seqs

@@ -1,9 +1,10 @@
-"""Bring-up: one placement group, a bundle for the coordinator and one per expert worker.
+"""Placement: one placement group per replica, a bundle for the coordinator and one per expert worker.
 
-Bundle 0 holds the coordinator; bundle 1 + w holds expert worker w, with the experts the expert
-map gives it. A worker of kind gpu takes a GPU, one of kind cpu none, and one of kind auto takes
-a GPU where Ray offers one for each such worker (the device comes from Ray's assignment);
-otherwise workers take fractional CPUs and the same code runs on CPU.
+Who takes a GPU is the replica's layout: a worker of kind gpu takes one, one of kind cpu none, and
+one of kind auto takes one where Ray offers one for each such worker. `bring_up` reserves the
+group, starts the workers in it (cluster.expert_workers) and the engine host as a Ray actor in
+bundle 0 (cluster.engine_host), for the CLI and the benchmark; a Serve replica does the same in
+the group Serve reserved for it (cluster.serve.engine_deployment).
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ from typing import Any
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from tqdm import tqdm
 
-from cluster.coordinator_actor import CoordinatorActor
 from cluster.engine.build import EngineOptions
+from cluster.engine_host import EngineHost
 from cluster.errors import UserError
+from cluster.expert_workers import ReplicaLayout, start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs
 from router.expert_map import ExpertMap
 from router.wire import new_secret
 from workers.device import ACTOR_ENV
-from workers.expert_worker import ExpertWorker, WorkerInfo
+from workers.expert_worker import WorkerInfo
 
 PLACEMENT_TIMEOUT_S = 120
 
@@ -33,7 +34,7 @@ PLACEMENT_TIMEOUT_S = 120
 @dataclass
 class ExpertCluster:
     placement_group: PlacementGroup
-    coordinator: Any  # ActorHandle[CoordinatorActor]
+    coordinator: Any  # ActorHandle[EngineHost]
     workers: list[Any]  # ActorHandle[ExpertWorker], indexed by worker
     worker_info: list[WorkerInfo]
     channel_secret: bytes  # what the coordinator proves to its workers on every connection
@@ -43,15 +44,6 @@ class ExpertCluster:
         for actor in [self.coordinator, *self.workers]:
             ray.kill(actor)
         remove_placement_group(self.placement_group)
-
-
-@dataclass(frozen=True)
-class ReplicaLayout:
-    """What one replica asks of the cluster: its expert map, and who takes a GPU."""
-
-    expert_map: ExpertMap
-    worker_gpus: tuple[bool, ...]  # per worker
-    coordinator_gpu: bool
 
 
 def expert_map_of(args: MixtralArgs, placement: PlacementOptions) -> ExpertMap:
@@ -105,70 +97,10 @@ def layout_here(args: MixtralArgs, placement: PlacementOptions) -> ReplicaLayout
     return replica_layout(args, placement, cluster_gpus=ray.cluster_resources().get("GPU", 0))
 
 
-def worker_threads(pg: PlacementGroup) -> list[int]:
-    """Per worker: its node's cores over the workers placed there, at least one. Workers take turns
-    with the coordinator within a layer, and with each other only where they share a node: one
-    worker holding every expert computes on every core, as transformers does; eight on two cores
-    take one each."""
-    nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]  # bundle -> node, once placed
-    cpus = {n["NodeID"]: n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["Alive"]}
-    workers = [nodes[b] for b in sorted(nodes) if b > 0]
-    return [max(1, int(cpus.get(node, 1.0) // workers.count(node))) for node in workers]
-
-
-def start_workers(
-    checkpoint: Checkpoint,
-    pg: PlacementGroup,
-    *,
-    secret: bytes,
-    engine: EngineOptions,
-    placement: PlacementOptions,
-    layout: ReplicaLayout,
-) -> list[Any]:
-    """Expert worker w, holding the map's experts of worker w, in bundle 1 + w of `pg` (placed by now)."""
-    worker_cls = ray.remote(ExpertWorker)
-    threads = worker_threads(pg)
-    return [
-        worker_cls.options(
-            num_cpus=placement.worker_cpus,
-            num_gpus=1 if gpu else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=1 + w),
-            # Workers hold only weights: a restarted one reloads its experts and the call is sent
-            # again. Without limit: a replica must outlive any number of worker deaths.
-            max_restarts=-1,
-            max_task_retries=-1,
-            # Pings and new channels are answered while it reads the experts a rebalance gives it.
-            max_concurrency=4,
-            runtime_env={"env_vars": ACTOR_ENV},
-        ).remote(
-            checkpoint,
-            experts,
-            worker=w,
-            channel_secret=secret,
-            dtype=engine.dtype,
-            threads=threads[w],
-            expert_dtype=engine.expert_dtype,
-        )
-        for w, (experts, gpu) in enumerate(zip(layout.expert_map.workers, layout.worker_gpus))
-    ]
-
-
-def wait_loaded(refs: list[Any], *, progress: bool) -> list[Any]:
-    """Wait for the actors' first calls (their weights are loaded by then), with a progress bar."""
-    pending = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    with tqdm(total=len(refs), desc="loading weights", unit="actor", disable=not progress) as bar:
-        while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(done)] = ray.get(done)  # raises for an actor that failed to load
-            bar.update(1)
-    return results
-
-
 def bring_up(
     checkpoint: Checkpoint, *, engine: EngineOptions, placement: PlacementOptions, progress: bool = True
 ) -> ExpertCluster:
-    """Reserve the placement group, start the workers and the coordinator, wait for their weights."""
+    """Reserve the placement group, start the workers and the engine host, wait for their weights."""
     args = checkpoint.args
     placement = fitted(args, placement)
     layout = layout_here(args, placement)
@@ -185,7 +117,7 @@ def bring_up(
     secret = new_secret()
     workers = start_workers(checkpoint, pg, secret=secret, engine=engine, placement=placement, layout=layout)
     coordinator: Any = (
-        ray.remote(CoordinatorActor)
+        ray.remote(EngineHost)
         .options(
             num_cpus=placement.coordinator_cpus,
             num_gpus=1 if layout.coordinator_gpu else 0,

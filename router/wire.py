@@ -11,6 +11,10 @@ worker's experts each run of rows goes to; a reply has no segments, and carries 
 and tag OK, or ERROR with `rows` bytes of UTF-8 text instead of elements. Every header is checked
 against the receiver's limits before anything is allocated. Bytes go straight from the tensor's
 memory to the socket and back into a fresh tensor's memory: no pickling, no intermediate copy.
+
+The socket reads and writes host memory, so a tensor on a GPU is staged through a pinned host
+buffer (`to_host` before a send, `to_device` after a receive into a pinned tensor); a CPU tensor
+is sent and received as it is, with no copy at all.
 """
 
 from __future__ import annotations
@@ -123,8 +127,23 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """x where the socket can read it: x itself on the CPU; a GPU tensor copied into pinned host memory."""
+    if x.device.type == "cpu":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    torch.cuda.current_stream(x.device).synchronize()  # the copy is done before the socket reads it
+    return host
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A received tensor (pinned when `device` is a GPU: recv_tensor(pinned=True)) on `device`."""
+    return x if device.type == "cpu" else x.to(device, non_blocking=True)
+
+
 def send_tensor(sock: socket.socket, tag: int, x: torch.Tensor, request_id: int, segments: Sequence[Segment] = ()) -> None:
-    """x [rows, cols] on the CPU; for a request, `segments` say whose rows they are, in order."""
+    """x [rows, cols] on the CPU (to_host); for a request, `segments` say whose rows they are, in order."""
     x = x.contiguous()
     header = HEADER.pack(tag, x.shape[0], x.shape[1], DTYPES.index(x.dtype), request_id, len(segments))
     sock.sendall(header + b"".join(SEGMENT.pack(*s) for s in segments))
@@ -173,9 +192,10 @@ def _segments(sock: socket.socket, count: int, rows: int, limits: FrameLimits) -
     return segments
 
 
-def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits()) -> Frame:
-    """The next frame. An ERROR frame raises RemoteError with its text (its request id in
-    `RemoteError.request_id`); a header or segments outside `limits` raise BadFrame."""
+def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits(), *, pinned: bool = False) -> Frame:
+    """The next frame, its tensor in pinned host memory if asked (to go on to a GPU). An ERROR frame
+    raises RemoteError with its text (its request id in `RemoteError.request_id`); a header or
+    segments outside `limits` raise BadFrame."""
     header = bytearray(HEADER.size)
     _recv_into(sock, memoryview(header))
     tag, rows, cols, code, request_id, num_segments = HEADER.unpack(header)
@@ -185,7 +205,7 @@ def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits()) -> Fra
         text = bytearray(rows)
         _recv_into(sock, memoryview(text))
         raise RemoteError(text.decode(errors="replace"), request_id)
-    out = torch.empty(rows, cols, dtype=DTYPES[code])
+    out = torch.empty(rows, cols, dtype=DTYPES[code], pin_memory=pinned)
     if out.numel():
         _recv_into(sock, _bytes(out))
     return Frame(tag, request_id, out, segments)

@@ -1,5 +1,6 @@
 """The expert channel on its own: frames over a real socket to a real ChannelServer, hostile peers,
-and the coordinator's ChannelTransport over real Ray actors that die, stop and come back."""
+and the coordinator's ChannelTransport over real Ray actors that die, stop and come back, supervised
+by cluster.supervisor."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pytest
 import ray
 import torch
 
-from router.transport import ChannelTransport, WorkerBatch
+from cluster.supervisor import WorkerSupervisor
+from router.channel_transport import ChannelTransport
+from router.transport import WorkerBatch
 from router.wire import (
     HEADER,
     OK,
@@ -28,6 +31,8 @@ from router.wire import (
     Segment,
     recv_tensor,
     send_tensor,
+    to_device,
+    to_host,
 )
 from workers.channel_server import ChannelServer
 
@@ -117,6 +122,23 @@ def test_every_connection_is_answered_on_the_one_compute_thread_in_order() -> No
         for peer in peers:
             peer.close()
     assert len(threads) == 6 and all(name.startswith("compute") for name in threads)
+
+
+def test_a_cpu_tensor_is_staged_for_the_socket_without_a_copy() -> None:
+    x = torch.randn(3, D)
+    assert to_host(x) is x and to_device(x, torch.device("cpu")) is x
+
+
+def test_a_closed_channel_drops_its_peers_and_takes_no_new_ones() -> None:
+    server = ChannelServer(fake_expert, secret=SECRET, limits=LIMITS)
+    address = server.open(same_node=True, node_ip="127.0.0.1")
+    peer = address.connect(SECRET, timeout_s=30)
+    send_tensor(peer, 1, torch.randn(2, D), request_id=1)
+    recv_tensor(peer)  # served: its connection is open
+    server.close()
+    assert closed(peer)
+    with pytest.raises(OSError):
+        address.connect(SECRET, timeout_s=5)
 
 
 def raw_connection(address: ChannelAddress) -> socket.socket:
@@ -226,6 +248,37 @@ def test_segments_that_do_not_cover_the_rows_drop_the_peer_not_the_worker(
     assert torch.equal(recv_tensor(good).x, x)
 
 
+class LocalLink:
+    """A WorkerLink to channels in this process: the socket transport without Ray."""
+
+    def __init__(self, servers: list[ChannelServer]) -> None:
+        self.servers = servers
+        self.connections = 0
+        self.restarted: list[int] = []
+
+    def connect_all(self) -> list[socket.socket]:
+        return [self.connect(w) for w in range(len(self.servers))]
+
+    def connect(self, worker: int) -> socket.socket:
+        self.connections += 1
+        return self.servers[worker].open(same_node=True, node_ip="127.0.0.1").connect(SECRET, timeout_s=30)
+
+    def restart(self, worker: int) -> None:
+        self.restarted.append(worker)
+
+
+def test_a_broken_connection_is_made_again_through_the_link_and_its_call_sent_again() -> None:
+    link = LocalLink([ChannelServer(fake_expert, secret=SECRET, limits=LIMITS)])
+    transport = ChannelTransport(link)
+    x = torch.randn(4, D)
+    pending = transport.submit(1, {0: batch(x)})
+    transport.sockets[0].shutdown(socket.SHUT_RDWR)  # the connection breaks with the call in flight
+    assert torch.equal(transport.gather(pending)[0], fake_expert(1, x))
+    assert transport.replacements == 1 and link.connections == 2
+    assert link.restarted == []  # a worker that went away is not killed again: only a stuck one is
+    transport.close()
+
+
 def slow_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
     time.sleep(0.5)  # long enough that a kill right after sending lands mid-call
     return fake_expert(layer, x)
@@ -233,7 +286,7 @@ def slow_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ())
 
 @ray.remote(num_cpus=0.01, max_restarts=-1, max_task_retries=-1)  # as cluster.placement starts workers
 class FakeWorker:
-    """An expert worker reduced to its channel: what ChannelTransport talks to."""
+    """An expert worker reduced to its channel: what ChannelTransport and WorkerSupervisor talk to."""
 
     def __init__(self, layers: int = LAYERS) -> None:
         self.layers = layers
@@ -263,8 +316,9 @@ class FakeWorker:
 
 def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> None:  # type: ignore[no-untyped-def]
     worker = FakeWorker.remote()
-    transport = ChannelTransport([worker], "", SECRET)
-    transport.expect([[3, 5]])  # a rebalance gave it other experts than it was started with
+    supervisor = WorkerSupervisor([worker], coordinator_node="", secret=SECRET)
+    transport = ChannelTransport(supervisor)
+    supervisor.set_holdings([[3, 5]])  # a rebalance gave it other experts than it was started with
     first_pid = ray.get(worker.pid.remote())
     xs = [torch.randn(4, D) for _ in range(2)]
     pending = [transport.submit(layer, {0: batch(x)}) for layer, x in enumerate(xs)]  # two micro-batches
@@ -279,7 +333,7 @@ def test_a_worker_lost_with_two_layers_in_flight_answers_both(ray_session) -> No
 
 def test_a_failed_layer_leaves_no_stale_reply_behind(ray_session) -> None:  # type: ignore[no-untyped-def]
     workers = [FakeWorker.remote(layers=2), FakeWorker.remote()]
-    transport = ChannelTransport(workers, "", SECRET)
+    transport = ChannelTransport(WorkerSupervisor(workers, coordinator_node="", secret=SECRET))
     x = torch.randn(3, D)
     with pytest.raises(RemoteError, match="layer 2: IndexError"):
         transport.gather(transport.submit(2, {0: batch(x), 1: batch(x)}))  # worker 0 has no layer 2; worker 1 answers
@@ -295,7 +349,7 @@ def test_a_failed_layer_leaves_no_stale_reply_behind(ray_session) -> None:  # ty
 
 def test_a_stopped_worker_is_killed_and_replaced_and_its_call_answered(ray_session) -> None:  # type: ignore[no-untyped-def]
     worker = FakeWorker.remote()
-    transport = ChannelTransport([worker], "", SECRET, timeout_s=3)
+    transport = ChannelTransport(WorkerSupervisor([worker], coordinator_node="", secret=SECRET, timeout_s=3))
     stopped_pid = ray.get(worker.pid.remote())
     os.kill(stopped_pid, signal.SIGSTOP)  # alive, holding the socket, answering nothing
     x = torch.randn(4, D)
@@ -314,7 +368,7 @@ def test_a_stopped_worker_is_killed_and_replaced_and_its_call_answered(ray_sessi
 
 def test_a_request_that_kills_its_worker_fails_its_step_and_not_the_next(ray_session) -> None:  # type: ignore[no-untyped-def]
     worker = FakeWorker.remote()
-    transport = ChannelTransport([worker], "", SECRET, max_replacements=1)
+    transport = ChannelTransport(WorkerSupervisor([worker], coordinator_node="", secret=SECRET), max_replacements=1)
     x = torch.randn(2, D)
     with pytest.raises(ConnectionError):
         transport.gather(transport.submit(POISON, {0: batch(x)}))

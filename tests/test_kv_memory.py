@@ -64,7 +64,7 @@ def test_64_concurrent_requests_beyond_the_pool_all_finish_with_the_same_tokens(
     finally:
         engine.shutdown()
     assert [reason for _, reason in outcomes] == ["length"] * 64
-    assert small.preemptions > 0 and small.kv.num_free == 24
+    assert small.scheduler.preemptions > 0 and small.kv.num_free == 24
     roomy = local_engine(checkpoint).generate(prompts, params)
     assert [tokens for tokens, _ in outcomes] == [s.output_ids for s in roomy]
 
@@ -76,3 +76,12 @@ def test_a_budget_that_cannot_hold_one_sequence_is_refused_with_the_numbers(chec
         with pytest.raises(UserError, match=r"holds 15 blocks .* needs 16 blocks .*--kv-cache-memory .* --max-model-len to 240"):
             attempt()
     check_kv_budget(checkpoint.args, dataclasses.replace(options, max_model_len=240))  # the fix it names works
+
+
+def test_gpu_memory_utilization_leaves_the_kv_cache_what_the_weights_left_of_the_share() -> None:
+    from cluster.model_runner import gpu_kv_budget
+
+    # A 24 GiB card whose weights took 10 GiB: 90% of it is 21.6 GiB, of which 11.6 are left for the cache.
+    assert gpu_kv_budget(14 * GiB, 24 * GiB, 0.9) == pytest.approx(11.6 * GiB)
+    assert gpu_kv_budget(14 * GiB, 24 * GiB, 1.0) == pytest.approx(14 * GiB)  # all of what is free
+    assert gpu_kv_budget(14 * GiB, 24 * GiB, 0.4) == 0  # a share below the weights leaves nothing (then refused)

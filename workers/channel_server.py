@@ -6,7 +6,9 @@ CPU on each side on a small machine, and a decode step of mini makes 64 of them.
 block in recv: an idle worker uses no CPU.
 
 On the coordinator's node the socket is a Unix socket (no network at all); from another node it
-is TCP on the node's address, the one Ray itself uses.
+is TCP on the node's address, the one Ray itself uses. A request's rows reach `forward` on the
+worker's device and its outputs leave from there (router.wire.to_device, to_host): on a CPU
+worker the bytes go straight from the socket into the tensor and back.
 """
 
 from __future__ import annotations
@@ -20,16 +22,27 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 
-from router.wire import OK, BadFrame, ChannelAddress, Frame, FrameLimits, Segment, challenge, recv_tensor, send_error, send_tensor
+from router.wire import (
+    OK,
+    BadFrame,
+    ChannelAddress,
+    Frame,
+    FrameLimits,
+    challenge,
+    recv_tensor,
+    send_error,
+    send_tensor,
+    to_device,
+    to_host,
+)
+from workers.channel import Forward
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[int, torch.Tensor, tuple[Segment, ...]], torch.Tensor]  # (layer, rows, whose rows) -> outputs
 HANDSHAKE_TIMEOUT_S = 10.0
 
 
@@ -43,19 +56,29 @@ def _unix_socket_path() -> str:
 
 class ChannelServer:
     """Serves `forward` to peers that pass the handshake with `secret`, for frames within `limits`.
-    A peer that fails either loses its connection; the worker and its other connections go on."""
+    A peer that fails either loses its connection; the worker and its other connections go on.
+    The socket implementation of workers.channel.ExpertChannel."""
 
     def __init__(
-        self, forward: Forward, *, secret: bytes, limits: FrameLimits = FrameLimits(), answers: Executor | None = None
+        self,
+        forward: Forward,
+        *,
+        secret: bytes,
+        limits: FrameLimits = FrameLimits(),
+        answers: Executor | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.forward = forward
         self.secret = secret
         self.limits = limits
+        self.device = torch.device(device)  # where `forward` takes its rows and gives its outputs
         # Where requests are computed and answered, in order: one single-thread executor for every
         # connection (the worker's compute thread, so a request passes from the reading thread to
         # the computing one and no further), or None: a thread of its own per connection.
         self.answers = answers
         self.addresses: dict[bool, ChannelAddress] = {}  # keyed by "same node as the caller"
+        self._sockets: set[socket.socket] = set()  # listeners and connections, for close
+        self._closed = False
 
     def open(self, *, same_node: bool, node_ip: str) -> ChannelAddress:
         """Listen (once per kind) and return where to connect."""
@@ -69,15 +92,25 @@ class ChannelServer:
                 listener = socket.create_server((node_ip, 0))
                 address = ChannelAddress(host=node_ip, port=listener.getsockname()[1])
             listener.listen()
+            self._sockets.add(listener)
             threading.Thread(target=self._accept, args=(listener,), daemon=True, name="expert-channel").start()
             self.addresses[same_node] = address
         return self.addresses[same_node]
 
+    def close(self) -> None:
+        self._closed = True
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
     def _accept(self, listener: socket.socket) -> None:
-        while True:
+        while not self._closed:
             try:
                 conn, _ = listener.accept()
             except OSError as e:  # out of file descriptors, say: keep listening, never fall silent
+                if self._closed:
+                    return
                 log.warning("expert channel: accept failed (%s)", e)
                 time.sleep(0.1)
                 continue
@@ -104,9 +137,11 @@ class ChannelServer:
             conn.close()
             return
         answers = self.answers or ThreadPoolExecutor(1, thread_name_prefix="expert-channel-answer")
+        self._sockets.add(conn)
+        pinned = self.device.type == "cuda"
         try:
             while True:
-                answers.submit(self._answer, conn, recv_tensor(conn, self.limits))
+                answers.submit(self._answer, conn, recv_tensor(conn, self.limits, pinned=pinned))
         except BadFrame as e:
             log.warning("expert channel: dropped a peer that sent %s", e)
             with contextlib.suppress(OSError):
@@ -114,6 +149,7 @@ class ChannelServer:
         except OSError:  # ChannelClosed included: the peer went away
             pass
         finally:
+            self._sockets.discard(conn)
             answers.submit(conn.close)  # after the answers queued before it
             if answers is not self.answers:
                 answers.shutdown(wait=False)
@@ -122,7 +158,7 @@ class ChannelServer:
         layer, request_id, x, segments = request
         with contextlib.suppress(OSError):  # the peer went away: its reader thread ends the connection
             try:
-                y = self.forward(layer, x, segments)
+                y = to_host(self.forward(layer, to_device(x, self.device), segments))
             except Exception as exc:  # the coordinator raises it; this worker keeps serving
                 send_error(conn, f"expert worker failed on layer {layer}: {type(exc).__name__}: {exc}", request_id)
                 return

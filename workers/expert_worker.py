@@ -22,8 +22,9 @@ from mixtral.checkpoint import Checkpoint, ReadLog
 from mixtral.config import ExpertDType, resolve_dtype
 from mixtral.int8 import Int8Weight, int8_expert_ffn, quantize
 from mixtral.layers import HeldExpert, held_expert_ffn, held_matrix
-from router.wire import FrameLimits, Segment
-from workers.channel_server import ChannelAddress, ChannelServer
+from router.wire import ChannelAddress, FrameLimits, Segment
+from workers.channel import ExpertChannel
+from workers.channel_server import ChannelServer
 from workers.device import (
     HUGE_PAGES_ENV,
     ComputeThread,
@@ -106,7 +107,9 @@ class ExpertWorker:
         self.load_experts(held)
         self.telemetry = Telemetry(checkpoint.name)
         limits = FrameLimits(cols=args.hidden_size, tags=range(args.num_hidden_layers), experts=range(args.num_local_experts))
-        self.channel = ChannelServer(self._forward, secret=channel_secret, limits=limits, answers=self.compute.executor)
+        self.channel: ExpertChannel = ChannelServer(
+            self._forward, secret=channel_secret, limits=limits, answers=self.compute.executor, device=self.device
+        )
 
     def load_experts(self, experts: Sequence[int]) -> list[int]:
         """Read these experts' tensors (only theirs) if not held yet; returns the experts held."""
@@ -150,14 +153,15 @@ class ExpertWorker:
     def forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment] = ()) -> torch.Tensor:
         """The experts' FFNs of `layer` on their rows of x: segment (e, n) is the next n rows, for
         expert e; each gets w2(silu(w1 x) * w3 x).  x [T, D] -> [T, D]. No segments: all rows to the
-        worker's only expert. Computed on the worker's compute thread, whichever thread asks."""
+        worker's only expert. Computed on the worker's compute thread, whichever thread asks; the
+        outputs are on the worker's device."""
         return self.compute.run(self._forward, layer, x, segments)
 
     @torch.inference_mode()
     def _forward(self, layer: int, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         start = time.perf_counter()
         if not segments and x.shape[0] == 0:  # a wake-up with no tokens (the benchmark's dispatch round trip)
-            return torch.empty(0, x.shape[1], dtype=self.dtype)
+            return torch.empty(0, x.shape[1], dtype=self.dtype, device=self.device)
         if not segments:
             if len(self.experts) != 1:
                 raise ValueError(f"worker {self.worker} holds experts {sorted(self.experts)}: say whose rows are whose")
@@ -174,7 +178,7 @@ class ExpertWorker:
             outputs.append(self._expert_ffn(held[expert][layer], x[row : row + rows]))
             row += rows
             self.stats.tokens[expert] = self.stats.tokens.get(expert, 0) + rows
-        y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).cpu()
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         self._account(time.perf_counter() - start, bytes_in, y.nbytes)
         return y
 

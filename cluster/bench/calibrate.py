@@ -127,10 +127,11 @@ def measure_dispatch(workers: list[Any], secret: bytes, hidden: int, dtype: str)
     """Median round trip of one MoE layer's calls to `busy` workers, through the engine's own
     transport, with no tokens: the channel and the workers' wake-ups, not their compute, which
     `expert_ms` already counts."""
-    from cluster.engine.build import channel_transport
+    from cluster.supervisor import WorkerSupervisor
+    from router.channel_transport import ChannelTransport
     from router.transport import WorkerBatch
 
-    transport = channel_transport(workers, secret)
+    transport = ChannelTransport(WorkerSupervisor.here(workers, secret=secret))
     x = torch.zeros(0, hidden, dtype=getattr(torch, dtype))
     out = {}
     try:

@@ -6,22 +6,22 @@ build through here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from cluster.coordinator import Coordinator
 from cluster.engine.block_pool import BlockPool
+from cluster.engine.core import EngineCore
 from cluster.engine.kv_manager import KVManager
 from cluster.engine.routing_metrics import RoutingMetrics
-from cluster.engine.scheduler import Engine
 from cluster.errors import UserError
+from cluster.model_runner import ModelRunner
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import DType, ExpertDType, MixtralArgs, resolve_dtype
 from mixtral.kv_spec import BLOCK_SIZE, GiB, KVSpec
+from router.channel_transport import ChannelTransport
 from router.expert_map import ExpertMap
 from router.load import ExpertLoad, WorkerLoad
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
-from router.transport import ChannelTransport, ExpertTransport, LocalTransport
+from router.transport import ExpertTransport, LocalTransport, WorkerLink
 from router.wire import new_secret
 from workers.device import assigned_device, on_passing_thread
 from workers.expert_worker import ExpertWorker
@@ -39,6 +39,7 @@ class EngineOptions:
     # The KV cache's memory in GiB, allocated once as a pool of blocks. None: enough for
     # max_num_seqs sequences of max_model_len, at most 90% of a GPU's free memory or 4 GiB on a CPU.
     kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9  # on a GPU, the share of its memory for weights and KV (vLLM's meaning)
     block_size: int = BLOCK_SIZE  # tokens per KV block
     prefix_caching: bool = True  # share the blocks of common prompt prefixes between requests
     # An expert that has not answered a layer call in this long is killed, restarted by Ray, and
@@ -61,7 +62,7 @@ def build_engine(
     device: str = "cpu",
     expert_map: ExpertMap | None = None,
     threads: int | None = None,
-) -> Engine[Coordinator]:
+) -> EngineCore[ModelRunner]:
     """The coordinator over `transport`, whose workers hold the experts as `expert_map` says (None:
     one expert per worker), on `threads` threads (None: every core), with a routing trace when one
     was asked for, and the scheduler over it."""
@@ -80,13 +81,14 @@ def build_engine(
                 max_bytes=options.trace_max_bytes,
             )
         )
-    coordinator = Coordinator(
+    coordinator = ModelRunner(
         checkpoint,
         transport,
         dtype=resolve_dtype(args, options.dtype),
         max_num_seqs=options.max_num_seqs,
         max_model_len=options.max_model_len,
         kv_cache_bytes=None if options.kv_cache_memory_gb is None else int(options.kv_cache_memory_gb * GiB),
+        gpu_memory_utilization=options.gpu_memory_utilization,
         block_size=options.block_size,
         device=device,
         load=load,
@@ -102,7 +104,7 @@ def build_engine(
         window=args.sliding_window,
         prefix_caching=options.prefix_caching,
     )
-    return Engine(
+    return EngineCore(
         coordinator,
         kv,
         eos_token_ids=args.eos_token_ids,
@@ -129,7 +131,7 @@ def local_engine(
     *,
     worker_threads: int = 1,
     coordinator_threads: int | None = None,
-) -> Engine[Coordinator]:
+) -> EngineCore[ModelRunner]:
     """Every expert worker in this process: for tests, and as the one-process baseline. The
     coordinator's GEMMs run on `coordinator_threads` (None: every core, as they are set by default)."""
     expert_map = expert_map or ExpertMap.one_per_worker(checkpoint.args.num_local_experts)
@@ -148,30 +150,22 @@ def local_engine(
     return build_engine(checkpoint, LocalTransport(workers), options, expert_map=expert_map, threads=coordinator_threads)
 
 
-def channel_transport(workers: list[Any], secret: bytes, *, timeout_s: float = 60.0) -> ChannelTransport:
-    """Sockets from this process (a Ray actor: the coordinator's) to each expert worker actor."""
-    import ray
-
-    return ChannelTransport(workers, ray.get_runtime_context().get_node_id(), secret, timeout_s=timeout_s)
-
-
 def engine_over_workers(
     checkpoint: Checkpoint,
-    workers: list[Any],
-    secret: bytes,
+    link: WorkerLink,
     options: EngineOptions,
     expert_map: ExpertMap | None = None,
     *,
     threads: int | None = None,
-) -> Engine[Coordinator]:
-    """In a Ray actor: the engine over expert worker actors (their channel secret given), holding
+) -> EngineCore[ModelRunner]:
+    """In a Ray actor: the engine over the expert workers `link` reaches (cluster.supervisor), holding
     experts as `expert_map` says, on the device Ray assigned, its coordinator's GEMMs on `threads`
     (set_coordinator_threads' answer). Built on a passing thread, so that the
     engine loop's thread is the only one with an OpenMP team in the actor and its threads spin between
     regions (workers.device.ComputeThread)."""
 
-    def build() -> Engine[Coordinator]:
-        transport = channel_transport(workers, secret, timeout_s=options.expert_timeout_s)
+    def build() -> EngineCore[ModelRunner]:
+        transport = ChannelTransport(link)
         return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map, threads=threads)
 
     return on_passing_thread(build)

@@ -10,8 +10,8 @@
 A step runs on one map from start to end, so no request is lost or changed by the switch (its
 tokens are computed by the same experts, on other workers). A worker that is asked for an expert
 it does not hold loads it first (workers.expert_worker), so even a worker restarted with its
-original experts mid-switch answers, and the transport hands a restarted worker its experts under
-the current map before it sends it anything again.
+original experts mid-switch answers, and the worker's supervisor (cluster.supervisor) hands a restarted
+worker its experts under the current map before the transport sends it anything again.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.coordinator import Coordinator
 from cluster.errors import UserError
+from cluster.model_runner import ModelRunner
 from router.expert_map import ExpertMap, ExpertMapError, balanced_map, worker_loads
 from router.load import balancedness
 from workers.telemetry import Telemetry
 
 # experts per worker -> apply to every worker at once (Ray calls in parallel, or in-process calls)
 WorkerCall = Callable[[dict[int, list[int]]], None]
+# experts per worker, for every worker: what a worker restarted from now on must hold
+SetHoldings = Callable[[Sequence[Sequence[int]]], None]
 SWITCH_WAIT_S = 600.0  # a step longer than this on the old map: drop anyway (a worker reloads on demand)
 
 
@@ -77,10 +79,18 @@ def local_calls(workers: Sequence[Any], method: str) -> WorkerCall:
 
 class Rebalancer:
     def __init__(
-        self, coordinator: Coordinator, *, load_experts: WorkerCall, hold_only: WorkerCall, telemetry: Telemetry
+        self,
+        coordinator: ModelRunner,
+        *,
+        load_experts: WorkerCall,
+        hold_only: WorkerCall,
+        telemetry: Telemetry,
+        set_holdings: SetHoldings | None = None,
     ) -> None:
+        """`set_holdings`: the supervisor's (cluster.supervisor), where workers may be restarted; None for in-process workers."""
         self.coordinator = coordinator
         self.load_experts, self.hold_only = load_experts, hold_only
+        self.set_holdings = set_holdings
         self.telemetry = telemetry
         self._lock = threading.Lock()  # one rebalance at a time
         self._mark_experts = self._per_expert()
@@ -120,7 +130,8 @@ class Rebalancer:
                 except BaseException:
                     self.hold_only({w: list(old.workers[w]) for w in gained})  # as they were: nothing half-applied
                     raise
-            self.coordinator.transport.expect(new.workers)  # what a worker restarted from now on must hold
+            if self.set_holdings is not None:
+                self.set_holdings(new.workers)  # what a worker restarted from now on must hold
             self.coordinator.expert_map = new  # the next step runs on it
             self._wait_off(old)
             if lost:

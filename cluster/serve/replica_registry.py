@@ -25,7 +25,7 @@ class ReplicaSnapshot:
     serving: bool  # False once the replica has stopped; its counters stay in the totals
     load: dict[str, Any]  # ExpertLoad.counters()
     workers: list[dict[str, Any]]  # per expert worker: expert, calls, forward_ms, bytes_in, bytes_out
-    stats: dict[str, Any]  # EngineServer.own_stats
+    stats: dict[str, Any]  # EngineHost.own_stats
     families: list[dict[str, Any]]  # workers.telemetry.local_families()
     published: float = field(default_factory=time.time)
 

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
 DType = Literal["float32", "bfloat16", "float16"]
 ExpertDType = Literal["int8"]  # what expert weights may be held in besides the compute dtype (mixtral.int8)
 DTYPES: tuple[str, ...] = get_args(DType)
+# What a user may ask for, in vLLM's words: auto is the checkpoint's dtype, half is float16.
+DTypeChoice = Literal["auto", "half", "float16", "bfloat16", "float32"]
+
+
+def chosen_dtype(choice: DTypeChoice | None) -> DType | None:
+    """The compute dtype a --dtype choice names; None (auto) leaves it to the checkpoint."""
+    if choice is None or choice == "auto":
+        return None
+    return "float16" if choice == "half" else choice
 
 
 @dataclass(frozen=True)

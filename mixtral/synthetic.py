@@ -61,10 +61,16 @@ def cached_preset_checkpoint(name: str, *, cache_dir: str | Path | None = None) 
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
-    """A checkpoint directory, or a preset name (tiny, mini) whose checkpoint is made on first use."""
+    """A checkpoint directory; else a preset name (tiny, mini) whose checkpoint is made on first use;
+    else a Hugging Face repo id (owner/name), from the Hub or its local cache (mixtral.hub)."""
+    from mixtral.hub import from_hub, is_repo_id
     from mixtral.presets import WRITABLE
 
     path = Path(checkpoint)
-    if not path.exists() and checkpoint in WRITABLE:
+    if path.exists():
+        return path
+    if checkpoint in WRITABLE:
         return cached_preset_checkpoint(checkpoint)
+    if is_repo_id(checkpoint):
+        return from_hub(checkpoint)
     return path

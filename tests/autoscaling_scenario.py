@@ -171,7 +171,7 @@ def main(emitted: Path, port: int) -> None:
         ray.init("auto", logging_level="ERROR", log_to_driver=False)
         server = subprocess.Popen(["serve", "run", str(emitted / "serve_config.yaml")], stdout=subprocess.DEVNULL)
         args = yaml.safe_load((emitted / "serve_config.yaml").read_text())["applications"][0]["args"]
-        client = Client(port, args["model_name"])
+        client = Client(port, args["served_model_name"])
         wait_for("the app to serve", lambda: ready(client), 300)
         first = gpu_nodes()
         assert first == gpu_type["min_workers"] == 1, f"{first} GPU nodes at start, not the {gpu_type['min_workers']} asked"

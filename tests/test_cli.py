@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -103,7 +104,7 @@ def test_bad_checkpoint_is_one_clear_line(case: str, fragment: str, corrupt_chec
         (["--prompt-ids", "1,x,3", "--max-tokens", "4"], "--prompt-ids"),
         (["--prompt-ids", "1,,3", "--max-tokens", "4"], "--prompt-ids"),
         (["--prompt-ids", "1,2", "--max-tokens", "0"], "max_tokens"),
-        (["--prompt-ids", ",".join(["5"] * 300), "--max-tokens", "1"], "context of 256"),
+        (["--prompt-ids", ",".join(["5"] * 300), "--max-tokens", "1"], "context length is 256"),
         (["--prompt-ids", "1,99999", "--max-tokens", "1"], "vocabulary"),
         (["--max-tokens", "3"], "exactly one of"),
         (["--prompt-ids", "1", "--max-tokens", "3", "--temperature", "-1"], "temperature"),
@@ -159,3 +160,132 @@ def test_serving_other_machines_needs_an_api_key(cli_env) -> None:  # type: igno
 def test_grpc_needs_an_api_key_since_it_listens_on_every_interface(cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli_here("serve", "--grpc-port", "9000", env=cli_env), "--api-key")
     assert_one_line_error(run_cli_here("serve", "--api-key", "short", env=cli_env), "--api-key")  # at least 8 characters
+
+
+def parsed(command: list[str], *argv: str) -> Any:
+    """What the real command line makes of `argv`: typer's parse, then the command's model."""
+    import typer.main
+
+    from cluster.cli import app
+    from cluster.cli.options import validate
+
+    group: Any = typer.main.get_command(app)
+    for name in command[:-1]:
+        group = group.get_command(None, name)
+    cli = group.get_command(None, command[-1])
+    with cli.make_context(command[-1], list(argv)) as ctx:
+        return validate(MODELS[tuple(command)], ctx.params)
+
+
+def command_models() -> dict[tuple[str, ...], Any]:
+    from cluster.cli.client import ServerArgs, StatsArgs
+    from cluster.cli.generate import GenerateArgs
+    from cluster.cli.serve import ServeCommandArgs
+
+    return {
+        ("serve",): ServeCommandArgs,
+        ("generate",): GenerateArgs,
+        ("stats",): StatsArgs,
+        ("experts", "rebalance"): ServerArgs,
+    }
+
+
+MODELS = command_models()
+
+
+def test_version_prints_the_installed_package_version(cli_env) -> None:  # type: ignore[no-untyped-def]
+    from importlib.metadata import version
+
+    proc = run_cli_here("--version", env=cli_env)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"moe-cluster {version('moe-cluster')}")
+
+
+@pytest.mark.parametrize(
+    "argv,field,value",
+    [
+        (["--served-model-name", "mixtral-chat"], "served_model_name", "mixtral-chat"),
+        (["--model-name", "mixtral-chat"], "served_model_name", "mixtral-chat"),  # the deprecated spelling
+        ([], "enable_prefix_caching", True),
+        (["--no-enable-prefix-caching"], "enable_prefix_caching", False),
+        (["--no-prefix-caching"], "enable_prefix_caching", False),  # the deprecated spelling
+        (["--gpu-memory-utilization", "0.5"], "gpu_memory_utilization", 0.5),
+        ([], "dtype", "auto"),
+        (["--dtype", "half"], "dtype", "half"),
+    ],
+)
+def test_serve_takes_vllms_option_names_and_the_old_spellings(argv: list[str], field: str, value: object) -> None:
+    assert getattr(parsed(["serve"], "tiny", *argv), field) == value
+
+
+@pytest.mark.parametrize("choice,dtype", [("auto", None), ("half", "float16"), ("float16", "float16"), ("bfloat16", "bfloat16")])
+def test_dtype_choices_reach_the_engine_as_compute_dtypes(choice: str, dtype: str | None) -> None:
+    from cluster.serve.app import engine_options
+
+    assert engine_options(parsed(["serve"], "tiny", "--dtype", choice).app_args()).dtype == dtype
+    assert engine_options(parsed(["serve"], "tiny", "--gpu-memory-utilization", "0.5").app_args()).gpu_memory_utilization == 0.5
+    assert parsed(["generate"], "tiny", "--prompt-ids", "1", "--dtype", choice).dtype == choice
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization: must be positive"),
+        (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization: must be at most 1"),
+        (["--dtype", "double"], "--dtype"),
+    ],
+)
+def test_a_bad_vllm_named_option_is_one_clear_line(argv: list[str], fragment: str, make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    assert_one_line_error(run_cli_here("serve", str(make_ckpt()), *argv, env=cli_env), fragment)
+
+
+def test_a_serve_config_with_the_old_keys_still_loads_and_one_with_both_spellings_fails() -> None:
+    from pydantic import ValidationError
+
+    from cluster.serve.args import ServeArgs
+
+    old = ServeArgs.model_validate({"checkpoint": "tiny", "model_name": "m", "prefix_caching": False})
+    assert (old.served_model_name, old.enable_prefix_caching) == ("m", False)
+    with pytest.raises(ValidationError, match="give served_model_name only"):
+        ServeArgs.model_validate({"model_name": "m", "served_model_name": "n"})
+
+
+def test_api_keys_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, cli_env) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MOE_API_KEY", "key-from-env")
+    monkeypatch.setenv("MY_KEY", "key-named-by-option")
+    assert parsed(["stats"]).key() == "key-from-env"
+    assert parsed(["experts", "rebalance"], "--api-key-env", "MY_KEY").key() == "key-named-by-option"
+    assert parsed(["stats"], "--api-key", "given-on-line").key() == "given-on-line"
+    assert parsed(["stats"], "--url", "http://h:1").base_url == parsed(["stats"], "http://h:1").base_url == "http://h:1"
+    # serve: a key in the environment is a key, so other machines may be served; without one they may not.
+    assert parsed(["serve"], "tiny", "--host", "0.0.0.0").host == "0.0.0.0"
+    from cluster.serve.app import api_key
+
+    assert api_key(parsed(["serve"], "tiny").app_args()) == "key-from-env"
+    monkeypatch.delenv("MOE_API_KEY")
+    assert_one_line_error(run_cli_here("serve", "--host", "0.0.0.0", env=cli_env), "--api-key", "MOE_API_KEY")
+    assert_one_line_error(run_cli_here("stats", "--api-key-env", "UNSET_VARIABLE", env=cli_env), "set UNSET_VARIABLE")
+    assert_one_line_error(run_cli_here("stats", "http://a:1", "--url", "http://b:1", env=cli_env), "once")
+
+
+def hub_cache(root: Path, repo_id: str, checkpoint: Path) -> Path:
+    """A Hugging Face cache holding `checkpoint` as `repo_id`'s main revision, laid out as huggingface_hub lays it out."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hugging_face_repo_id_is_served_from_the_local_cache(make_ckpt, cli_env, ray_address, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.reference import hf_greedy, hf_model
+
+    checkpoint = make_ckpt()
+    hub_cache(tmp_path / "hub", "acme/tiny-moe", checkpoint)
+    env = cli_env | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_address}
+    proc = run_cli("generate", "acme/tiny-moe", "--prompt-ids", "1,2,3", "--max-tokens", "4", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    ids, _ = hf_greedy(hf_model(checkpoint), [1, 2, 3], 4)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == ids
+    missing = run_cli("generate", "acme/not-cached", "--prompt-ids", "1", env=env)
+    assert_one_line_error(missing, "'acme/not-cached'", "Hugging Face", "local cache")

@@ -68,7 +68,9 @@ def server(ray_session, make_ckpt) -> Iterator[Server]:  # type: ignore[no-untyp
     serve.run(
         # 4 hot copies over the 8 workers: every test here runs with copies, and rebalancing has room.
         build_app(
-            ServeArgs(checkpoint=str(checkpoint), model_name=MODEL, max_num_seqs=32, max_waiting=MAX_WAITING, replicate_hot=4)
+            ServeArgs(
+                checkpoint=str(checkpoint), served_model_name=MODEL, max_num_seqs=32, max_waiting=MAX_WAITING, replicate_hot=4
+            )
         ),
         name="moe",
         route_prefix="/",
@@ -92,18 +94,20 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.mark.quiet_machine
-def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
+def test_serve_command_serves_tiny_with_vllms_options_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
     # Early in the session (conftest.py): before the session's Ray and this module's Serve app exist, as
-    # `./dev serve` runs on a quiet machine.
+    # `./dev serve` runs on a quiet machine. The API key comes from the environment, as `stats` reads it too.
     import os
     import signal
     import subprocess
     import sys
 
     http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env
+    key = "key-from-the-environment"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env | {"MOE_API_KEY": key}
+    options = ["--served-model-name", "tiny-chat", "--no-enable-prefix-caching", "--dtype", "auto"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port)],  # as `./dev serve` runs it
+        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port), *options],  # tiny, as `./dev serve` runs it
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -111,10 +115,20 @@ def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> No
     )
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["tiny"]
-        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        assert line.startswith(f"serving tiny-chat at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
+        url = f"http://127.0.0.1:{http_port}"
+        unkeyed = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            unkeyed.models.list()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny-chat"]
+        prompt = list(range(100, 140))  # longer than a KV block: a prefix cache would hit on the second request
+        for _ in range(2):
+            assert client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=2).usage.completion_tokens == 2
+        stats = run_cli("stats", "--url", url, "--json", env=cli_env | {"MOE_API_KEY": key})
+        assert stats.returncode == 0, stats.stderr
+        engine = json.loads(stats.stdout.strip().splitlines()[-1])["engine"]
+        assert (engine["prefix_cache_queried_tokens"], engine["prefix_cache_hit_tokens"]) == (80, 0)  # caching is off
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
     finally:

@@ -129,7 +129,7 @@ def deploy_spec(
 def serve_config(spec: DeploySpec) -> dict[str, Any]:
     args: dict[str, Any] = {
         "checkpoint": spec.checkpoint_path,
-        "model_name": spec.model,
+        "served_model_name": spec.model,
         "accelerator": "gpu",
         "expert_map": spec.expert_map.dumps(),
         "max_num_seqs": spec.plan.batch,

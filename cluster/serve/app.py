@@ -6,15 +6,13 @@
 
 from __future__ import annotations
 
-import os
-
 import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, DeploymentActorConfig
 
+from cluster.api_key import resolve_api_key
 from cluster.engine.build import EngineOptions, check_kv_budget
-from cluster.errors import UserError
 from cluster.placement import bundles, check_placeable, fitted, layout_here
 from cluster.placement_options import PlacementOptions, resolve_expert_map
 from cluster.serve.args import ServeArgs
@@ -23,7 +21,7 @@ from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import ON_HEAD, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import MixtralArgs
+from mixtral.config import MixtralArgs, chosen_dtype
 from mixtral.synthetic import resolve_checkpoint
 from router.expert_map import ExpertMap
 from workers.device import ACTOR_ENV
@@ -37,13 +35,14 @@ ACCELERATOR = {"auto": None, "gpu": True, "cpu": False}
 
 def engine_options(args: ServeArgs) -> EngineOptions:
     return EngineOptions(
-        dtype=args.dtype,
+        dtype=chosen_dtype(args.dtype),
         max_num_seqs=args.max_num_seqs,
         max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         kv_cache_memory_gb=args.kv_cache_memory,
-        prefix_caching=args.prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        prefix_caching=args.enable_prefix_caching,
         trace_path=args.trace_path,
         expert_dtype=args.expert_dtype,
     )
@@ -97,7 +96,7 @@ def build_app(args: ServeArgs) -> Application:
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
         engine_server.bind(checkpoint, engine, placement, layout),
         str(checkpoint.path),
-        args.model_name or checkpoint.name,
+        args.served_model_name or checkpoint.name,
         args.guardrail,
         api_key(args),
     )
@@ -124,12 +123,8 @@ def replicas(args: ServeArgs) -> dict[str, object]:
 
 
 def api_key(args: ServeArgs) -> str | None:
-    if args.api_key_env is None:
-        return args.api_key
-    key = os.environ.get(args.api_key_env, "")
-    if len(key) < 8:
-        raise UserError(f"api_key_env: set {args.api_key_env} to the API key (at least 8 characters) where the app is built")
-    return key
+    """The key clients must send: the setting, else the environment where the app is built (cluster.api_key)."""
+    return resolve_api_key(args.api_key, args.api_key_env)
 
 
 def app_builder(args: dict) -> Application:

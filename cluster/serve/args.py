@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.placement_options import Strategy
-from mixtral.config import DType, ExpertDType
+from mixtral.config import DTypeChoice, ExpertDType
+
+log = logging.getLogger(__name__)
+
+# Keys of earlier releases, still read from config files (and flags, through each field's aliases).
+DEPRECATED_KEYS = {"model_name": "served_model_name", "prefix_caching": "enable_prefix_caching"}
 
 
 class ServeArgs(BaseModel):
@@ -15,9 +21,18 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt key in a config file is an error, not a silent default
 
-    checkpoint: str = Field("tiny", description="Checkpoint directory, or a preset name (tiny, mini) made on first use.")
-    model_name: str | None = Field(None, description="Name clients use in 'model'; default: the checkpoint's directory name.")
-    dtype: DType | None = Field(None, description="Compute dtype; default: the checkpoint's dtype.")
+    checkpoint: str = Field(
+        "tiny",
+        description="Checkpoint directory, a preset name (tiny, mini) made on first use, or a Hugging Face repo id.",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="Name clients use in 'model'; default: the checkpoint's directory name. (--model-name: deprecated alias.)",
+        json_schema_extra={"flags": ["--served-model-name", "--model-name"]},
+    )
+    dtype: DTypeChoice = Field(
+        "auto", description="Compute dtype; auto: the checkpoint's (workers may compute it in float32 where that is faster)."
+    )
     max_num_seqs: int = Field(64, ge=1, description="Running sequences per replica; more requests wait in a queue.")
     max_waiting: int = Field(
         256, ge=1, description="Requests queued per replica beyond the running ones; more get 503 and Retry-After."
@@ -30,7 +45,20 @@ class ServeArgs(BaseModel):
         description="KV cache memory per replica in GiB, allocated at start as blocks; default: enough for "
         "max-num-seqs sequences of max-model-len, at most 90% of free GPU memory or 4 GiB on a CPU.",
     )
-    prefix_caching: bool = Field(True, description="Share the KV blocks of common prompt prefixes between requests.")
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="On a GPU, the fraction of the device's memory for weights and KV cache; --kv-cache-memory, "
+        "when given, sets the KV cache alone.",
+    )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Share the KV blocks of common prompt prefixes between requests. (--prefix-caching: deprecated alias.)",
+        json_schema_extra={
+            "flags": ["--enable-prefix-caching/--no-enable-prefix-caching", "--prefix-caching/--no-prefix-caching"]
+        },
+    )
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
     experts_per_worker: int | None = Field(
         None, ge=1, description="Experts each worker holds (one call per worker and layer carries all their tokens); default 1."
@@ -92,6 +120,19 @@ class ServeArgs(BaseModel):
     trace_path: str | None = Field(
         None, description="Record each token's chosen experts, one msgpack file per replica: PATH's stem + '.<replica>'."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for old, new in DEPRECATED_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"{old} is the old name of {new}; give {new} only")
+                log.warning("the setting %s is deprecated; call it %s", old, new)
+                data = {k: v for k, v in data.items() if k != old} | {new: data[old]}
+        return data
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServeArgs:

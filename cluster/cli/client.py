@@ -1,0 +1,74 @@
+"""Commands that talk to a running `moe-cluster serve`: `stats` and `experts rebalance`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.api_key import resolve_api_key
+from cluster.cli.options import command
+from cluster.cli.root import app
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ServerArgs(BaseModel):
+    """Where the server is and the key it wants (from the option, else the environment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str | None = Field(None, description=f"Base URL of a running `moe-cluster serve` (as --url); default {DEFAULT_URL}.")
+    url: str | None = Field(None, description=f"Base URL of a running `moe-cluster serve`; default {DEFAULT_URL}.")
+    as_json: bool = Field(False, description="Print the raw JSON.", json_schema_extra={"flags": ["--json"]})
+    api_key: str | None = Field(
+        None, min_length=1, description="The server's API key; default: $MOE_API_KEY (keeps it off the command line)."
+    )
+    api_key_env: str | None = Field(None, min_length=1, description="Read the API key from this environment variable.")
+
+    @model_validator(mode="after")
+    def _one_url(self) -> ServerArgs:
+        if self.server is not None and self.url is not None and self.server != self.url:
+            raise ValueError("give the server's URL once: as the argument or as --url")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return self.url or self.server or DEFAULT_URL
+
+    def key(self) -> str | None:
+        return resolve_api_key(self.api_key, self.api_key_env)
+
+
+class StatsArgs(ServerArgs):
+    plot: Path | None = Field(None, description="Write a layer x expert heat map PNG here.")
+
+
+@command(app, StatsArgs, arguments=("server",))
+def stats(args: StatsArgs) -> None:
+    """Show how tokens spread over the experts (per layer and expert, and per worker), and the engine's state."""
+    from cluster.serve.stats_view import engine_summary, fetch_engine_stats, fetch_load, load_table, plot_heatmap
+
+    key = args.key()
+    report, engine = fetch_load(args.base_url, key), fetch_engine_stats(args.base_url, key)
+    print(json.dumps(report | {"engine": engine}) if args.as_json else f"{load_table(report)}\n\n{engine_summary(engine)}")
+    if args.plot:
+        print(f"heat map: {plot_heatmap(report, args.plot)}", file=sys.stderr)
+
+
+experts_app = typer.Typer(help="The expert map of a running server.", no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
+
+
+@command(experts_app, ServerArgs, name="rebalance", arguments=("server",))
+def rebalance(args: ServerArgs) -> None:
+    """Recompute the expert map from the load measured since the last rebalance, and apply it live.
+
+    Within the workers' slots: serve's --replicate-hot gives them room for copies of hot experts."""
+    from cluster.serve.stats_view import post_rebalance, rebalance_summary
+
+    result = post_rebalance(args.base_url, args.key())
+    print(json.dumps(result) if args.as_json else rebalance_summary(result))

@@ -41,6 +41,7 @@ from router.transport import ExpertTransport
 from workers.device import cores, matmul_dtype, onednn_packs
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
+DEFAULT_GPU_FREE_SHARE = 0.9  # of a GPU's free memory, for the KV cache, unless --gpu-memory-utilization says
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class ModelRunner:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         kv_cache_bytes: int | None = None,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float | None = None,
         block_size: int = 16,
         device: str = "cpu",
         load: ExpertLoad,
@@ -252,9 +253,12 @@ class ModelRunner:
         return self.reader.log
 
 
-def gpu_kv_budget(free: int, total: int, utilization: float) -> float:
-    """The KV cache's share of a GPU, vLLM's --gpu-memory-utilization: of `utilization` x the device's
-    memory, what is not in use already (the weights, loaded before the cache)."""
+def gpu_kv_budget(free: int, total: int, utilization: float | None) -> float:
+    """The KV cache's room on a GPU, measured after the weights are in. With --gpu-memory-utilization
+    (vLLM's meaning): of `utilization` x the device's memory, what is not in use already; without it,
+    90% of what is free."""
+    if utilization is None:
+        return DEFAULT_GPU_FREE_SHARE * free
     return max(0.0, free - (1 - utilization) * total)
 
 

@@ -32,19 +32,30 @@ class Checkpoint:
 
     path: Path
     args: MixtralArgs
+    # The Hugging Face repo the directory came from (mixtral.hub), if any: an actor on a node whose
+    # cache lacks `path` fetches the repo into its own cache (local_path).
+    repo_id: str | None = None
 
     @staticmethod
-    def open(path: str | Path) -> Checkpoint:
+    def open(path: str | Path, *, repo_id: str | None = None) -> Checkpoint:
         """Read and check config.json; raise CheckpointError saying what is wrong."""
-        return Checkpoint(Path(path), load_args(path))
+        return Checkpoint(Path(path), load_args(path), repo_id)
 
     @property
     def name(self) -> str:
-        """The directory's name: the model's default name and its metrics label."""
-        return self.path.name
+        """The model's default name and its metrics label: the repo id, else the directory's name."""
+        return self.repo_id or self.path.name
+
+    def local_path(self) -> Path:
+        """The directory on this node: `path`, or for a Hub checkpoint not here, this node's copy of the repo."""
+        if self.repo_id is None or self.path.is_dir():
+            return self.path
+        from mixtral.hub import from_hub
+
+        return from_hub(self.repo_id)
 
     def reader(self) -> CheckpointReader:
-        return CheckpointReader(self.path)
+        return CheckpointReader(self.local_path())
 
 
 @dataclass

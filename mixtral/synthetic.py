@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mixtral.checkpoint import Checkpoint
 from mixtral.config import DTYPES
 from mixtral.errors import ModelError
 from mixtral.presets import preset
@@ -60,17 +61,15 @@ def cached_preset_checkpoint(name: str, *, cache_dir: str | Path | None = None) 
     return path
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
+def open_checkpoint(checkpoint: str) -> Checkpoint:
     """A checkpoint directory; else a preset name (tiny, mini) whose checkpoint is made on first use;
     else a Hugging Face repo id (owner/name), from the Hub or its local cache (mixtral.hub)."""
     from mixtral.hub import from_hub, is_repo_id
     from mixtral.presets import WRITABLE
 
     path = Path(checkpoint)
-    if path.exists():
-        return path
-    if checkpoint in WRITABLE:
-        return cached_preset_checkpoint(checkpoint)
-    if is_repo_id(checkpoint):
-        return from_hub(checkpoint)
-    return path
+    if not path.exists() and checkpoint in WRITABLE:
+        return Checkpoint.open(cached_preset_checkpoint(checkpoint))
+    if not path.exists() and is_repo_id(checkpoint):
+        return Checkpoint.open(from_hub(checkpoint), repo_id=checkpoint)
+    return Checkpoint.open(path)

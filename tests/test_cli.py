@@ -211,9 +211,12 @@ def test_version_prints_the_installed_package_version(cli_env) -> None:  # type:
         (["--gpu-memory-utilization", "0.5"], "gpu_memory_utilization", 0.5),
         ([], "dtype", "auto"),
         (["--dtype", "half"], "dtype", "half"),
+        ([], "guardrail", False),
+        (["--guardrail"], "guardrail", True),
+        (["--no-guardrail"], "guardrail", False),
     ],
 )
-def test_serve_takes_vllms_option_names_and_the_old_spellings(argv: list[str], field: str, value: object) -> None:
+def test_serve_options_reach_their_settings_by_vllms_names_and_old_spellings(argv: list[str], field: str, value: object) -> None:
     assert getattr(parsed(["serve"], "tiny", *argv), field) == value
 
 
@@ -243,8 +246,8 @@ def test_a_serve_config_with_the_old_keys_still_loads_and_one_with_both_spelling
 
     from cluster.serve.args import ServeArgs
 
-    old = ServeArgs.model_validate({"checkpoint": "tiny", "model_name": "m", "prefix_caching": False})
-    assert (old.served_model_name, old.enable_prefix_caching) == ("m", False)
+    old = ServeArgs.model_validate({"checkpoint": "tiny", "model_name": "m", "prefix_caching": False, "dtype": None})
+    assert (old.served_model_name, old.enable_prefix_caching, old.dtype) == ("m", False, "auto")
     with pytest.raises(ValidationError, match="give served_model_name only"):
         ServeArgs.model_validate({"model_name": "m", "served_model_name": "n"})
 
@@ -278,6 +281,7 @@ def hub_cache(root: Path, repo_id: str, checkpoint: Path) -> Path:
 
 
 def test_a_hugging_face_repo_id_is_served_from_the_local_cache(make_ckpt, cli_env, ray_address, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mixtral.checkpoint import CheckpointReader
     from tests.reference import hf_greedy, hf_model
 
     checkpoint = make_ckpt()
@@ -289,3 +293,15 @@ def test_a_hugging_face_repo_id_is_served_from_the_local_cache(make_ckpt, cli_en
     assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == ids
     missing = run_cli("generate", "acme/not-cached", "--prompt-ids", "1", env=env)
     assert_one_line_error(missing, "'acme/not-cached'", "Hugging Face", "local cache")
+    # An actor on a node whose disk lacks the driver's path takes the repo from its own cache, and the
+    # model is called by its repo id.
+    probe = (
+        "import dataclasses, pathlib\n"
+        "from mixtral.synthetic import open_checkpoint\n"
+        "here = open_checkpoint('acme/tiny-moe')\n"
+        "elsewhere = dataclasses.replace(here, path=pathlib.Path('/another/node/snapshots/x'))\n"
+        "print(here.name, elsewhere.local_path() == here.path, len(elsewhere.reader().weight_map))"
+    )
+    node = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ | env, timeout=120)
+    assert node.returncode == 0, node.stderr
+    assert node.stdout.split() == ["acme/tiny-moe", "True", str(len(CheckpointReader(checkpoint).weight_map))]

@@ -85,3 +85,4 @@ def test_gpu_memory_utilization_leaves_the_kv_cache_what_the_weights_left_of_the
     assert gpu_kv_budget(14 * GiB, 24 * GiB, 0.9) == pytest.approx(11.6 * GiB)
     assert gpu_kv_budget(14 * GiB, 24 * GiB, 1.0) == pytest.approx(14 * GiB)  # all of what is free
     assert gpu_kv_budget(14 * GiB, 24 * GiB, 0.4) == 0  # a share below the weights leaves nothing (then refused)
+    assert gpu_kv_budget(14 * GiB, 24 * GiB, None) == pytest.approx(0.9 * 14 * GiB)  # not given: 90% of what is free

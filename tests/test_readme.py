@@ -46,12 +46,12 @@ def port(ray_session, make_ckpt) -> Iterator[int]:  # type: ignore[no-untyped-de
     checkpoint = make_ckpt(tokenizer=True, vocab_size=32000)  # the real Mixtral tokenizer, as the tiny preset has
     http_port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    # One worker of all eight experts: the fewest actors to start; the answers are the same.
-    serve.run(
-        build_app(ServeArgs(checkpoint=str(checkpoint), experts_per_worker=8, served_model_name="tiny")),
-        name="moe",
-        route_prefix="/",
-    )
+    # One worker of all eight experts: the fewest actors to start; the answers are the same. No API key,
+    # as `./dev serve` on a machine without MOE_API_KEY: the snippets send none.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MOE_API_KEY", raising=False)
+        app = build_app(ServeArgs(checkpoint=str(checkpoint), experts_per_worker=8, served_model_name="tiny"))
+    serve.run(app, name="moe", route_prefix="/")
     yield http_port
     serve.shutdown()
 

@@ -46,10 +46,12 @@ def test_rebalancing_evens_the_workers_live_while_8_streams_run_and_changes_no_t
     engine = local_engine(Checkpoint.open(biased), EngineOptions(max_num_seqs=STREAMS))  # one expert per worker
     coordinator = engine.model
     workers = coordinator.transport.workers  # type: ignore[attr-defined]  # LocalTransport's ExpertWorkers
+    holdings: list[list[list[int]]] = []  # what a supervisor would be told a restarted worker must hold
     rebalancer = Rebalancer(
         coordinator,
         load_experts=local_calls(workers, "load_experts"),
         hold_only=local_calls(workers, "hold_only"),
+        set_holdings=lambda h: holdings.append([list(w) for w in h]),
         telemetry=Telemetry(""),
     )
     served = AsyncEngine(engine)
@@ -87,6 +89,7 @@ def test_rebalancing_evens_the_workers_live_while_8_streams_run_and_changes_no_t
     new_map = result.expert_map  # type: ignore[attr-defined]
     assert len(new_map.copies[0]) >= 3 and all(len(h) <= 2 for h in new_map.workers)
     assert [sorted(w.experts) for w in workers] == [list(h) for h in new_map.workers]  # dropped what they lost
+    assert holdings == [[list(h) for h in new_map.workers]]  # a worker restarted from now on gets the new map's
 
     assert run_streams(served, prompts, "c") == reference  # a whole run on the new map
     after = balancedness(coordinator.worker_load.window())

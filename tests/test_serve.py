@@ -94,9 +94,38 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.mark.quiet_machine
-def test_serve_command_serves_tiny_with_vllms_options_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
-    # Early in the session (conftest.py): before the session's Ray and this module's Serve app exist, as
-    # `./dev serve` runs on a quiet machine. The API key comes from the environment, as `stats` reads it too.
+def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOE_API_KEY")} | cli_env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port)],  # as `./dev serve` runs it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.quiet_machine
+def test_serve_command_takes_vllms_options_and_its_key_from_the_environment(cli_env) -> None:  # type: ignore[no-untyped-def]
+    # The API key comes from the environment, as `stats` reads it too.
     import os
     import signal
     import subprocess

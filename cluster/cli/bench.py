@@ -75,11 +75,10 @@ def bench(args: BenchArgs) -> None:
     from cluster.bench.run import BenchSpec, run_bench, summary
     from cluster.engine.build import EngineOptions, check_kv_budget
     from cluster.placement_options import resolve_expert_map
-    from mixtral.checkpoint import Checkpoint
-    from mixtral.synthetic import resolve_checkpoint
+    from mixtral.synthetic import open_checkpoint
 
     assert args.prompt_len is not None and args.output_len is not None  # BenchArgs fills them in
-    opened = Checkpoint.open(resolve_checkpoint(args.checkpoint))
+    opened = open_checkpoint(args.checkpoint)
     context = opened.args.max_position_embeddings
     if args.prompt_len + args.output_len > context:
         raise UserError(
@@ -134,10 +133,9 @@ class AgreementArgs(BaseModel):
 def agreement(args: AgreementArgs) -> None:
     """How often int8 experts give the same greedy tokens as float ones (both in this process)."""
     from cluster.bench.agreement import greedy_agreement
-    from mixtral.checkpoint import Checkpoint
-    from mixtral.synthetic import resolve_checkpoint
+    from mixtral.synthetic import open_checkpoint
 
-    opened = Checkpoint.open(resolve_checkpoint(args.checkpoint))
+    opened = open_checkpoint(args.checkpoint)
     if args.prompt_len + args.max_tokens > opened.args.max_position_embeddings:
         raise UserError(f"--prompt-len + --max-tokens exceeds the model's context of {opened.args.max_position_embeddings}")
     result = greedy_agreement(

@@ -93,11 +93,10 @@ def prepare_generation(args: GenerateArgs) -> dict[str, Any]:
     from cluster.engine.sampling import SamplingParams
     from cluster.engine.scheduler import check_request
     from cluster.placement_options import resolve_expert_map
-    from mixtral.checkpoint import Checkpoint
-    from mixtral.synthetic import resolve_checkpoint
+    from mixtral.synthetic import open_checkpoint
     from mixtral.tokenizer import load_tokenizer
 
-    opened = Checkpoint.open(resolve_checkpoint(args.checkpoint))
+    opened = open_checkpoint(args.checkpoint)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos
     )

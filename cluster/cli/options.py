@@ -1,6 +1,6 @@
 """Commands whose options come from one pydantic model each: typer reads the signature, pydantic checks.
 
-A model field becomes an option named after it (`max_tokens` -> `--max-tokens`), or the flags its
+A model field becomes an option named after it (`max_tokens` -> `--max-tokens`; a bool, `--x/--no-x`), or the flags its
 `json_schema_extra={"flags": [...]}` lists (the first is the primary spelling, the rest deprecated
 aliases); its description is the help, its default the default. Ranges and cross-field rules live on
 the model, so a bad value prints one line naming the option, the same line a Serve config's key gets.
@@ -39,7 +39,10 @@ def flags(name: str, field: FieldInfo) -> list[str]:
     """The option's spellings, primary first."""
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     listed = extra.get("flags")
-    return [str(f) for f in listed] if isinstance(listed, list) else [f"--{name.replace('_', '-')}"]
+    if isinstance(listed, list):
+        return [str(f) for f in listed]
+    option = f"--{name.replace('_', '-')}"
+    return [f"{option}/--no-{option[2:]}"] if field.annotation is bool else [option]
 
 
 def primary_flag(model: type[BaseModel], name: str) -> str:

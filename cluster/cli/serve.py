@@ -9,7 +9,7 @@ import threading
 
 from pydantic import Field, model_validator
 
-from cluster.api_key import resolve_api_key
+from cluster.api_key import API_KEY_ENV, resolve_api_key
 from cluster.cli.options import command, start_ray
 from cluster.cli.root import app
 from cluster.errors import UserError
@@ -65,11 +65,12 @@ def serve(args: ServeCommandArgs) -> None:
 
     from cluster.engine.build import check_kv_budget
     from cluster.serve.app import GRPC_SERVICER, build_app, engine_options, expert_map
-    from mixtral.checkpoint import Checkpoint
-    from mixtral.synthetic import resolve_checkpoint
+    from mixtral.synthetic import open_checkpoint
 
     app_args = args.app_args()
-    opened = Checkpoint.open(resolve_checkpoint(args.checkpoint))
+    if args.api_key is None and args.api_key_env is None and resolve_api_key(None, None) is not None:
+        print(f"the API key is ${API_KEY_ENV}'s: clients send 'Authorization: Bearer KEY'", file=sys.stderr)
+    opened = open_checkpoint(args.checkpoint)
     opened.reader().verify()
     check_kv_budget(opened.args, engine_options(app_args))
     expert_map(app_args, opened.args)  # a map that cannot serve fails here, before Ray starts

@@ -39,7 +39,7 @@ class EngineOptions:
     # The KV cache's memory in GiB, allocated once as a pool of blocks. None: enough for
     # max_num_seqs sequences of max_model_len, at most 90% of a GPU's free memory or 4 GiB on a CPU.
     kv_cache_memory_gb: float | None = None
-    gpu_memory_utilization: float = 0.9  # on a GPU, the share of its memory for weights and KV (vLLM's meaning)
+    gpu_memory_utilization: float | None = None  # of the coordinator's GPU, for its weights and KV; None: 90% of free
     block_size: int = BLOCK_SIZE  # tokens per KV block
     prefix_caching: bool = True  # share the blocks of common prompt prefixes between requests
     # An expert that has not answered a layer call in this long is killed, restarted by Ray, and

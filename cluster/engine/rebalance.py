@@ -84,10 +84,10 @@ class Rebalancer:
         *,
         load_experts: WorkerCall,
         hold_only: WorkerCall,
+        set_holdings: SetHoldings,
         telemetry: Telemetry,
-        set_holdings: SetHoldings | None = None,
     ) -> None:
-        """`set_holdings`: the supervisor's (cluster.supervisor), where workers may be restarted; None for in-process workers."""
+        """`set_holdings` tells whoever restarts workers (cluster.supervisor) what each must hold from now on."""
         self.coordinator = coordinator
         self.load_experts, self.hold_only = load_experts, hold_only
         self.set_holdings = set_holdings
@@ -130,8 +130,7 @@ class Rebalancer:
                 except BaseException:
                     self.hold_only({w: list(old.workers[w]) for w in gained})  # as they were: nothing half-applied
                     raise
-            if self.set_holdings is not None:
-                self.set_holdings(new.workers)  # what a worker restarted from now on must hold
+            self.set_holdings(new.workers)  # what a worker restarted from now on must hold
             self.coordinator.expert_map = new  # the next step runs on it
             self._wait_off(old)
             if lost:

@@ -20,9 +20,8 @@ from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import ON_HEAD, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
-from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs, chosen_dtype
-from mixtral.synthetic import resolve_checkpoint
+from mixtral.synthetic import open_checkpoint
 from router.expert_map import ExpertMap
 from workers.device import ACTOR_ENV
 
@@ -58,7 +57,7 @@ def expert_map(args: ServeArgs, model_args: MixtralArgs) -> ExpertMap | None:
 
 
 def build_app(args: ServeArgs) -> Application:
-    checkpoint = Checkpoint.open(resolve_checkpoint(args.checkpoint))
+    checkpoint = open_checkpoint(args.checkpoint)
     model_args = checkpoint.args
     engine = engine_options(args)
     check_kv_budget(model_args, engine)  # a budget too small for one sequence fails here, not in a replica
@@ -95,7 +94,7 @@ def build_app(args: ServeArgs) -> Application:
     )
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
         engine_server.bind(checkpoint, engine, placement, layout),
-        str(checkpoint.path),
+        checkpoint,
         args.served_model_name or checkpoint.name,
         args.guardrail,
         api_key(args),

@@ -45,12 +45,12 @@ class ServeArgs(BaseModel):
         description="KV cache memory per replica in GiB, allocated at start as blocks; default: enough for "
         "max-num-seqs sequences of max-model-len, at most 90% of free GPU memory or 4 GiB on a CPU.",
     )
-    gpu_memory_utilization: float = Field(
-        0.9,
+    gpu_memory_utilization: float | None = Field(
+        None,
         gt=0,
         le=1,
-        description="On a GPU, the fraction of the device's memory for weights and KV cache; --kv-cache-memory, "
-        "when given, sets the KV cache alone.",
+        description="On a GPU, the fraction of the coordinator's device memory for its weights and KV cache (vLLM's "
+        "meaning); default: the KV cache takes 90% of what the weights leave free. --kv-cache-memory, when given, wins.",
     )
     enable_prefix_caching: bool = Field(
         True,
@@ -126,6 +126,8 @@ class ServeArgs(BaseModel):
     def _deprecated_keys(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        if "dtype" in data and data["dtype"] is None:  # the way earlier releases wrote "the checkpoint's"
+            data = data | {"dtype": "auto"}
         for old, new in DEPRECATED_KEYS.items():
             if old in data:
                 if new in data:

@@ -7,6 +7,7 @@ client ─HTTP/gRPC─► Serve proxy ─► OpenAIIngress ─► Frontend (http
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 from fastapi import FastAPI
@@ -21,6 +22,7 @@ from cluster.serve.chat import ChatRenderer
 from cluster.serve.frontend import Frontend
 from cluster.serve.grpc_service import MoEServicer
 from cluster.serve.http import make_api
+from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2
 
@@ -65,7 +67,7 @@ class HandleEngine:
         pass  # Serve owns the engine replica's life
 
 
-def chat_renderer(checkpoint: str, *, guardrail: bool) -> ChatRenderer | None:
+def chat_renderer(checkpoint: str | Path, *, guardrail: bool) -> ChatRenderer | None:
     try:
         return ChatRenderer(checkpoint, guardrail=guardrail)
     except UserError:
@@ -82,13 +84,14 @@ ON_HEAD = {"node:__internal_head__": 0.001}
 @serve.ingress()
 class OpenAIIngress:
     def __init__(
-        self, engine: DeploymentHandle, checkpoint: str, model_name: str, guardrail: bool, api_key: str | None = None
+        self, engine: DeploymentHandle, checkpoint: Checkpoint, model_name: str, guardrail: bool, api_key: str | None = None
     ) -> None:
+        path = checkpoint.local_path()  # the tokenizer's files, on the node the ingress runs on
         self.frontend = Frontend(
             HandleEngine(engine),
             model_name=model_name,
-            tokenizer=load_tokenizer(checkpoint),
-            chat=chat_renderer(checkpoint, guardrail=guardrail),
+            tokenizer=load_tokenizer(path),
+            chat=chat_renderer(path, guardrail=guardrail),
             api_key=api_key,
         )
         self.servicer = MoEServicer(self.frontend)

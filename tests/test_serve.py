@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,28 +98,19 @@ def solo_greedy(checkpoint: Path, prompts: list[list[int]], max_tokens: list[int
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-@pytest.mark.quiet_machine
-def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
-    import os
-    import signal
-    import subprocess
-    import sys
-
+@contextmanager
+def serve_command(cli_env: dict[str, str], *options: str, key: str | None = None) -> Iterator[tuple[str, str]]:
+    """`moe-cluster serve --port P OPTIONS` from nothing (tiny by default, as `./dev serve` runs it), with
+    MOE_API_KEY set to `key` or unset: yields (its URL, the line it printed); ends with Ctrl-C, which
+    must stop it cleanly."""
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOE_API_KEY")} | cli_env
+    command = [sys.executable, "-m", "cluster", "serve", "--port", str(http_port), *options]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port)],  # as `./dev serve` runs it
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env | ({"MOE_API_KEY": key} if key else {})
     )
     try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith(f"serving tiny at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["tiny"]
-        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        yield f"http://127.0.0.1:{http_port}", proc.stdout.readline()  # type: ignore[union-attr]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
     finally:
@@ -124,31 +120,22 @@ def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> No
 
 
 @pytest.mark.quiet_machine
-def test_serve_command_takes_vllms_options_and_its_key_from_the_environment(cli_env) -> None:  # type: ignore[no-untyped-def]
-    # The API key comes from the environment, as `stats` reads it too.
-    import os
-    import signal
-    import subprocess
-    import sys
+def test_serve_command_serves_tiny_by_default_and_stops_on_ctrl_c(cli_env) -> None:  # type: ignore[no-untyped-def]
+    with serve_command(cli_env) as (url, line):
+        assert line == f"serving tiny at {url}/v1; Ctrl-C stops\n"  # gRPC is off by default
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        assert client.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
-    http_port = free_port()
-    key = "key-from-the-environment"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | cli_env | {"MOE_API_KEY": key}
+
+@pytest.mark.quiet_machine
+def test_serve_command_takes_vllms_options_and_its_key_from_the_environment(cli_env) -> None:  # type: ignore[no-untyped-def]
+    key = "key-from-the-environment"  # MOE_API_KEY's, as `stats` reads it too
     options = ["--served-model-name", "tiny-chat", "--no-enable-prefix-caching", "--dtype", "auto"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "serve", "--port", str(http_port), *options],  # tiny, as `./dev serve` runs it
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert line.startswith(f"serving tiny-chat at http://127.0.0.1:{http_port}/v1;"), line  # gRPC is off by default
-        url = f"http://127.0.0.1:{http_port}"
-        unkeyed = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0)
+    with serve_command(cli_env, *options, key=key) as (url, line):
+        assert line.startswith(f"serving tiny-chat at {url}/v1;"), line
         with pytest.raises(openai.AuthenticationError):
-            unkeyed.models.list()
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny-chat"]
         prompt = list(range(100, 140))  # longer than a KV block: a prefix cache would hit on the second request
@@ -158,12 +145,6 @@ def test_serve_command_takes_vllms_options_and_its_key_from_the_environment(cli_
         assert stats.returncode == 0, stats.stderr
         engine = json.loads(stats.stdout.strip().splitlines()[-1])["engine"]
         assert (engine["prefix_cache_queried_tokens"], engine["prefix_cache_hit_tokens"]) == (80, 0)  # caching is off
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_models_list_names_the_model(server: Server) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cluster.cli.generate import CHECKPOINT_HELP
-from cluster.cli.options import comma_list, command, start_ray
+from cluster.cli.options import Levels, command, start_ray
 from cluster.cli.root import app
 from cluster.errors import UserError
 from mixtral.config import DType, DTypeChoice, ExpertDType, chosen_dtype
@@ -25,7 +25,7 @@ class BenchArgs(BaseModel):
         description="equal: every request the same lengths, at each --concurrency. mixed: --requests requests at once, "
         "prompt and output lengths drawn (seeded) from 1/16 of --prompt-len/--output-len up to them.",
     )
-    concurrency: list[int] = Field([1, 8, 64], description="Comma-separated concurrency levels (equal workload).")
+    concurrency: Levels = Field([1, 8, 64], description="Comma-separated concurrency levels (equal workload).")
     prompt_len: int | None = Field(
         None, ge=1, description="Prompt tokens per request; the most, for mixed. Default: 128 (equal), 512 (mixed)."
     )
@@ -52,14 +52,6 @@ class BenchArgs(BaseModel):
     as_json: bool = Field(
         False, description="Last stdout line: one JSON object with the results.", json_schema_extra={"flags": ["--json"]}
     )
-
-    @field_validator("concurrency", mode="before")
-    @classmethod
-    def _levels(cls, text: Any) -> Any:
-        levels = comma_list(text, int, "1,8,64")
-        if isinstance(levels, list) and any(c < 1 for c in levels):
-            raise ValueError(f"levels must be at least 1; got {text!r}")
-        return levels
 
     @model_validator(mode="after")
     def _lengths(self) -> BenchArgs:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster.cli.options import comma_list, command, start_ray
+from cluster.cli.options import comma_separated, command, start_ray
 from cluster.cli.root import app
 from cluster.placement_options import Strategy
 from mixtral.config import DType, DTypeChoice, ExpertDType, chosen_dtype
@@ -48,7 +48,9 @@ class GenerateArgs(BaseModel):
 
     checkpoint: str = Field(description=CHECKPOINT_HELP)
     prompt: str | None = Field(None, description="Text prompt, tokenized with BOS.")
-    prompt_ids: list[int] | None = Field(None, description="Token ids used verbatim, e.g. 1,2,3 (no BOS added).")
+    prompt_ids: Annotated[list[int] | None, comma_separated(int, "1,2,3", at_least=0)] = Field(
+        None, description="Token ids used verbatim, e.g. 1,2,3 (no BOS added)."
+    )
     max_tokens: int = Field(32, description="Tokens to generate (at least 1).")
     temperature: float = Field(0.0, description="0 is greedy.")
     top_p: float = Field(1.0, description="Nucleus sampling mass, in (0, 1].")
@@ -65,14 +67,6 @@ class GenerateArgs(BaseModel):
         None, description="JSON expert map: which worker holds which experts (plan --emit writes one)."
     )
     expert_dtype: ExpertDType | None = Field(None, description="int8: weight-only int8 experts.")
-
-    @field_validator("prompt_ids", mode="before")
-    @classmethod
-    def _ids(cls, text: Any) -> Any:
-        ids = comma_list(text, int, "1,2,3")
-        if isinstance(ids, list) and any(i < 0 for i in ids):
-            raise ValueError(f"takes non-negative token ids; got {text!r}")
-        return ids
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateArgs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 from pydantic.fields import FieldInfo
 
 from cluster.errors import USER_ERRORS, UserError
@@ -121,14 +122,25 @@ def command(
     return register
 
 
-def comma_list(text: Any, kind: type, example: str) -> Any:
-    """For a list field's `mode="before"` validator: `1,8,64` as [1, 8, 64]; a ValueError that shows an example."""
-    if not isinstance(text, str):
-        return text
-    try:
-        return [kind(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"takes comma-separated values such as {example}; got {text!r}") from None
+def comma_separated(kind: type, example: str, *, at_least: float | None = None) -> BeforeValidator:
+    """For a list field read as text (`--concurrency 1,8,64`): the parsed list, each item finite and at
+    least `at_least`; a ValueError that shows an example otherwise."""
+
+    def parse(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        try:
+            items = [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise ValueError(f"takes comma-separated values such as {example}; got {text!r}") from None
+        if at_least is not None and not all(math.isfinite(i) and i >= at_least for i in items):
+            raise ValueError(f"takes values of at least {at_least:g}, such as {example}; got {text!r}")
+        return items
+
+    return BeforeValidator(parse)
+
+
+Levels = Annotated[list[int], comma_separated(int, "1,8,64", at_least=1)]  # concurrency levels, batches
 
 
 def start_ray() -> None:

@@ -6,11 +6,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cluster.cli.options import comma_list, command
+from cluster.cli.options import Levels, comma_separated, command
 from cluster.cli.root import app
 from mixtral.config import DType, ExpertDType, MixtralArgs
 
@@ -46,7 +46,7 @@ class PlanArgs(BaseModel):
     cpu_experts: int = Field(0, ge=0, description="Experts held by a CPU worker instead of GPUs (the last ones).")
     replicate_hot: int = Field(0, ge=0, description="Spare expert copies on the GPUs, for rebalancing to give hot experts.")
     profile: Path | None = Field(None, description="A bench profile.json: predict bench on that machine instead.")
-    concurrency: list[int] = Field([1, 8, 64], description="With --profile: concurrency levels to predict.")
+    concurrency: Levels = Field([1, 8, 64], description="With --profile: concurrency levels to predict.")
     plot: Path | None = Field(None, description="Write a cost plot PNG here.")
     as_json: bool = Field(False, description="Last stdout line: one JSON object.", json_schema_extra={"flags": ["--json"]})
     emit: Path | None = Field(
@@ -61,14 +61,6 @@ class PlanArgs(BaseModel):
     )
 
     _finite = field_validator("requests_per_s", "ttft_ms", "tpot_ms", "skew")(finite)
-
-    @field_validator("concurrency", mode="before")
-    @classmethod
-    def _levels(cls, text: Any) -> Any:
-        levels = comma_list(text, int, "1,8,64")
-        if isinstance(levels, list) and any(c < 1 for c in levels):
-            raise ValueError(f"levels must be at least 1; got {text!r}")
-        return levels
 
     @field_validator("profile")
     @classmethod
@@ -168,33 +160,14 @@ class ExperimentsArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("mixtral-8x7b", description="A named shape or a checkpoint directory.")
-    gpus: list[str] = Field(DEFAULT_GPUS, description="Comma-separated GPU types.")
-    skews: list[float] = Field([1.0, 1.2, 1.5], description="Comma-separated expert load skews (max/mean), each at least 1.")
-    batches: list[int] = Field([1, 8, 32, 128], description="Comma-separated decode batches, each at least 1.")
+    gpus: Annotated[list[str], comma_separated(str, "L4,A10G")] = Field(DEFAULT_GPUS, description="Comma-separated GPU types.")
+    skews: Annotated[list[float], comma_separated(float, "1.0,1.2", at_least=1)] = Field(
+        [1.0, 1.2, 1.5], description="Comma-separated expert load skews (max/mean), each at least 1."
+    )
+    batches: Levels = Field([1, 8, 32, 128], description="Comma-separated decode batches, each at least 1.")
     context: int = Field(768, ge=1, description="Tokens per sequence (prompt + output).")
     interconnect: str = Field("pcie4", description=f"{INTERCONNECTS}.")
     out: Path = Field(Path("experiments-out"), description="Directory for experiments.md and experiments.png.")
-
-    @field_validator("gpus", mode="before")
-    @classmethod
-    def _gpus(cls, text: Any) -> Any:
-        return comma_list(text, str, "L4,A10G")
-
-    @field_validator("skews", mode="before")
-    @classmethod
-    def _skews(cls, text: Any) -> Any:
-        skews = comma_list(text, float, "1.0,1.2")
-        if isinstance(skews, list) and any(not (math.isfinite(s) and s >= 1) for s in skews):
-            raise ValueError(f"skews must be finite and at least 1; got {text!r}")
-        return skews
-
-    @field_validator("batches", mode="before")
-    @classmethod
-    def _batches(cls, text: Any) -> Any:
-        batches = comma_list(text, int, "1,8,32")
-        if isinstance(batches, list) and any(b < 1 for b in batches):
-            raise ValueError(f"batches must be at least 1; got {text!r}")
-        return batches
 
 
 @command(app, ExperimentsArgs)

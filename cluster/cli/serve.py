@@ -63,23 +63,19 @@ def serve(args: ServeCommandArgs) -> None:
     """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
     from ray import serve as ray_serve
 
-    from cluster.engine.build import check_kv_budget
-    from cluster.serve.app import GRPC_SERVICER, build_app, engine_options, expert_map
-    from mixtral.synthetic import open_checkpoint
+    from cluster.serve.app import GRPC_SERVICER, build_app, replica_settings
 
     app_args = args.app_args()
     if args.api_key is None and args.api_key_env is None and resolve_api_key(None, None) is not None:
         print(f"the API key is ${API_KEY_ENV}'s: clients send 'Authorization: Bearer KEY'", file=sys.stderr)
-    opened = open_checkpoint(args.checkpoint)
-    opened.reader().verify()
-    check_kv_budget(opened.args, engine_options(app_args))
-    expert_map(app_args, opened.args)  # a map that cannot serve fails here, before Ray starts
+    settings = replica_settings(app_args)  # what cannot serve fails here, before Ray starts
+    settings.checkpoint.reader().verify()
     start_ray()
     grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if args.grpc_port else None
     ray_serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options)
-    ray_serve.run(build_app(app_args), name="moe", route_prefix="/")
+    ray_serve.run(build_app(app_args, settings), name="moe", route_prefix="/")
     grpc_note = f" and gRPC on port {args.grpc_port}" if args.grpc_port else ""
-    name = args.served_model_name or opened.name
+    name = args.served_model_name or settings.checkpoint.name
     print(f"serving {name} at http://{args.host}:{args.port}/v1{grpc_note}; Ctrl-C stops", flush=True)
     wait_for_a_stop_signal()
     print("stopping", file=sys.stderr)

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
 from ray import serve
 from ray.serve import Application
@@ -20,6 +22,7 @@ from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import ON_HEAD, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
+from mixtral.checkpoint import Checkpoint
 from mixtral.config import MixtralArgs, chosen_dtype
 from mixtral.synthetic import open_checkpoint
 from router.expert_map import ExpertMap
@@ -56,14 +59,32 @@ def expert_map(args: ServeArgs, model_args: MixtralArgs) -> ExpertMap | None:
     )
 
 
-def build_app(args: ServeArgs) -> Application:
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """What every engine replica is, resolved once from the settings and checked before any actor
+    starts: its checkpoint, its engine's options and its expert map (None: one expert per worker)."""
+
+    checkpoint: Checkpoint
+    engine: EngineOptions
+    expert_map: ExpertMap | None
+
+
+def replica_settings(args: ServeArgs) -> ReplicaSettings:
+    """UserError (or CheckpointError) for settings no replica could serve: a KV budget too small for one
+    sequence, a map that cannot serve, a checkpoint that cannot be opened."""
     checkpoint = open_checkpoint(args.checkpoint)
-    model_args = checkpoint.args
     engine = engine_options(args)
-    check_kv_budget(model_args, engine)  # a budget too small for one sequence fails here, not in a replica
+    check_kv_budget(checkpoint.args, engine)
+    return ReplicaSettings(checkpoint, engine, expert_map(args, checkpoint.args))
+
+
+def build_app(args: ServeArgs, settings: ReplicaSettings | None = None) -> Application:
+    """The application; `settings`: replica_settings(args), where the caller resolved them already."""
+    settings = settings or replica_settings(args)
+    checkpoint, engine, model_args = settings.checkpoint, settings.engine, settings.checkpoint.args
     placement = fitted(
         model_args,
-        PlacementOptions(strategy=args.strategy, use_gpus=ACCELERATOR[args.accelerator], expert_map=expert_map(args, model_args)),
+        PlacementOptions(strategy=args.strategy, use_gpus=ACCELERATOR[args.accelerator], expert_map=settings.expert_map),
     )
     layout = layout_here(model_args, placement)
     replica_bundles = bundles(layout, placement)

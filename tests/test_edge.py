@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.serve.chat import ChatRenderer
-from cluster.serve.frontend import Frontend
+from cluster.serve.frontend import Delta, Frontend
+from cluster.serve.http import completion_logprobs
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2, moe_pb2_grpc
 from tests.fake_engine import FakeEngine, fake_tokens, grpc_server, http_server
@@ -371,6 +372,22 @@ def test_health_is_a_503_when_the_engine_is_not_healthy(checkpoint: Path) -> Non
         assert response.status == 503 and "not healthy" in json.loads(response.read())["error"]["message"]
 
 
+def test_health_tells_why_only_to_a_caller_with_the_key(checkpoint: Path) -> None:
+    down = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, healthy=False)
+    frontend = Frontend(down, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None, api_key="sesame")
+    with http_server(frontend) as port:
+        messages = {}
+        for key in (None, "wrong", "sesame"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/health", headers={"Authorization": f"Bearer {key}"} if key else {})
+            response = conn.getresponse()
+            assert response.status == 503
+            messages[key] = json.loads(response.read())["error"]["message"]
+            conn.close()
+    assert "fake engine is down" in messages["sesame"]
+    assert not any("fake engine" in messages[key] for key in (None, "wrong"))
+
+
 # Values a client can send for any field: right and wrong types, edges, junk.
 ANY_JSON = st.recursive(
     st.none()
@@ -512,3 +529,22 @@ def test_rebalance_takes_no_settings_and_says_what_is_wrong(http_port: int, engi
     for body in (b"", b"{}"):
         code, payload = post(http_port, "/v1/experts/rebalance", body)
         assert code == 200 and payload["model"] == MODEL and payload["balancedness_predicted"] == 1.0
+
+
+def test_completion_logprobs_text_offsets_take_time_linear_in_the_answer(frontend: Frontend) -> None:
+    """An answer's offsets are a running sum: quadratic work here would stall every stream on the ingress."""
+
+    class Piece(str):
+        lengths_taken = 0
+
+        def __len__(self) -> int:
+            Piece.lengths_taken += 1
+            return super().__len__()
+
+    n = 3000
+    delta = Delta(text="", token_ids=list(range(n)), logprobs=[0.0] * n, top_logprobs=[], finish_reason="length")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frontend, "token_text", lambda token_id: Piece("ab"))
+        offsets = completion_logprobs(frontend, delta, 5)["text_offset"]
+    assert offsets == [5 + 2 * i for i in range(n)]
+    assert Piece.lengths_taken <= 2 * n

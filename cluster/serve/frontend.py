@@ -146,11 +146,18 @@ class Frontend:
         except FieldError as e:
             raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field, code=e.code) from None
 
-    async def check_health(self) -> None:
+    async def check_health(self, *, authorization: str | None = None) -> None:
+        """Raise ApiError 503 if the engine is not healthy; the reason (internal text) only for a caller
+        with the API key, or for any caller where no key is set, since /health itself needs none."""
         try:
             await self.engine.check_health()
         except Exception as e:
-            raise ApiError(503, f"the engine is not healthy: {e}", kind="service_unavailable") from None
+            try:
+                self.authorize(authorization)
+                reason = f": {e}"
+            except ApiError:
+                reason = " (send the API key for the reason)"
+            raise ApiError(503, f"the engine is not healthy{reason}", kind="service_unavailable") from None
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None

@@ -11,6 +11,8 @@ POST /v1/chat/completions    messages in the Mixtral instruct format; SSE with `
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations as real types.
+import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -50,7 +52,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def completion_logprobs(frontend: Frontend, delta: Delta, offset: int) -> dict[str, Any]:
     """The legacy completions logprobs object for a delta whose text starts at `offset`."""
     tokens = [frontend.token_text(t) for t in delta.token_ids]
-    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
     top = [{frontend.token_text(t): lp for t, lp in alts} for alts in delta.top_logprobs] or None
     return {"tokens": tokens, "token_logprobs": delta.logprobs, "top_logprobs": top, "text_offset": offsets}
 
@@ -143,7 +145,9 @@ async def completions(frontend: Frontend, request: Request) -> Response:
 
     if not body.stream:
         merged = await frontend.complete(prompt_ids, params, timeout_s=timeout_s)
-        return JSONResponse(head | {"choices": [choice(merged, 0)], "usage": usage(len(prompt_ids), len(merged.token_ids))})
+        # A long answer's logprobs take a while to format: off the event loop, which serves every stream.
+        whole = await asyncio.to_thread(choice, merged, 0)
+        return JSONResponse(head | {"choices": [whole], "usage": usage(len(prompt_ids), len(merged.token_ids))})
     deltas = await started(frontend.generate(prompt_ids, params, timeout_s=timeout_s))
 
     async def events() -> AsyncIterator[str]:
@@ -176,7 +180,8 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
     if not body.stream:
         merged = await frontend.complete(prompt_ids, params, timeout_s=timeout_s)
         message = {"role": "assistant", "content": merged.text}
-        choice = {"index": 0, "message": message, "logprobs": logprobs(merged), "finish_reason": merged.finish_reason}
+        formatted = await asyncio.to_thread(logprobs, merged)  # off the event loop, as for completions
+        choice = {"index": 0, "message": message, "logprobs": formatted, "finish_reason": merged.finish_reason}
         return JSONResponse(
             head | {"object": "chat.completion", "choices": [choice], "usage": usage(len(prompt_ids), len(merged.token_ids))}
         )
@@ -219,8 +224,8 @@ def make_api(frontend: Frontend) -> FastAPI:
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @api.get("/health")
-    async def health() -> Response:
-        await frontend.check_health()
+    async def health(request: Request) -> Response:
+        await frontend.check_health(authorization=request.headers.get("authorization"))
         return Response(status_code=200)
 
     @api.get("/metrics")

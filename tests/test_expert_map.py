@@ -26,7 +26,7 @@ from router.load import balancedness
 from router.moe import moe_layer, pieces
 from router.routing import route
 from router.transport import LocalTransport
-from router.wire import new_secret
+from router.wire import Segment, new_secret
 from tests.reference import reference_moe
 from tests.test_parity import assert_matches_hf, random_prompts
 from tests.test_routing import D, ToyExpert, random_experts
@@ -211,3 +211,17 @@ def test_a_rebalance_keeps_each_workers_slots_and_leaves_cpu_workers_alone() -> 
     assert len(new.copies[1]) == 2 and len(new.copies[5]) == 2  # the spare slots went to the hot ones
     gpu = [worker_loads(new, load)[w] for w in range(4)]
     assert balancedness(gpu) > balancedness([worker_loads(planned, load)[w] for w in range(4)])
+
+
+def test_worker_stats_are_a_copy_taken_between_calls_not_the_counters_the_compute_thread_writes(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    # Ray pickles worker_stats' answer on its own thread while the compute thread goes on counting:
+    # a live dict could change size mid-pickle.
+    checkpoint = Checkpoint.open(make_ckpt())
+    worker = ExpertWorker(checkpoint, [0, 3], channel_secret=new_secret())
+    x = torch.randn(5, checkpoint.args.hidden_size)
+    worker.forward(0, x, [Segment(0, 2), Segment(3, 3)])
+    first = worker.worker_stats()
+    worker.forward(1, x, [Segment(3, 5)])
+    assert (first.calls, first.tokens) == (1, {0: 2, 3: 3})
+    now = worker.worker_stats()
+    assert (now.calls, now.tokens, now.experts) == (2, {0: 2, 3: 8}, [0, 3])

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -104,6 +104,7 @@ class ExpertWorker:
         self.experts: dict[int, list[HeldExpert] | list[Int8Expert]] = {}
         self._loading = threading.Lock()  # the channel's threads and Ray's calls may both load
         self.stats = WorkerStats(self.worker, [])
+        self._stats_lock = threading.Lock()  # the compute thread counts; Ray's threads read (worker_stats)
         self.load_experts(held)
         self.telemetry = Telemetry(checkpoint.name)
         limits = FrameLimits(cols=args.hidden_size, tags=range(args.num_hidden_layers), experts=range(args.num_local_experts))
@@ -177,9 +178,8 @@ class ExpertWorker:
         for expert, rows in segments:
             outputs.append(self._expert_ffn(held[expert][layer], x[row : row + rows]))
             row += rows
-            self.stats.tokens[expert] = self.stats.tokens.get(expert, 0) + rows
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        self._account(time.perf_counter() - start, bytes_in, y.nbytes)
+        self._account(segments, time.perf_counter() - start, bytes_in, y.nbytes)
         return y
 
     def _expert_ffn(self, weights: HeldExpert | Int8Expert, x: torch.Tensor) -> torch.Tensor:
@@ -201,18 +201,24 @@ class ExpertWorker:
         same_node = ray.get_runtime_context().get_node_id() == coordinator_node
         return self.channel.open(same_node=same_node, node_ip=ray.util.get_node_ip_address())
 
-    def _account(self, seconds: float, bytes_in: int, bytes_out: int) -> None:
-        self.stats.calls += 1
-        self.stats.forward_seconds += seconds
-        self.stats.bytes_in += bytes_in
-        self.stats.bytes_out += bytes_out
+    def _account(self, segments: Sequence[Segment], seconds: float, bytes_in: int, bytes_out: int) -> None:
+        with self._stats_lock:
+            for expert, rows in segments:
+                self.stats.tokens[expert] = self.stats.tokens.get(expert, 0) + rows
+            self.stats.calls += 1
+            self.stats.forward_seconds += seconds
+            self.stats.bytes_in += bytes_in
+            self.stats.bytes_out += bytes_out
         self.telemetry.observe("moe_worker_forward_seconds", seconds, worker=self.worker)
         self.telemetry.inc("moe_worker_bytes_in", bytes_in, worker=self.worker)
         self.telemetry.inc("moe_worker_bytes_out", bytes_out, worker=self.worker)
 
     def worker_stats(self) -> WorkerStats:
-        """Calls, forward time, activation bytes in and out and rows per expert, since start."""
-        return self.stats
+        """Calls, forward time, activation bytes in and out and rows per expert, since start: a copy
+        taken between two calls' accounting, since the compute thread goes on counting while Ray
+        pickles the answer on another thread."""
+        with self._stats_lock:
+            return replace(self.stats, experts=list(self.stats.experts), tokens=dict(self.stats.tokens))
 
     def info(self) -> WorkerInfo:
         """Where this worker runs: node, the GPU ids Ray gave it, device, threads."""

@@ -13,7 +13,7 @@ import pytest
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.build import EngineOptions, local_engine
-from cluster.engine.rebalance import Rebalancer, local_calls
+from cluster.engine.rebalance import Rebalancer, local_calls, ray_calls
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import UserError
 from mixtral.checkpoint import Checkpoint
@@ -97,3 +97,23 @@ def test_rebalancing_evens_the_workers_live_while_8_streams_run_and_changes_no_t
     # The workers' own counts agree with what the coordinator sent them.
     assert sum(sum(w.stats.tokens.values()) for w in workers) == sum(coordinator.worker_load.snapshot())
     served.shutdown()
+
+
+class StuckWorker:
+    """An expert worker actor whose loading never ends (a disk that stopped answering)."""
+
+    def load_experts(self, experts: list[int]) -> list[int]:
+        time.sleep(3600)
+        return experts
+
+
+def test_a_worker_that_never_finishes_loading_fails_the_rebalance_in_bounded_time(ray_session) -> None:  # type: ignore[no-untyped-def]
+    import ray
+
+    stuck = ray.remote(StuckWorker).options(num_cpus=0).remote()
+    call = ray_calls([stuck], "load_experts", timeout_s=1.0)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"workers \[0\] did not finish load_experts within 1 s"):
+        call({0: [3]})
+    assert time.monotonic() - start < 60  # bounded by the timeout, not by the stuck worker
+    ray.kill(stuck)

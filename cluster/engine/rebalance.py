@@ -58,13 +58,22 @@ class Rebalance:
         }
 
 
-def ray_calls(workers: Sequence[Any], method: str) -> WorkerCall:
-    """Call `method(experts)` on each named worker actor at once, and wait for all of them."""
+# A worker's share of a rebalance: reading its new experts from the checkpoint (GBs on a real model).
+WORKER_CALL_TIMEOUT_S = 600.0
+
+
+def ray_calls(workers: Sequence[Any], method: str, *, timeout_s: float = WORKER_CALL_TIMEOUT_S) -> WorkerCall:
+    """Call `method(experts)` on each named worker actor at once, and wait for all of them, at most
+    `timeout_s`: a worker that hangs fails the rebalance (the old map stays), never holds it forever."""
 
     def call(experts: dict[int, list[int]]) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError
 
-        ray.get([getattr(workers[w], method).remote(e) for w, e in experts.items()])
+        try:
+            ray.get([getattr(workers[w], method).remote(e) for w, e in experts.items()], timeout=timeout_s)
+        except GetTimeoutError:
+            raise TimeoutError(f"workers {sorted(experts)} did not finish {method} within {timeout_s:g} s") from None
 
     return call
 

@@ -200,3 +200,28 @@ def test_per_replica_traces_are_read_back_together(tmp_path: Path) -> None:
     assert trace.steps == 2
     with pytest.raises(FileNotFoundError, match="per-replica"):
         read_trace(tmp_path / "missing.msgpack")
+
+
+def test_the_registry_folds_replicas_gone_an_hour_into_one_total_that_keeps_their_counters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cluster.serve.replica_registry as module
+
+    loads = [ExpertLoad(LAYERS, EXPERTS, TOP_K) for _ in range(3)]
+    for seed, load in enumerate(loads):
+        random_records(load, seed, 4)
+    registry = ReplicaRegistry()
+    now = module.time.time()
+    for name, load, serving in zip(("a", "b", "c"), loads, (False, False, True)):
+        registry.publish(snapshot(name, load, stats(1, 10, 90, hits=3), serving=serving))
+    before = fleet_stats(registry.all()), fleet_load(registry.all())
+    monkeypatch.setattr(module.time, "time", lambda: now + module.FORGET_S + 1)
+    registry.publish(snapshot("c", loads[2], stats(1, 10, 90, hits=3)))  # c goes on serving
+    after = registry.all()
+    assert [s.replica for s in after] == ["c", module.RETIRED] and len(registry.snapshots) == 1
+    stats_after, load_after = fleet_stats(after), fleet_load(after)
+    for key in ("steps", "preemptions", "prefix_cache_hit_tokens", "prefix_cache_queried_tokens"):
+        assert stats_after[key] == before[0][key]  # the gone replicas' counters stay in the totals
+    assert load_after["tokens"] == before[1]["tokens"]
+    assert [w["calls"] for w in load_after["workers"]] == [w["calls"] for w in before[1]["workers"]]
+    assert "and 2 gone for over an hour: 20 steps" in engine_summary(stats_after)

@@ -14,10 +14,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from cluster.serve.replica_registry import ReplicaSnapshot
+from cluster.serve.replica_registry import COUNTERS, ReplicaSnapshot
 from router.load import ExpertLoad
 
-COUNTERS = ("steps", "preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
 GAUGES = ("running", "waiting", "kv_blocks", "kv_blocks_free", "kv_cache_bytes", "resident_bytes")
 
 

@@ -17,6 +17,12 @@ REGISTRY_ACTOR = "replica_registry"  # the name in the engine deployment's deplo
 # A serving replica publishes at least this often; one silent for STALE_S has died without saying so.
 HEARTBEAT_S = 10.0
 STALE_S = 3 * HEARTBEAT_S
+# A replica gone this long is folded into one "retired" snapshot: its counters stay in the totals, and
+# a deployment that replaces replicas for weeks keeps a registry of the replicas it runs, not all it ran.
+FORGET_S = 3600.0
+RETIRED = "retired"
+# Engine stats that count since start: summed over every replica, gone ones included (cluster.serve.fleet).
+COUNTERS = ("steps", "preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
 
 
 @dataclass
@@ -31,10 +37,11 @@ class ReplicaSnapshot:
 
 
 class ReplicaRegistry:
-    """The latest snapshot of each replica, by replica id."""
+    """The latest snapshot of each replica, by replica id, and the sum of those gone for FORGET_S."""
 
     def __init__(self) -> None:
         self.snapshots: dict[str, ReplicaSnapshot] = {}
+        self.retired: ReplicaSnapshot | None = None
 
     def publish(self, snapshot: ReplicaSnapshot) -> None:
         snapshot.published = time.time()  # this actor's clock, so staleness never compares two nodes' clocks
@@ -42,6 +49,39 @@ class ReplicaRegistry:
 
     def all(self) -> list[ReplicaSnapshot]:
         now = time.time()
-        for s in self.snapshots.values():
+        for s in list(self.snapshots.values()):
             s.serving = s.serving and now - s.published < STALE_S
-        return sorted(self.snapshots.values(), key=lambda s: s.replica)
+            if not s.serving and now - s.published > FORGET_S:
+                self.retired = retire(s, into=self.retired)
+                del self.snapshots[s.replica]
+        every = list(self.snapshots.values()) + ([self.retired] if self.retired else [])
+        return sorted(every, key=lambda s: s.replica)
+
+
+def retire(gone: ReplicaSnapshot, *, into: ReplicaSnapshot | None) -> ReplicaSnapshot:
+    """The retired total with `gone`'s counters added: expert load, per-worker counts, engine counters,
+    and how many replicas it sums (stats["replicas"])."""
+    stats = {key: gone.stats.get(key, 0) for key in COUNTERS} | {"replicas": 1}
+    if into is None:
+        return ReplicaSnapshot(RETIRED, False, gone.load, gone.workers, stats, [])
+    workers = {w["worker"]: dict(w) for w in into.workers}
+    for w in gone.workers:
+        if w["worker"] in workers:
+            workers[w["worker"]] = added(workers[w["worker"]], w)
+        else:
+            workers[w["worker"]] = dict(w)
+    return ReplicaSnapshot(
+        RETIRED, False, added(into.load, gone.load), [workers[k] for k in sorted(workers)], added(into.stats, stats), []
+    )
+
+
+KEPT = ("top_k", "worker", "experts")  # what names a counter rather than counts
+
+
+def added(a: Any, b: Any) -> Any:
+    """Two counters of one shape added: numbers summed, lists element by element, dicts key by key."""
+    if isinstance(a, dict):
+        return {k: a[k] if k in KEPT else added(a[k], b[k]) for k in a}
+    if isinstance(a, list):
+        return [added(x, y) for x, y in zip(a, b)]
+    return a + b

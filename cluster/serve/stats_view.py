@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import UserError
+from cluster.serve.replica_registry import RETIRED
 
 
 def fetch_load(url: str, api_key: str | None = None) -> dict[str, Any]:
@@ -89,14 +90,16 @@ def engine_summary(stats: dict[str, Any]) -> str:
         f"prefix cache hit rate {stats['prefix_cache_hit_rate']:.1%} "
         f"({stats['prefix_cache_hit_tokens']} of {stats['prefix_cache_queried_tokens']} prompt tokens)",
     ]
-    replicas = stats.get("replicas", [])
-    if len(replicas) > 1:
+    replicas = [r for r in stats.get("replicas", []) if r["replica"] != RETIRED]
+    retired = [r for r in stats.get("replicas", []) if r["replica"] == RETIRED]
+    if len(replicas) > 1 or retired:
         lines.append(f"replicas: {stats['num_replicas']} serving of {len(replicas)}")
         lines += [
             f"  {r['replica']} {'serving' if r['serving'] else 'stopped'}: {r['running']} running, {r['waiting']} waiting, "
             f"{r['steps']} steps, KV {r['kv_cache_usage']:.1%}"
             for r in replicas
         ]
+        lines += [f"  and {r['replicas']} gone for over an hour: {r['steps']} steps" for r in retired]
     return "\n".join(lines)
 
 

@@ -29,12 +29,14 @@ from cluster.engine_host import EngineHost
 from cluster.expert_workers import ReplicaLayout, start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions
 from cluster.serve.fleet import fleet_load, fleet_metrics, fleet_stats
+from cluster.serve.fresh import Fresh
 from cluster.serve.replica_publisher import ReplicaPublisher
 from mixtral.checkpoint import Checkpoint
 from router.trace import replica_trace_path
 from router.wire import new_secret
 
 log = logging.getLogger("ray.serve")  # into the replica's Serve log
+VIEW_MAX_AGE_S = 1.0  # how old what /metrics and /health answer from may be
 
 
 class EngineServer:
@@ -60,6 +62,11 @@ class EngineServer:
             summary.num_workers,
         )
         self.publisher = ReplicaPublisher(self.host, replica=self.replica)
+        # /metrics and /health need no API key: a scrape loop gets answers at most VIEW_MAX_AGE_S old,
+        # not a Ray call per worker each time. Serve's own health check reads the same; the keyed views
+        # (stats, expert load) stay live, as a client reads them right after its own requests.
+        self._scrape = Fresh(self.publisher.fleet, max_age_s=VIEW_MAX_AGE_S)
+        self._health = Fresh(self.host.check_health, max_age_s=VIEW_MAX_AGE_S)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         """Stream a request's tokens; a cancelled stream aborts it."""
@@ -101,7 +108,7 @@ class EngineServer:
 
     async def metrics(self) -> bytes:
         """Prometheus text of every serving replica's moe_ series."""
-        return fleet_metrics(await self.publisher.fleet())
+        return fleet_metrics(await self._scrape.get())
 
     async def __del__(self) -> None:
         """Serve awaits this once the replica has drained (graceful shutdown): its last snapshot says it stopped."""
@@ -110,4 +117,4 @@ class EngineServer:
 
     async def check_health(self) -> None:
         """Healthy when the engine loop runs and every expert worker answers a ping in time."""
-        await self.host.check_health()
+        await self._health.get()

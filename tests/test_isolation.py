@@ -16,6 +16,7 @@ from cluster.engine.core import EngineCore
 from cluster.engine.kv_manager import KVManager
 from cluster.engine.protocol import EngineOverloaded, EngineUnavailable, TokenEvent
 from cluster.engine.sampling import SamplingParams
+from cluster.engine.scheduler import SequenceState
 from mixtral.checkpoint import Checkpoint
 from tests.test_parity import random_prompts
 
@@ -126,3 +127,33 @@ def test_a_dead_loop_fails_open_streams_and_health_at_once() -> None:
     assert not engine.is_alive()
     with pytest.raises(EngineUnavailable):
         asyncio.run(main())
+
+
+def test_failures_outside_the_model_fail_the_running_requests_and_the_waiting_one_still_runs() -> None:
+    engine = async_engine(SlowModel(delay=0.01), max_num_seqs=1)
+    scheduler, armed, failures = engine.engine.scheduler, threading.Event(), [0]
+    schedule = scheduler.schedule
+
+    def schedule_or_fail() -> list[tuple[SequenceState, int]]:
+        if armed.is_set() and scheduler.running and failures[0] < 2:
+            failures[0] += 1
+            raise RuntimeError("a fault in the engine's own bookkeeping")
+        return schedule()
+
+    scheduler.schedule = schedule_or_fail  # type: ignore[method-assign]
+
+    async def main() -> list[list[TokenEvent]]:
+        first = asyncio.create_task(collect(engine, "a", max_tokens=10))
+        while engine.engine.steps == 0:
+            await asyncio.sleep(0.01)  # "a" holds the one place
+        queued = [asyncio.create_task(collect(engine, rid)) for rid in ("b", "c")]
+        while engine.queued() < 2:
+            await asyncio.sleep(0.01)
+        armed.set()  # "a" fails, then "b" once it runs; nothing new arrives to wake the loop for "c"
+        return await asyncio.wait_for(asyncio.gather(first, *queued), 30)
+
+    a, b, c = asyncio.run(main())
+    assert a[-1].finish_reason == b[-1].finish_reason == "error"
+    assert [e.finish_reason for e in c] == [None] * 4 + ["length"]
+    assert engine.is_alive()
+    engine.shutdown()

@@ -219,3 +219,32 @@ def test_a_shared_prefix_is_prefilled_once_and_outputs_are_unchanged() -> None:
         assert second.starts == [12 if caching else 0]
         assert (kv.prefix.queried_tokens, kv.prefix.hit_tokens) == ((15 + 14, 12) if caching else (15 + 14, 0))
     assert outputs[0] == outputs[1]
+
+
+@dataclass
+class FailingModel(CountingModel):
+    """A CountingModel whose steps numbered in `fail_at` (from 1, failed ones counted) raise."""
+
+    fail_at: tuple[int, ...] = ()
+    attempts: int = 0
+
+    def forward(
+        self, tokens: list[list[int]], *, starts: list[int], blocks: list[list[int]], first_block: list[int]
+    ) -> torch.Tensor:
+        self.attempts += 1
+        if self.attempts in self.fail_at:
+            raise RuntimeError(f"step {self.attempts} fails")
+        return super().forward(tokens, starts=starts, blocks=blocks, first_block=first_block)
+
+
+def test_a_failed_step_preempts_its_sequences_and_each_runs_alone_before_joining_the_batch_again() -> None:
+    kv = KVManager(BlockPool(128), block_size=4, window=None, prefix_caching=False)  # recompute in full
+    engine = EngineCore(FailingModel(fail_at=(3,)), kv, eos_token_ids=(0,))
+    prompts = [[3, 7, 9], [21], [30] * 5]
+    seqs = engine.generate(prompts, [greedy(6), greedy(6), greedy(6)])
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in make_engine()[0].generate(prompts, [greedy(6)] * 3)]
+    calls = engine.model.calls
+    assert [len(c.tokens) for c in calls] == [3, 3, 1, 1, 1, 3, 3, 3]  # the third step failed
+    # Each alone, oldest first, recomputed from position 0 with the outputs it has streamed so far.
+    assert [(c.starts, c.tokens) for c in calls[2:5]] == [([0], [s.tokens[:-4]]) for s in seqs]
+    assert (engine.stats()["failed_steps"], engine.scheduler.preemptions, kv.num_free) == (1, 0, 128)

@@ -5,9 +5,10 @@ tokens go back to each request's asyncio queue with call_soon_threadsafe. The th
 an event while there is no work, so an idle server costs no CPU.
 
 Failures stay with their request: a request the engine cannot take, or whose sampling fails, ends
-alone with an "error" event. A step that fails ends the running requests (their caches are half
-written) and leaves the waiting ones. Should the loop itself die, every open stream gets an error
-and `is_alive` turns false at once, so health checks fail.
+alone with an "error" event. A step whose model call fails costs its requests a recompute, not
+their streams (EngineCore.step); only a request that fails step after step, alone, gets an error.
+Either way the loop goes on with the work that remains, healthy. Should the loop itself die, every
+open stream gets an error and `is_alive` turns false at once, so health checks fail.
 """
 
 from __future__ import annotations
@@ -167,11 +168,13 @@ class AsyncEngine:
                 try:
                     updated = self.engine.step()
                 except Exception:
-                    log.exception("engine step failed; failing the requests that were in it")
-                    # The running sequences' caches are half written; the waiting ones are untouched.
-                    self._fail(list(self.engine.scheduler.running))
-                    self._publish()
-                    break
+                    # Not the model's failure (EngineCore.step recovers from those) but the engine's
+                    # own, in the midst of its bookkeeping: the requests it was running end, and
+                    # should none be running, those waiting, so that the loop cannot spin on them.
+                    log.exception("engine step failed outside the model; failing the requests it held")
+                    scheduler = self.engine.scheduler
+                    self._fail(list(scheduler.running) or list(scheduler.waiting))
+                    updated = []
                 for seq in updated:
                     self._emit(seq)
                 self._drain_inbox()

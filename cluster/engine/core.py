@@ -3,18 +3,26 @@
 Every step the scheduler (cluster.engine.scheduler) picks the batch and what each sequence feeds;
 the model runs one forward over it; then each sequence whose tokens are all cached samples its next
 token. Finished sequences leave and free their blocks at once.
+
+A step whose model call fails (an expert lost, a timeout) changes no sequence's tokens: its
+sequences are preempted, to be recomputed from their tokens, and only one that keeps failing ends
+with an error (Scheduler.step_failed). What a step does to its sequences' outputs comes after
+everything in it that can fail, so a failed step has streamed nothing.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from cluster.engine.kv_manager import KVManager
-from cluster.engine.sampling import FAILED, SamplingParams, make_generator, sample_batch
+from cluster.engine.sampling import FAILED, SamplingParams, draws_for, sample_batch
 from cluster.engine.scheduler import Scheduler, SequenceState, check_request
+
+log = logging.getLogger(__name__)
 
 
 class StepModel(Protocol):
@@ -29,6 +37,7 @@ class StepModel(Protocol):
 
 
 ModelT = TypeVar("ModelT", bound=StepModel)
+Sampled = tuple[SequenceState, int, float, list[tuple[int, float]]]  # a sequence, its token, logprob, top logprobs
 
 
 class EngineCore(Generic[ModelT]):
@@ -49,11 +58,12 @@ class EngineCore(Generic[ModelT]):
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         self.steps = 0
+        self.failed_steps = 0
         self._ids = itertools.count()
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None) -> SequenceState:
         self.check_request(prompt_ids, params)
-        seq = SequenceState(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, make_generator(params))
+        seq = SequenceState(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, draws_for(params))
         self.scheduler.waiting.append(seq)
         return seq
 
@@ -75,6 +85,7 @@ class EngineCore(Generic[ModelT]):
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "steps": self.steps,
+            "failed_steps": self.failed_steps,  # their sequences recomputed, or failed after MAX_STEP_FAILURES
             "preemptions": self.scheduler.preemptions,
             "kv_blocks": kv.num_blocks,
             "kv_blocks_free": kv.num_free,
@@ -85,10 +96,36 @@ class EngineCore(Generic[ModelT]):
         }
 
     def step(self) -> list[SequenceState]:
-        """Run one engine step; return the sequences that got a token (or finished) in it."""
+        """Run one engine step; return the sequences that got a token (or finished) in it.
+
+        When the step fails, its sequences are preempted instead, and those that failed too often
+        in a row are returned, finished with "error".
+        """
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        seqs = [seq for seq, _ in batch]
+        try:
+            sampled = self._run(batch)
+        except Exception:
+            self.failed_steps += 1
+            log.exception("engine step failed; its %d sequences are preempted, to be recomputed", len(batch))
+            return self.scheduler.step_failed(seqs)
+        self.steps += 1
+        self.scheduler.step_succeeded(seqs)
+        for seq, token, logprob, top in sampled:
+            if token == FAILED:
+                self.scheduler.finish(seq, "error")
+                continue
+            seq.output_ids.append(token)
+            seq.logprobs.append(logprob)
+            if seq.params.logprobs:
+                seq.top_logprobs.append(top)
+            self._check_finish(seq, token)
+        return [seq for seq, *_ in sampled]
+
+    def _run(self, batch: list[tuple[SequenceState, int]]) -> list[Sampled]:
+        """The model's forward over the batch, and the next token of each sequence whose tokens are now all cached."""
         histories = [seq.tokens for seq, _ in batch]  # each sequence's prompt + outputs, joined once a step
         logits = self.model.forward(
             [h[seq.num_cached : seq.num_cached + n] for h, (seq, n) in zip(histories, batch)],
@@ -96,7 +133,6 @@ class EngineCore(Generic[ModelT]):
             blocks=[seq.table.blocks for seq, _ in batch],
             first_block=[seq.table.first_block for seq, _ in batch],
         )
-        self.steps += 1
         for history, (seq, n) in zip(histories, batch):
             seq.num_cached += n
             self.kv.after_step(seq.table, history, seq.num_cached)
@@ -106,20 +142,15 @@ class EngineCore(Generic[ModelT]):
             return []
         seqs = [batch[row][0] for row in rows]
         logits = logits[rows]  # [B', V]
-        tokens = sample_batch(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        generators = [seq.draws.at(seq.num_tokens) if seq.draws else None for seq in seqs]  # the next token's position
+        tokens = sample_batch(logits, [seq.params for seq in seqs], generators)
         logprobs = torch.log_softmax(logits, dim=-1)  # of the model's own distribution
         chosen = logprobs.gather(1, torch.tensor(tokens).clamp_min(0)[:, None]).squeeze(1).tolist()
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            if token == FAILED:
-                self.scheduler.finish(seq, "error")
-                continue
-            seq.output_ids.append(token)
-            seq.logprobs.append(chosen[i])
-            if seq.params.logprobs:
-                top = torch.topk(logprobs[i], seq.params.logprobs)
-                seq.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist())))
-            self._check_finish(seq, token)
-        return seqs
+        tops: list[list[tuple[int, float]]] = []
+        for i, seq in enumerate(seqs):
+            top = torch.topk(logprobs[i], seq.params.logprobs) if seq.params.logprobs else None
+            tops.append([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
+        return list(zip(seqs, tokens, chosen, tops))
 
     def _check_finish(self, seq: SequenceState, token: int) -> None:
         params = seq.params

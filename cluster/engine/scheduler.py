@@ -8,6 +8,11 @@ sequence cannot get the one block it needs, the most recently admitted sequence 
 blocks go back and it waits at the head of the queue, to be recomputed from its tokens (no request
 fails for lack of memory). The step itself (the model's forward and the sampling) is
 cluster.engine.core.EngineCore's.
+
+A step that fails (an expert lost, a timeout) is not its sequences' fault until shown: each is
+preempted the same way, to be recomputed from its tokens, and then runs in a step alone. One that
+succeeds goes back to batching; one that fails MAX_STEP_FAILURES steps in a row (its last ones
+alone, so no other sequence was to blame) ends with an error, and only it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from cluster.engine.kv_manager import BlockTable, KVManager
-from cluster.engine.sampling import SamplingParams
+from cluster.engine.sampling import Draws, SamplingParams
 from cluster.errors import FieldError
+
+MAX_STEP_FAILURES = 3  # failed steps in a row after which a sequence ends with an error
 
 
 @dataclass(eq=False)
@@ -29,13 +34,14 @@ class SequenceState:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    draws: Draws | None  # None for greedy requests
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs
     table: BlockTable = field(default_factory=BlockTable)
     num_cached: int = 0  # tokens whose keys and values are in the cache
     admitted: bool = False  # once running (a preempted sequence waits again, admitted)
+    failures: int = 0  # failed steps in a row with this sequence in them; while > 0 it runs alone
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
 
     @property
@@ -105,6 +111,10 @@ class Scheduler:
     def schedule(self) -> list[tuple[SequenceState, int]]:
         """This step's batch: each sequence to run and how many of its tokens it feeds."""
         batch: dict[SequenceState, int] = {}
+        if self.waiting and self.waiting[0].failures:  # in a step alone, if it fits; else the others go on
+            self._admit(batch)
+            if batch:
+                return list(batch.items())
         preemptions = self.preemptions
         # Decodes first (one token each), so a long prompt never stalls streaming sequences.
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_cached > 1):
@@ -132,6 +142,8 @@ class Scheduler:
             if budget == 0:
                 return
             seq = self.waiting[0]
+            if seq.failures and batch:  # it runs alone, so that a step failing again is its own
+                return
             hit = self.kv.match_prefix(seq.table, seq.tokens)
             reserve = self.watermark if self.running else 0
             n = min(seq.num_tokens - hit, budget, self.kv.room(seq.table, hit, reserve=reserve))
@@ -146,14 +158,40 @@ class Scheduler:
             self.kv.allocate(seq.table, hit, n)
             self.running.append(seq)
             batch[seq] = n
+            if seq.failures:
+                return
+
+    def step_failed(self, seqs: list[SequenceState]) -> list[SequenceState]:
+        """The sequences of a step that failed go back to wait, first in line in their order, to be
+        recomputed from their tokens; those that have now failed MAX_STEP_FAILURES steps in a row end
+        with an error instead. Return these."""
+        in_step, failed = set(seqs), []
+        for seq in reversed(self.running[:]):  # the newest first, so that the oldest ends up first in line
+            if seq not in in_step:
+                continue
+            seq.failures += 1
+            if seq.failures >= MAX_STEP_FAILURES:
+                self.finish(seq, "error")
+                failed.append(seq)
+            else:
+                self._requeue(seq)
+        return failed[::-1]
+
+    def step_succeeded(self, seqs: list[SequenceState]) -> None:
+        for seq in seqs:
+            seq.failures = 0
 
     def _preempt(self, seq: SequenceState) -> None:
+        """Requeue a running sequence for lack of blocks (a preemption, as the stats count them)."""
+        self._requeue(seq)
+        self.preemptions += 1
+
+    def _requeue(self, seq: SequenceState) -> None:
         """Free a running sequence's blocks; it waits first in line and is recomputed from its tokens."""
         self.running.remove(seq)
         self.kv.release(seq.table)
         seq.num_cached = 0
         self.waiting.appendleft(seq)
-        self.preemptions += 1
 
     def finish(self, seq: SequenceState, reason: str) -> None:
         """The sequence leaves the queue or the batch; its blocks go back at once."""

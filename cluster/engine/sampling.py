@@ -108,12 +108,35 @@ def check_sampling_field(name: str, value: Any, *, called: str | None = None) ->
         raise FieldError(called or name, f"{called or name} {problem}")
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
+class Draws:
+    """A sequence's random draws. The draw for the token at position p (its index in prompt + output)
+    depends on (seed, p) alone, not on the draws before it: a request continued elsewhere from its
+    prompt and the tokens it had sent (cluster.serve.ingress) draws what the original would have."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed % 2**64
+        self._generator = torch.Generator()
+
+    def at(self, position: int) -> torch.Generator:
+        """The generator for the token at `position` (one generator, seeded again for each draw)."""
+        self._generator.manual_seed(_splitmix64(self.seed ^ _splitmix64(position)))
+        return self._generator
+
+
+def _splitmix64(x: int) -> int:
+    """A 64-bit mix (SplitMix64's finaliser): nearby (seed, position) pairs give unrelated seeds."""
+    x = (x + 0x9E3779B97F4A7C15) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
+
+
+def draws_for(params: SamplingParams) -> Draws | None:
+    """None for greedy requests; a seeded request's own seed, or a fresh one (a continuation of an
+    unseeded request draws afresh)."""
     if params.greedy:
         return None
-    generator = torch.Generator()
-    generator.manual_seed(params.seed % 2**64 if params.seed is not None else int(torch.randint(2**62, ()).item()))
-    return generator
+    return Draws(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

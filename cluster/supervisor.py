@@ -15,6 +15,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from router.wire import ChannelAddress
+
 RECONNECT_DEADLINE_S = 300.0  # how long a restarting worker may take to load its experts again
 
 
@@ -41,7 +43,13 @@ class WorkerSupervisor:
     def connect_all(self) -> list[socket.socket]:
         # All workers open their channels at once: one round of Ray calls, not one per worker.
         addresses = ray.get([w.open_channel.remote(self.coordinator_node) for w in self.workers])
-        return [address.connect(self.secret, timeout_s=self.timeout_s) for address in addresses]
+        return [self._connect_first(w, address) for w, address in enumerate(addresses)]
+
+    def _connect_first(self, worker: int, address: ChannelAddress) -> socket.socket:
+        try:
+            return address.connect(self.secret, timeout_s=self.timeout_s)
+        except OSError:  # turned away (its handshakes are all taken), or down: wait for it as for a restart
+            return self.connect(worker)
 
     def connect(self, worker: int) -> socket.socket:
         """A new connection, waiting (with backoff) for Ray to restart the worker if it is down."""

@@ -9,6 +9,14 @@ replies to requests whose step failed are recognised and dropped. A worker that 
 answer within its socket's timeout (stopped, partitioned), is restarted through the WorkerLink,
 and every call it still owed is sent again on a new connection, in order: no call is lost, and
 the tokens are the same.
+
+Every reply header is checked before anything is allocated for it: the reply to the call a worker
+owes next has that call's rows, columns and dtype; a reply to an older call (of a step that
+failed) is within `max_reply_bytes` and the hidden size. A worker whose reply is unlike that is
+broken, not merely slow: it is restarted like a stuck one and its calls sent again, so a worker
+that a restart heals loses no call, and one that keeps doing it fails the step after
+`max_replacements`. A socket on which a read failed may hold half a frame, so it is closed at once
+and never read again.
 """
 
 from __future__ import annotations
@@ -21,7 +29,21 @@ from dataclasses import dataclass
 import torch
 
 from router.transport import WorkerBatch, WorkerLink
-from router.wire import RemoteError, Segment, recv_tensor, send_tensor, to_device, to_host
+from router.wire import (
+    DTYPES,
+    ERROR,
+    OK,
+    BadFrame,
+    FrameLimits,
+    Header,
+    RemoteError,
+    Segment,
+    recv_frame,
+    recv_header,
+    send_tensor,
+    to_device,
+    to_host,
+)
 
 # Replacements of one worker within one reply before the step fails; a worker may be restarted
 # any number of times over a replica's life, so a later step starts counting afresh.
@@ -47,18 +69,21 @@ class InFlightCall:
 class ChannelTransport:
     """Expert workers each reached over their own authenticated socket, opened and restarted by `link`."""
 
-    def __init__(self, link: WorkerLink, *, max_replacements: int = MAX_REPLACEMENTS) -> None:
+    def __init__(self, link: WorkerLink, *, max_replacements: int = MAX_REPLACEMENTS, max_reply_bytes: int = 1 << 30) -> None:
         self.link = link
         self.max_replacements = max_replacements
-        self.replacements = 0  # workers replaced for not answering or dying
+        # A reply to a call no longer owed (of a failed step) is checked against these: its shape is not kept.
+        self.reply_limits = FrameLimits(max_bytes=max_reply_bytes)
+        self.replacements = 0  # workers replaced for not answering, dying, or sending garbage
+        self.hidden_size = 0  # D: the columns of every call
         self._ids = itertools.count(1)
         self.sockets = link.connect_all()
         self.in_flight: list[deque[InFlightCall]] = [deque() for _ in self.sockets]  # oldest first
 
-    def _replace(self, worker: int, *, stuck: bool) -> None:
-        """Have a stuck worker restarted, reconnect, and send what it owed again."""
+    def _replace(self, worker: int, *, restart: bool) -> None:
+        """Have a stuck or broken worker restarted, reconnect, and send what it owed again."""
         self.sockets[worker].close()
-        if stuck:
+        if restart:
             self.link.restart(worker)
         self.replacements += 1
         self.sockets[worker] = self.link.connect(worker)
@@ -66,7 +91,8 @@ class ChannelTransport:
             send_tensor(self.sockets[worker], call.layer, call.x, call.request_id, call.segments)
 
     def submit(self, layer: int, inputs: Mapping[int, WorkerBatch]) -> PendingLayer:
-        device = next(iter(inputs.values())).x.device
+        x = next(iter(inputs.values())).x
+        device, self.hidden_size = x.device, x.shape[1]
         ids = {}
         for w, batch in inputs.items():
             call = InFlightCall(next(self._ids), layer, to_host(batch.x), batch.segments)
@@ -75,9 +101,9 @@ class ChannelTransport:
             try:
                 send_tensor(self.sockets[w], layer, call.x, call.request_id, call.segments)
             except TimeoutError:
-                self._replace(w, stuck=True)
+                self._replace(w, restart=True)
             except OSError:
-                self._replace(w, stuck=False)
+                self._replace(w, restart=False)
         return PendingLayer(ids, device)
 
     def gather(self, pending: PendingLayer) -> dict[int, torch.Tensor]:
@@ -94,37 +120,58 @@ class ChannelTransport:
 
     def _receive(self, worker: int, request_id: int, device: torch.device) -> torch.Tensor:
         """The reply to `request_id`; replies to older calls (of a step that failed) are dropped."""
-        stuck = False
+        restart = False
         for attempt in range(self.max_replacements + 1):
             try:
                 if attempt:
-                    self._replace(worker, stuck=stuck)
+                    self._replace(worker, restart=restart)
                 while True:
-                    reply_id, reply = self._next_reply(worker, pinned=device.type == "cuda")
+                    reply_id, reply = self._next_reply(worker, request_id, pinned=device.type == "cuda")
                     self._settle(worker, reply_id)
-                    if reply_id > request_id:
-                        raise RuntimeError(f"worker {worker} answered request {reply_id} before {request_id}")
                     if reply_id == request_id:
                         if isinstance(reply, RemoteError):
                             raise reply
                         return reply
-            except TimeoutError:  # stopped or partitioned: it holds our tokens and says nothing
-                stuck = True
-                if attempt == self.max_replacements:
-                    raise
-            except OSError:  # ChannelClosed included: the worker died with our tokens
-                stuck = False
+            except OSError as e:  # ChannelClosed and BadFrame included
+                self.sockets[worker].close()  # it may hold half a frame: never read from it again
+                # Stopped or partitioned (it holds our tokens and says nothing), or broken (it
+                # speaks garbage): killed and restarted. Died: Ray restarts it already.
+                restart = isinstance(e, (TimeoutError, BadFrame))
                 if attempt == self.max_replacements:
                     raise
         raise AssertionError("unreachable")
 
-    def _next_reply(self, worker: int, *, pinned: bool) -> tuple[int, torch.Tensor | RemoteError]:
-        """(request id, output) of the next reply on `worker`'s socket; a failed call's error as its output."""
+    def _next_reply(self, worker: int, request_id: int, *, pinned: bool) -> tuple[int, torch.Tensor | RemoteError]:
+        """(request id, output) of the next reply on `worker`'s socket, read while awaiting
+        `request_id`; a failed call's error as its output."""
+        sock = self.sockets[worker]
+        header = recv_header(sock)
+        self._check_reply(worker, request_id, header)
         try:
-            reply = recv_tensor(self.sockets[worker], pinned=pinned)
+            reply = recv_frame(sock, header, self.reply_limits, pinned=pinned)
             return reply.request_id, reply.x
         except RemoteError as e:
             return e.request_id, e
+
+    def _check_reply(self, worker: int, request_id: int, header: Header) -> None:
+        """Raise BadFrame unless `header` is of a reply to the call `worker` owes next, with its
+        shape and dtype, or to a call that is no longer owed; recv_frame checks the rest."""
+        tag, rows, cols, code, reply_id, _ = header
+        calls = self.in_flight[worker]
+        if calls and reply_id == calls[0].request_id:
+            x = calls[0].x
+            shape = x.shape
+            ok = tag == OK and rows == shape[0] and cols == shape[1] and 0 <= code < len(DTYPES) and DTYPES[code] == x.dtype
+            if ok or tag == ERROR:  # an error's text is checked against MAX_ERROR_BYTES by recv_frame
+                return
+            raise BadFrame(
+                f"worker {worker} answered request {reply_id} of [{shape[0]}, {shape[1]}] {x.dtype} "
+                f"with tag {tag}, [{rows}, {cols}], dtype code {code}"
+            )
+        if reply_id >= (calls[0].request_id if calls else request_id + 1):
+            raise BadFrame(f"worker {worker} answered request {reply_id}, which it does not owe, before {request_id}")
+        if tag not in (OK, ERROR) or (tag == OK and cols != self.hidden_size):
+            raise BadFrame(f"worker {worker} answered request {reply_id} with tag {tag}, [{rows}, {cols}]")
 
     def _settle(self, worker: int, reply_id: int) -> None:
         """Forget what `worker` owed up to this reply: replies come in request order."""

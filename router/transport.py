@@ -50,7 +50,8 @@ class WorkerLink(Protocol):
         ...
 
     def restart(self, worker: int) -> None:
-        """Have `worker`, which holds our tokens and says nothing, killed; it comes back with its experts."""
+        """Have `worker` killed, stuck (it holds our tokens and says nothing) or broken (it answers
+        garbage); it comes back with its experts."""
         ...
 
 

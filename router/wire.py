@@ -1,16 +1,22 @@
 """The frame that carries one expert's activations over a socket, each way, and the handshake.
 
-    handshake: worker sends a 32-byte nonce; coordinator answers HMAC-SHA256(secret, nonce)
+    handshake: worker      -> nonce_w                                                (32 random bytes)
+               coordinator -> nonce_c + HMAC(secret, "coordinator" + nonce_w + nonce_c)
+               worker      -> HMAC(secret, "worker" + nonce_w + nonce_c)  (each end checks the other's)
     frame     = header(tag, rows, cols, dtype, request id, segments)
                 + segments * (expert, rows)      # which expert's tokens the rows are, in order
                 + rows * cols elements, row-major
 
 The secret is made per replica and handed to both ends through Ray, so only the coordinator that
-started a worker can talk to it. A request's tag is the layer, and its segments say which of the
-worker's experts each run of rows goes to; a reply has no segments, and carries the request's id
-and tag OK, or ERROR with `rows` bytes of UTF-8 text instead of elements. Every header is checked
-against the receiver's limits before anything is allocated. Bytes go straight from the tensor's
-memory to the socket and back into a fresh tensor's memory: no pickling, no intermediate copy.
+started a worker can talk to it, and a coordinator sends activations only to a worker that proved
+it holds the secret (not to whatever else listens on the address). The role names in the proofs
+keep one end's proof from being sent back as the other's. The bytes are not encrypted.
+
+A request's tag is the layer, and its segments say which of the worker's experts each run of rows
+goes to; a reply has no segments, and carries the request's id and tag OK, or ERROR with `rows`
+bytes of UTF-8 text instead of elements. Every header is checked against the receiver's limits
+before anything is allocated. Bytes go straight from the tensor's memory to the socket and back
+into a fresh tensor's memory: no pickling, no intermediate copy.
 
 The socket reads and writes host memory, so a tensor on a GPU is staged through a pinned host
 buffer (`to_host` before a send, `to_device` after a receive into a pinned tensor); a CPU tensor
@@ -24,6 +30,7 @@ import hmac
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -31,11 +38,13 @@ from typing import NamedTuple
 import torch
 
 HEADER = struct.Struct("<iiiiQi")  # tag, rows, cols, dtype code, request id, segments
+Header = tuple[int, int, int, int, int, int]  # HEADER's fields, unpacked
 SEGMENT = struct.Struct("<ii")  # expert, rows
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OK = 0
 ERROR = -1
 NONCE_BYTES = 32
+PROOF_BYTES = 32  # HMAC-SHA256
 MAX_ERROR_BYTES = 64 << 10
 
 
@@ -48,7 +57,8 @@ class ChannelAddress:
     port: int = 0
 
     def connect(self, secret: bytes, *, timeout_s: float | None = None) -> socket.socket:
-        """A connection that has passed the worker's handshake; reads and writes time out after timeout_s."""
+        """A connection on which each end proved it holds `secret` (BadFrame if the worker did not);
+        reads and writes time out after timeout_s."""
         if self.path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout_s)
@@ -58,6 +68,12 @@ class ChannelAddress:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are latency-bound
         try:
             answer_challenge(sock, secret)
+        except ChannelClosed as e:
+            sock.close()
+            raise BadFrame(
+                "the worker hung up in the handshake: it does not take this replica's channel secret, "
+                "or has as many handshakes under way as it allows"
+            ) from e
         except BaseException:
             sock.close()
             raise
@@ -106,20 +122,45 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-def challenge(conn: socket.socket, secret: bytes) -> None:
-    """The worker's side of the handshake: raise BadFrame unless the peer knows the secret."""
+def _proof(secret: bytes, role: bytes, worker_nonce: bytes, coordinator_nonce: bytes) -> bytes:
+    return hmac.new(secret, role + worker_nonce + coordinator_nonce, hashlib.sha256).digest()
+
+
+def challenge(conn: socket.socket, secret: bytes, *, timeout_s: float | None = None) -> None:
+    """The worker's side of the handshake: raise BadFrame unless the peer knows the secret, then
+    prove that this end knows it too. The whole of it takes at most timeout_s (TimeoutError)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     nonce = secrets.token_bytes(NONCE_BYTES)
     conn.sendall(nonce)
-    answer = bytearray(32)
-    _recv_into(conn, memoryview(answer))
-    if not hmac.compare_digest(bytes(answer), hmac.new(secret, nonce, hashlib.sha256).digest()):
+    said = _recv_by(conn, NONCE_BYTES + PROOF_BYTES, deadline)
+    theirs, proof = said[:NONCE_BYTES], said[NONCE_BYTES:]
+    if not hmac.compare_digest(proof, _proof(secret, b"coordinator", nonce, theirs)):
         raise BadFrame("the peer does not know this replica's channel secret")
+    conn.sendall(_proof(secret, b"worker", nonce, theirs))
 
 
 def answer_challenge(sock: socket.socket, secret: bytes) -> None:
-    nonce = bytearray(NONCE_BYTES)
-    _recv_into(sock, memoryview(nonce))
-    sock.sendall(hmac.new(secret, bytes(nonce), hashlib.sha256).digest())
+    """The coordinator's side: prove it knows the secret, and raise BadFrame unless the worker does."""
+    theirs = _recv_by(sock, NONCE_BYTES, None)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    sock.sendall(nonce + _proof(secret, b"coordinator", theirs, nonce))
+    if not hmac.compare_digest(_recv_by(sock, PROOF_BYTES, None), _proof(secret, b"worker", theirs, nonce)):
+        raise BadFrame("the worker does not know this replica's channel secret: an impostor on its address")
+
+
+def _recv_by(sock: socket.socket, size: int, deadline: float | None) -> bytes:
+    """`size` bytes, all of them by `deadline` (time.monotonic) if one is given: a peer that
+    trickles them in a byte at a time cannot hold the connection for longer."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view.nbytes:
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ChannelClosed("the expert channel closed in the handshake")
+        view = view[n:]
+    return bytes(buffer)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -192,13 +233,18 @@ def _segments(sock: socket.socket, count: int, rows: int, limits: FrameLimits) -
     return segments
 
 
-def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits(), *, pinned: bool = False) -> Frame:
-    """The next frame, its tensor in pinned host memory if asked (to go on to a GPU). An ERROR frame
-    raises RemoteError with its text (its request id in `RemoteError.request_id`); a header or
-    segments outside `limits` raise BadFrame."""
-    header = bytearray(HEADER.size)
-    _recv_into(sock, memoryview(header))
-    tag, rows, cols, code, request_id, num_segments = HEADER.unpack(header)
+def recv_header(sock: socket.socket) -> Header:
+    """The next frame's header, unchecked: (tag, rows, cols, dtype code, request id, segments).
+    Pass it to recv_frame, which checks it before reading the rest."""
+    raw = bytearray(HEADER.size)
+    _recv_into(sock, memoryview(raw))
+    header: Header = HEADER.unpack(raw)
+    return header
+
+
+def recv_frame(sock: socket.socket, header: Header, limits: FrameLimits, *, pinned: bool = False) -> Frame:
+    """The rest of the frame `header` (recv_header) begins, as recv_tensor."""
+    tag, rows, cols, code, request_id, num_segments = header
     _check(tag, rows, cols, code, num_segments, limits)
     segments = _segments(sock, num_segments, rows, limits) if limits.experts and tag != ERROR else ()
     if tag == ERROR:
@@ -209,3 +255,10 @@ def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits(), *, pin
     if out.numel():
         _recv_into(sock, _bytes(out))
     return Frame(tag, request_id, out, segments)
+
+
+def recv_tensor(sock: socket.socket, limits: FrameLimits = FrameLimits(), *, pinned: bool = False) -> Frame:
+    """The next frame, its tensor in pinned host memory if asked (to go on to a GPU). An ERROR frame
+    raises RemoteError with its text (its request id in `RemoteError.request_id`); a header or
+    segments outside `limits` raise BadFrame."""
+    return recv_frame(sock, recv_header(sock), limits, pinned=pinned)

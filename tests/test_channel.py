@@ -10,7 +10,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,19 +23,22 @@ from router.channel_transport import ChannelTransport
 from router.transport import WorkerBatch
 from router.wire import (
     HEADER,
+    NONCE_BYTES,
     OK,
     SEGMENT,
+    BadFrame,
     ChannelAddress,
     ChannelClosed,
     FrameLimits,
     RemoteError,
     Segment,
+    challenge,
     recv_tensor,
     send_tensor,
     to_device,
     to_host,
 )
-from workers.channel_server import ChannelServer
+from workers.channel_server import MAX_PENDING_HANDSHAKES, ChannelServer
 
 LAYERS, D = 3, 64
 POISON = 4
@@ -169,11 +173,131 @@ def test_a_peer_without_the_secret_is_refused_and_the_worker_lives(address: Chan
     except (BrokenPipeError, ConnectionResetError):
         pass  # the worker already hung up on the wrong answer: refused either way
     assert closed(intruder)
-    assert closed(address.connect(b"x" * 32, timeout_s=30))  # another secret: refused too
+    with pytest.raises(BadFrame, match="secret"):  # another secret: refused too
+        address.connect(b"x" * 32, timeout_s=30)
     good = address.connect(SECRET, timeout_s=30)
     x = torch.randn(2, D)
     send_tensor(good, 0, x, request_id=5)
     assert torch.equal(recv_tensor(good)[2], fake_expert(0, x))
+
+
+def eventually(condition: Callable[[], bool], *, within_s: float = 5) -> bool:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def served(address: ChannelAddress, *, within_s: float) -> bool:
+    """Whether a coordinator with the secret connects (trying again while it is turned away) and is answered."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            peer = address.connect(SECRET, timeout_s=10)
+            break
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+    x = torch.randn(2, D)
+    send_tensor(peer, 1, x, request_id=1)
+    ok = torch.equal(recv_tensor(peer).x, fake_expert(1, x))
+    peer.close()
+    return ok
+
+
+def test_idle_peers_past_the_cap_are_closed_at_once_and_a_coordinator_is_served() -> None:
+    server = ChannelServer(fake_expert, secret=SECRET, limits=LIMITS, handshake_timeout_s=2.0)
+    address = server.open(same_node=True, node_ip="127.0.0.1")
+    idle = [raw_connection(address) for _ in range(MAX_PENDING_HANDSHAKES + 8)]  # none ever answers
+    first = [s.recv(NONCE_BYTES) for s in idle]  # a challenge, or b"": hung up on at once
+    assert sum(len(b) == NONCE_BYTES for b in first) <= MAX_PENDING_HANDSHAKES
+    assert sum(b == b"" for b in first) >= 8
+    start = time.monotonic()
+    assert served(address, within_s=10)
+    for s in idle:  # the challenged ones are dropped at the handshake's time limit
+        assert closed(s)
+    assert time.monotonic() - start < 10
+
+
+def test_a_handshake_that_trickles_in_is_cut_off_at_its_time_limit() -> None:
+    server = ChannelServer(fake_expert, secret=SECRET, limits=LIMITS, handshake_timeout_s=1.0)
+    address = server.open(same_node=True, node_ip="127.0.0.1")
+    slow = raw_connection(address)
+    assert len(slow.recv(NONCE_BYTES)) == NONCE_BYTES
+    start = time.monotonic()
+    with contextlib.suppress(OSError):  # a byte at a time, each well within the time limit
+        for _ in range(2 * NONCE_BYTES):
+            slow.sendall(b"\0")
+            time.sleep(0.25)
+    assert closed(slow) and time.monotonic() - start < 3
+    assert served(address, within_s=10)
+
+
+class FailsToSetUpOnce(ChannelServer):
+    """A channel whose set-up of its first connection raises (as a thread that cannot be started would)."""
+
+    failed = False
+
+    def _set_up(self, conn: socket.socket) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("can't start new thread")
+        super()._set_up(conn)
+
+
+@pytest.mark.parametrize("same_node", [True, False], ids=["unix", "tcp"])
+def test_a_connection_that_fails_to_be_set_up_does_not_stop_the_next(same_node: bool) -> None:
+    address = FailsToSetUpOnce(fake_expert, secret=SECRET, limits=LIMITS).open(same_node=same_node, node_ip="127.0.0.1")
+    assert closed(raw_connection(address))  # dropped, not left open
+    assert served(address, within_s=10)
+
+
+def impostor(script: Callable[[socket.socket], None]) -> ChannelAddress:
+    """A worker's address served by `script` on each connection: a peer that speaks the wire its own way."""
+    path = f"\0moe-test-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+
+    def serve() -> None:
+        while True:
+            conn, _ = listener.accept()
+            conn.settimeout(30)
+            threading.Thread(target=script, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return ChannelAddress(path=path)
+
+
+def says_ok(conn: socket.socket) -> None:
+    conn.sendall(os.urandom(NONCE_BYTES))
+    conn.recv(1 << 10)
+    conn.sendall(b"\0" * 32)  # "you are welcome", with no proof of the secret behind it
+    closed(conn)
+
+
+def reflects(conn: socket.socket) -> None:
+    conn.sendall(os.urandom(NONCE_BYTES))
+    said = conn.recv(1 << 10)
+    conn.sendall(said[-32:])  # the coordinator's own proof, sent back as if it were the worker's
+    closed(conn)
+
+
+def hangs_up(conn: socket.socket) -> None:
+    conn.sendall(os.urandom(NONCE_BYTES))
+    conn.recv(1 << 10)
+    conn.close()
+
+
+@pytest.mark.parametrize("script", [says_ok, reflects, hangs_up])
+def test_a_coordinator_refuses_a_worker_that_does_not_know_the_secret(script: Callable[[socket.socket], None]) -> None:
+    with pytest.raises(BadFrame, match="secret"):
+        impostor(script).connect(SECRET, timeout_s=30)
+    real = ChannelServer(fake_expert, secret=SECRET, limits=LIMITS).open(same_node=True, node_ip="127.0.0.1")
+    assert served(real, within_s=0)
 
 
 @pytest.mark.parametrize(
@@ -276,6 +400,98 @@ def test_a_broken_connection_is_made_again_through_the_link_and_its_call_sent_ag
     assert torch.equal(transport.gather(pending)[0], fake_expert(1, x))
     assert transport.replacements == 1 and link.connections == 2
     assert link.restarted == []  # a worker that went away is not killed again: only a stuck one is
+    transport.close()
+
+
+class NextAddressLink:
+    """A WorkerLink to one worker whose every new connection goes to the next of `addresses`, the
+    last for good: a misbehaving worker, replaced by a real one."""
+
+    def __init__(self, addresses: list[ChannelAddress], *, timeout_s: float) -> None:
+        self.addresses = addresses
+        self.timeout_s = timeout_s
+        self.connections = 0
+        self.restarted: list[int] = []
+
+    def connect_all(self) -> list[socket.socket]:
+        return [self.connect(0)]
+
+    def connect(self, worker: int) -> socket.socket:
+        address = self.addresses[min(self.connections, len(self.addresses) - 1)]
+        self.connections += 1
+        return address.connect(SECRET, timeout_s=self.timeout_s)
+
+    def restart(self, worker: int) -> None:
+        self.restarted.append(worker)
+
+
+def real_worker() -> ChannelAddress:
+    return ChannelServer(fake_expert, secret=SECRET, limits=LIMITS).open(same_node=True, node_ip="127.0.0.1")
+
+
+def replies_with(
+    header: Callable[[int], bytes], body: Callable[[bytes], bytes] = lambda elements: b""
+) -> tuple[ChannelAddress, list[float]]:
+    """A worker that passes the handshake, reads a request, answers `header(request id)` + `body(the
+    request's elements)`, and then says nothing; the times at which its peers hung up on it."""
+    hung_up: list[float] = []
+
+    def script(conn: socket.socket) -> None:
+        challenge(conn, SECRET)
+        request = recv_tensor(conn, LIMITS)
+        conn.sendall(header(request.request_id) + body(bytes(request.x.numpy().data)))
+        if closed(conn):
+            hung_up.append(time.monotonic())
+
+    return impostor(script), hung_up
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        lambda rid: HEADER.pack(OK, 1 << 30, D, 0, rid, 0),  # 256 GiB of float32
+        lambda rid: HEADER.pack(OK, (1 << 30) // (4 * D), D, 0, rid, 0),  # a GiB: within the frame limit
+        lambda rid: HEADER.pack(OK, 3, D, 0, rid, 0),  # a row more than it was sent
+        lambda rid: HEADER.pack(OK, 2, D + 1, 0, rid, 0),  # not the hidden size
+        lambda rid: HEADER.pack(OK, 2, D, 3, rid, 0),  # float64 for float32
+        lambda rid: HEADER.pack(OK, 2, D, 0, rid + 5, 0),  # an answer to a request never sent
+    ],
+    ids=["2**30-rows", "a-GiB-of-rows", "a-row-more", "cols", "dtype", "unsent-id"],
+)
+def test_a_reply_header_unlike_its_request_replaces_the_worker_before_anything_is_allocated(
+    header: Callable[[int], bytes],
+) -> None:
+    hostile, hung_up = replies_with(header)
+    link = NextAddressLink([hostile, real_worker()], timeout_s=20)
+    transport = ChannelTransport(link)
+    x = torch.randn(2, D)
+    start = time.monotonic()
+    out = transport.gather(transport.submit(1, {0: batch(x)}))
+    assert torch.equal(out[0], fake_expert(1, x))  # answered by its replacement: no call lost
+    assert link.restarted == [0]  # a worker that speaks garbage is not trusted to serve again
+    assert eventually(lambda: len(hung_up) == 1) and hung_up[0] - start < 5  # hung up on at the header, not at a timeout
+    transport.close()
+
+
+def test_a_reply_header_unlike_its_request_fails_the_step_once_replacements_run_out() -> None:
+    hostile, _ = replies_with(lambda rid: HEADER.pack(OK, 2, D + 1, 0, rid, 0))
+    transport = ChannelTransport(NextAddressLink([hostile], timeout_s=20), max_replacements=0)
+    with pytest.raises(BadFrame, match=f"\\[2, {D + 1}\\]"):
+        transport.gather(transport.submit(1, {0: batch(torch.randn(2, D))}))
+    assert transport.sockets[0].fileno() == -1
+    transport.close()
+
+
+def test_a_reply_cut_off_by_the_last_timeout_closes_its_socket() -> None:
+    hostile, hung_up = replies_with(lambda rid: HEADER.pack(OK, 2, D, 0, rid, 0), lambda elements: elements[: len(elements) // 2])
+    link = NextAddressLink([hostile, real_worker()], timeout_s=1)
+    transport = ChannelTransport(link, max_replacements=0)
+    with pytest.raises(TimeoutError):
+        transport.gather(transport.submit(1, {0: batch(torch.randn(2, D))}))
+    assert transport.sockets[0].fileno() == -1  # the half-read frame is never read on from
+    assert eventually(lambda: len(hung_up) == 1)
+    x = torch.randn(3, D)  # the next call goes to a new connection, and reads its own reply
+    assert torch.equal(transport.gather(transport.submit(2, {0: batch(x)}))[0], fake_expert(2, x))
     transport.close()
 
 

@@ -6,7 +6,10 @@ CPU on each side on a small machine, and a decode step of mini makes 64 of them.
 block in recv: an idle worker uses no CPU.
 
 On the coordinator's node the socket is a Unix socket (no network at all); from another node it
-is TCP on the node's address, the one Ray itself uses. A request's rows reach `forward` on the
+is TCP on the node's address, the one Ray itself uses. Anyone who can reach the address may
+connect, so a connection costs little until it passes the handshake: at most
+MAX_PENDING_HANDSHAKES are being checked at a time (others are closed at once, and the coordinator
+tries again), each for at most the handshake's time limit. A request's rows reach `forward` on the
 worker's device and its outputs leave from there (router.wire.to_device, to_host): on a CPU
 worker the bytes go straight from the socket into the tensor and back.
 """
@@ -44,6 +47,7 @@ from workers.channel import Forward
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0
+MAX_PENDING_HANDSHAKES = 16
 
 
 def _unix_socket_path() -> str:
@@ -67,6 +71,7 @@ class ChannelServer:
         limits: FrameLimits = FrameLimits(),
         answers: Executor | None = None,
         device: str | torch.device = "cpu",
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,  # the whole handshake's, however the peer trickles
     ) -> None:
         self.forward = forward
         self.secret = secret
@@ -76,7 +81,10 @@ class ChannelServer:
         # connection (the worker's compute thread, so a request passes from the reading thread to
         # the computing one and no further), or None: a thread of its own per connection.
         self.answers = answers
+        self.handshake_timeout_s = handshake_timeout_s
         self.addresses: dict[bool, ChannelAddress] = {}  # keyed by "same node as the caller"
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)  # a slot per handshake under way
+        self._turned_away = 0  # connections closed because every slot was taken
         self._sockets: set[socket.socket] = set()  # listeners and connections, for close
         self._closed = False
 
@@ -114,11 +122,33 @@ class ChannelServer:
                 log.warning("expert channel: accept failed (%s)", e)
                 time.sleep(0.1)
                 continue
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # One thread per connection: a coordinator that reconnects after a failure of its own
-            # is served even while its old connection has not yet been noticed as gone.
-            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="expert-channel-conn").start()
+            if not self._pending.acquire(blocking=False):
+                self._turn_away(conn)
+                continue
+            try:
+                self._set_up(conn)
+            except Exception:  # this connection is lost; the next ones are still served
+                log.exception("expert channel: could not set up a connection")
+                self._pending.release()
+                self._sockets.discard(conn)
+                conn.close()
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        conn.close()
+        self._turned_away += 1
+        if self._turned_away & (self._turned_away - 1) == 0:  # at 1, 2, 4, 8...: a flood logs a few lines
+            log.warning(
+                "expert channel: %d handshakes under way, turned away %d peers", MAX_PENDING_HANDSHAKES, self._turned_away
+            )
+
+    def _set_up(self, conn: socket.socket) -> None:
+        """Serve `conn` (which holds a handshake slot) on a thread of its own."""
+        self._sockets.add(conn)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # One thread per connection: a coordinator that reconnects after a failure of its own
+        # is served even while its old connection has not yet been noticed as gone.
+        threading.Thread(target=self._serve, args=(conn,), daemon=True, name="expert-channel-conn").start()
 
     def _serve(self, conn: socket.socket) -> None:
         """Check the peer, then read requests here and have them answered elsewhere, in order.
@@ -129,15 +159,16 @@ class ChannelServer:
         deadlock.
         """
         try:
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            challenge(conn, self.secret)
+            challenge(conn, self.secret, timeout_s=self.handshake_timeout_s)
             conn.settimeout(None)
         except (BadFrame, OSError) as e:
             log.warning("expert channel: refused a peer (%s)", e)
+            self._sockets.discard(conn)
             conn.close()
             return
+        finally:
+            self._pending.release()
         answers = self.answers or ThreadPoolExecutor(1, thread_name_prefix="expert-channel-answer")
-        self._sockets.add(conn)
         pinned = self.device.type == "cuda"
         try:
             while True:

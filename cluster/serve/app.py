@@ -119,6 +119,7 @@ def build_app(args: ServeArgs, settings: ReplicaSettings | None = None) -> Appli
         args.served_model_name or checkpoint.name,
         args.guardrail,
         api_key(args),
+        replica_wait_s=args.replica_wait_s,
     )
 
 

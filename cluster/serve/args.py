@@ -106,6 +106,12 @@ class ServeArgs(BaseModel):
     drain_timeout_s: float = Field(
         600.0, gt=0, description="A replica being removed takes no new requests and waits this long for its running ones."
     )
+    replica_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="A stream whose engine replica dies goes on on another replica (or the one Serve brings back) "
+        "from the tokens already sent; it waits this long for one, then ends with a 503.",
+    )
     guardrail: bool = Field(False, description="Prepend the Mistral 7B paper's guardrail system prompt to chats.")
     api_key: str | None = Field(
         None,

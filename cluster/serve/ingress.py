@@ -6,7 +6,11 @@ client ─HTTP/gRPC─► Serve proxy ─► OpenAIIngress ─► Frontend (http
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,24 +30,55 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2
 
+log = logging.getLogger("ray.serve")
+REPLICA_WAIT_S = 120.0  # how long a request whose replica died waits for another to take it over
+
 
 class HandleEngine:
-    """The EngineClient contract over a DeploymentHandle to the engine deployment (EngineServer)."""
+    """The EngineClient contract over a DeploymentHandle to the engine deployment (EngineServer).
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    A stream whose replica dies goes on elsewhere: the request is sent again as a continuation (its
+    prompt and the tokens already streamed, with the budget left), to a live replica, or to the one
+    Serve brings back, for up to `replica_wait_s`. Sampling draws depend on (seed, position) only
+    (cluster.engine.sampling), so a seeded or greedy continuation makes the tokens the original would have.
+    """
+
+    def __init__(self, handle: DeploymentHandle, *, replica_wait_s: float = REPLICA_WAIT_S) -> None:
         self.handle = handle
+        self.replica_wait_s = replica_wait_s
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
-        stream = cast(
-            DeploymentResponseGenerator, self.handle.options(stream=True).generate.remote(prompt_ids, params, request_id)
-        )
-        try:
-            async for event in stream:
-                yield event
-        except RayActorError as e:  # ActorUnavailableError included  # the engine replica died or is restarting
-            raise EngineUnavailable(f"the engine replica is unavailable ({type(e).__name__}); retry the request") from None
-        finally:
-            stream.cancel()  # a client that left: the engine aborts the request and frees its sequence
+        sent: list[int] = []  # token ids already streamed to the client
+        lost_at: float | None = None  # when the replica serving it was lost, while none has taken it since
+        while True:
+            stream = self._continuation(prompt_ids, sent, params, request_id)
+            try:
+                async for event in stream:
+                    lost_at = None
+                    if event.token_id >= 0:
+                        sent.append(event.token_id)
+                    yield event
+                return
+            except RayActorError as e:  # ActorDiedError, ActorUnavailableError: the engine replica went away
+                lost_at = lost_at or time.monotonic()
+                waited = time.monotonic() - lost_at
+                if waited > self.replica_wait_s:
+                    raise EngineUnavailable(
+                        f"the engine replica is unavailable ({type(e).__name__}) and none took the request over "
+                        f"within {self.replica_wait_s:g} s; retry the request"
+                    ) from None
+                log.warning("request %s lost its replica after %d tokens; continuing on another", request_id, len(sent))
+                await asyncio.sleep(min(1.0, 0.1 + waited / 10))
+            finally:
+                stream.cancel()  # a client that left: the engine aborts the request and frees its sequence
+
+    def _continuation(
+        self, prompt_ids: list[int], sent: list[int], params: SamplingParams, request_id: str
+    ) -> DeploymentResponseGenerator:
+        """The request from where its stream stands: the prompt with the streamed tokens, the budget left."""
+        rest = replace(params, max_tokens=params.max_tokens - len(sent)) if sent else params
+        handle = self.handle.options(stream=True)
+        return cast(DeploymentResponseGenerator, handle.generate.remote(prompt_ids + sent, rest, request_id))
 
     async def model_info(self) -> ModelInfo:
         return await self.handle.model_info.remote()
@@ -84,11 +119,18 @@ ON_HEAD = {"node:__internal_head__": 0.001}
 @serve.ingress()
 class OpenAIIngress:
     def __init__(
-        self, engine: DeploymentHandle, checkpoint: Checkpoint, model_name: str, guardrail: bool, api_key: str | None = None
+        self,
+        engine: DeploymentHandle,
+        checkpoint: Checkpoint,
+        model_name: str,
+        guardrail: bool,
+        api_key: str | None = None,
+        *,
+        replica_wait_s: float = REPLICA_WAIT_S,
     ) -> None:
         path = checkpoint.local_path()  # the tokenizer's files, on the node the ingress runs on
         self.frontend = Frontend(
-            HandleEngine(engine),
+            HandleEngine(engine, replica_wait_s=replica_wait_s),
             model_name=model_name,
             tokenizer=load_tokenizer(path),
             chat=chat_renderer(path, guardrail=guardrail),

@@ -186,6 +186,16 @@ class EngineHost:
         except asyncio.TimeoutError:
             raise RuntimeError(f"an expert worker did not answer a ping within {timeout:g} s") from None
 
+    def stuck_step(self, bound_s: float) -> str | None:
+        """Why the engine is not serving though it is alive, or None: a step that has waited on its
+        expert workers longer than `bound_s` (one stopped, or being replaced). Serve's own health check
+        does not read this: a replica whose worker is healing is kept, running requests and all."""
+        since = self.model.transport.waiting_since
+        waited = time.monotonic() - since if since is not None else 0.0
+        if waited > bound_s:
+            return f"a step has waited {waited:.0f} s on its expert workers (one is stopped or being replaced)"
+        return None
+
     def read_log(self) -> ReadLog:
         return self.model.read_log()
 

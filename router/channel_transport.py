@@ -22,6 +22,7 @@ and never read again.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ from router.wire import (
 # Replacements of one worker within one reply before the step fails; a worker may be restarted
 # any number of times over a replica's life, so a later step starts counting afresh.
 MAX_REPLACEMENTS = 8
+# How long one gather may spend replacing workers before its step fails (and is recomputed, by
+# cluster.engine.core): time for a restarted worker to load its experts, not for ever.
+RETRY_BUDGET_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,19 @@ class InFlightCall:
 class ChannelTransport:
     """Expert workers each reached over their own authenticated socket, opened and restarted by `link`."""
 
-    def __init__(self, link: WorkerLink, *, max_replacements: int = MAX_REPLACEMENTS, max_reply_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        link: WorkerLink,
+        *,
+        max_replacements: int = MAX_REPLACEMENTS,
+        max_reply_bytes: int = 1 << 30,
+        retry_budget_s: float = RETRY_BUDGET_S,
+    ) -> None:
         self.link = link
         self.max_replacements = max_replacements
+        self.retry_budget_s = retry_budget_s  # of one gather's replacements, from its first failure
+        self.waiting_since: float | None = None
+        self._failed_at: float | None = None  # this gather's first failure
         # A reply to a call no longer owed (of a failed step) is checked against these: its shape is not kept.
         self.reply_limits = FrameLimits(max_bytes=max_reply_bytes)
         self.replacements = 0  # workers replaced for not answering, dying, or sending garbage
@@ -107,10 +121,14 @@ class ChannelTransport:
         return PendingLayer(ids, device)
 
     def gather(self, pending: PendingLayer) -> dict[int, torch.Tensor]:
-        return {
-            w: to_device(self._receive(w, request_id, pending.device), pending.device)
-            for w, request_id in pending.request_ids.items()
-        }
+        self.waiting_since, self._failed_at = time.monotonic(), None
+        try:
+            return {
+                w: to_device(self._receive(w, request_id, pending.device), pending.device)
+                for w, request_id in pending.request_ids.items()
+            }
+        finally:
+            self.waiting_since = None
 
     def abandon(self) -> None:
         """The step failed: what the workers still owe for it is never sent again, and its
@@ -139,6 +157,11 @@ class ChannelTransport:
                 restart = isinstance(e, (TimeoutError, BadFrame))
                 if attempt == self.max_replacements:
                     raise
+                self._failed_at = self._failed_at or time.monotonic()
+                if time.monotonic() - self._failed_at > self.retry_budget_s:
+                    raise TimeoutError(
+                        f"worker {worker} was not back within {self.retry_budget_s:g} s of replacements; the step fails"
+                    ) from e
         raise AssertionError("unreachable")
 
     def _next_reply(self, worker: int, request_id: int, *, pinned: bool) -> tuple[int, torch.Tensor | RemoteError]:

@@ -29,6 +29,10 @@ class WorkerBatch(NamedTuple):
 
 
 class ExpertTransport(Protocol):
+    # Since when (time.monotonic()) a gather has been waiting on its workers, or None: a stuck or
+    # replaced worker shows as a wait that grows (cluster.engine_host reports it on /health).
+    waiting_since: float | None
+
     def submit(self, layer: int, inputs: Mapping[int, WorkerBatch]) -> Any: ...
 
     def gather(self, pending: Any) -> dict[int, torch.Tensor]: ...
@@ -64,6 +68,7 @@ class LocalTransport:
 
     def __init__(self, workers: Sequence[WorkerLike]) -> None:
         self.workers = workers
+        self.waiting_since: float | None = None  # never waits: the work is done at submit
 
     def submit(self, layer: int, inputs: Mapping[int, WorkerBatch]) -> dict[int, torch.Tensor]:
         return {w: self.workers[w].forward(layer, b.x, b.segments).to(b.x.device) for w, b in inputs.items()}

@@ -495,6 +495,27 @@ def test_a_reply_cut_off_by_the_last_timeout_closes_its_socket() -> None:
     transport.close()
 
 
+def test_a_gather_gives_up_replacing_a_worker_after_its_retry_budget_and_shows_how_long_it_waited() -> None:
+    def silent(conn: socket.socket) -> None:  # takes its calls and never answers, however often replaced
+        with contextlib.suppress(OSError):  # until the coordinator hangs up
+            challenge(conn, SECRET)
+            while True:
+                recv_tensor(conn, LIMITS)
+
+    link = NextAddressLink([impostor(silent)], timeout_s=0.2)
+    transport = ChannelTransport(link, max_replacements=1000, retry_budget_s=1.0)
+    waited: list[float | None] = []
+    watcher = threading.Timer(0.5, lambda: waited.append(transport.waiting_since))
+    watcher.start()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="not back within 1 s"):
+        transport.gather(transport.submit(1, {0: batch(torch.randn(2, D))}))
+    assert link.connections < 100  # the budget ended it, not the thousand replacements allowed
+    assert waited and waited[0] is not None and waited[0] >= start  # /health sees the wait while it lasts
+    assert transport.waiting_since is None  # and not after
+    transport.close()
+
+
 def slow_expert(layer: int, x: torch.Tensor, segments: tuple[Segment, ...] = ()) -> torch.Tensor:
     time.sleep(0.5)  # long enough that a kill right after sending lands mid-call
     return fake_expert(layer, x)

@@ -7,9 +7,11 @@ an out-of-memory kill or a lost node would end it.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +37,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def replica_pids() -> set[int]:
-    """The processes of this app's engine replicas (Ray titles them ray::ServeReplica:APP:EngineServer...)."""
+def titled(title: str) -> set[int]:
+    """The processes whose title (Ray sets ray::<actor class>...) has `title` in it."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -44,9 +46,14 @@ def replica_pids() -> set[int]:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if f"ServeReplica:{APP}:EngineServer".encode() in cmdline:
+            if title.encode() in cmdline:
                 pids.add(int(entry.name))
     return pids
+
+
+def replica_pids() -> set[int]:
+    """The processes of this app's engine replicas (Ray titles them ray::ServeReplica:APP:EngineServer...)."""
+    return titled(f"ServeReplica:{APP}:EngineServer")
 
 
 def wait_for_replicas(count: int, *, timeout_s: float = 240) -> set[int]:
@@ -132,11 +139,13 @@ def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
 
 
 @contextmanager
-def served(checkpoint: Path, replicas: int) -> Iterator[int]:
+def served(checkpoint: Path, replicas: int, **settings: object) -> Iterator[int]:
     """The app with `replicas` engine replicas (each one worker of all eight experts) on a port of its own."""
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs(checkpoint=str(checkpoint), served_model_name="tiny", experts_per_worker=8, min_replicas=replicas)
+    args = ServeArgs(
+        checkpoint=str(checkpoint), served_model_name="tiny", experts_per_worker=8, min_replicas=replicas, **settings
+    )
     serve.run(build_app(args), name=APP, route_prefix="/")
     try:
         wait_for_replicas(replicas)
@@ -162,3 +171,40 @@ def test_streams_go_on_on_the_replica_serve_brings_back_when_the_only_one_dies(r
         [only] = replica_pids()
         assert_same_as(run_streams(port, kill_when_every_stream_has=5, victim=only), reference)
         assert only not in wait_for_replicas(1)
+
+
+def health(port: int) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/health")
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    return response.status, body
+
+
+def test_health_says_a_step_waits_on_a_stopped_worker_while_serve_keeps_the_replica(ray_session, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
+    before = titled("ExpertWorker")
+    with served(checkpoint, 1, stuck_step_s=1.0) as port:
+        [worker] = titled("ExpertWorker") - before
+        [replica] = replica_pids()
+        reference = run_streams(port)
+        assert health(port)[0] == 200
+        streams: list[Stream] = []
+        running = threading.Thread(target=lambda: streams.extend(run_streams(port)))
+        os.kill(worker, signal.SIGSTOP)  # the streams' first step waits on it
+        try:
+            running.start()
+            deadline = time.monotonic() + 60
+            while "waited" not in (answer := health(port))[1]:  # a ping's 503 may come first
+                assert time.monotonic() < deadline, f"/health never said the step was stuck: {answer}"
+                time.sleep(0.2)
+            assert answer[0] == 503 and "on its expert workers" in answer[1], answer
+            assert replica_pids() == {replica}  # Serve keeps the replica: its worker is to heal
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        running.join(timeout=300)
+        assert_same_as(streams, reference)  # the stopped worker's calls were answered: nothing lost
+        deadline = time.monotonic() + 30
+        while health(port)[0] != 200:
+            assert time.monotonic() < deadline, "/health did not recover"
+            time.sleep(0.2)

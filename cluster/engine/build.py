@@ -45,6 +45,9 @@ class EngineOptions:
     # An expert that has not answered a layer call in this long is killed, restarted by Ray, and
     # sent the call again. Far above any one call's compute, which it must never cut short.
     expert_timeout_s: float = 60.0
+    # GET /health answers 503 while a step has waited this long on its expert workers (one stopped, or
+    # being replaced); Serve's own health check keeps the replica, which is healing.
+    stuck_step_s: float = 30.0
     trace_path: str | None = None  # record each token's chosen experts here (msgpack), opt-in
     trace_max_bytes: int = 64 << 20  # recording stops when the trace file reaches this size
     # Steps with at least this many tokens run as two micro-batches in flight (two-batch overlap):

@@ -47,6 +47,7 @@ def engine_options(args: ServeArgs) -> EngineOptions:
         prefix_caching=args.enable_prefix_caching,
         trace_path=args.trace_path,
         expert_dtype=args.expert_dtype,
+        stuck_step_s=args.stuck_step_s,
     )
 
 

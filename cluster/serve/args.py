@@ -106,6 +106,12 @@ class ServeArgs(BaseModel):
     drain_timeout_s: float = Field(
         600.0, gt=0, description="A replica being removed takes no new requests and waits this long for its running ones."
     )
+    stuck_step_s: float = Field(
+        30.0,
+        gt=0,
+        description="GET /health answers 503 while an engine step has waited this long on its expert workers (one "
+        "stopped, or being replaced); Serve's own replica health check keeps the replica, whose worker is healing.",
+    )
     replica_wait_s: float = Field(
         120.0,
         gt=0,

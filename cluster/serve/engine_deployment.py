@@ -16,6 +16,7 @@ through a DeploymentHandle.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -67,6 +68,7 @@ class EngineServer:
         # (stats, expert load) stay live, as a client reads them right after its own requests.
         self._scrape = Fresh(self.publisher.fleet, max_age_s=VIEW_MAX_AGE_S)
         self._health = Fresh(self.host.check_health, max_age_s=VIEW_MAX_AGE_S)
+        self.stuck_step_s = engine.stuck_step_s
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenEvent]:
         """Stream a request's tokens; a cancelled stream aborts it."""
@@ -114,6 +116,16 @@ class EngineServer:
         """Serve awaits this once the replica has drained (graceful shutdown): its last snapshot says it stopped."""
         if await self.publisher.stop():
             self.host.shutdown()
+
+    async def health(self) -> None:
+        """What GET /health reports: check_health's answer, and a step stuck on its workers past
+        stuck_step_s (which Serve's own check tolerates, as the worker is healing)."""
+        if problem := self.host.stuck_step(self.stuck_step_s):  # first: it answers at once, a ping may not
+            raise RuntimeError(problem)
+        try:  # the pings go on for Serve's check (shielded); this answer waits no longer than a stuck step would
+            await asyncio.wait_for(asyncio.shield(self._health.get()), self.stuck_step_s)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"an expert worker did not answer a ping within {self.stuck_step_s:g} s") from None
 
     async def check_health(self) -> None:
         """Healthy when the engine loop runs and every expert worker answers a ping in time."""

@@ -96,7 +96,7 @@ class HandleEngine:
         return await self.handle.rebalance.remote()
 
     async def check_health(self) -> None:
-        await self.handle.check_health.remote()
+        await self.handle.health.remote()  # the engine's view for /health (EngineServer.health)
 
     async def shutdown(self) -> None:
         pass  # Serve owns the engine replica's life

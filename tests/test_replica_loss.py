@@ -19,12 +19,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 from ray import serve
 
-from cluster.serve.app import build_app
+from cluster.serve.app import GRPC_SERVICER, build_app
 from cluster.serve.args import ServeArgs
+from protos import moe_pb2_grpc
+from tests.test_edge import grpc_request
 
 APP = "survive"
 TOKENS = 60
@@ -138,24 +141,34 @@ def checkpoint(make_ckpt) -> Path:  # type: ignore[no-untyped-def]
     return make_ckpt(tokenizer=True, vocab_size=32000)
 
 
+@dataclass(frozen=True)
+class Ports:
+    http: int
+    grpc: int
+
+
 @contextmanager
-def served(checkpoint: Path, replicas: int, **settings: object) -> Iterator[int]:
-    """The app with `replicas` engine replicas (each one worker of all eight experts) on a port of its own."""
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def served(checkpoint: Path, replicas: int, **settings: object) -> Iterator[Ports]:
+    """The app with `replicas` engine replicas (each one worker of all eight experts) on ports of its own."""
+    ports = Ports(free_port(), free_port())
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": ports.http},
+        grpc_options={"port": ports.grpc, "grpc_servicer_functions": [GRPC_SERVICER]},
+    )
     args = ServeArgs(
         checkpoint=str(checkpoint), served_model_name="tiny", experts_per_worker=8, min_replicas=replicas, **settings
     )
     serve.run(build_app(args), name=APP, route_prefix="/")
     try:
         wait_for_replicas(replicas)
-        yield port
+        yield ports
     finally:
         serve.shutdown()
 
 
 def test_streams_go_on_when_one_of_two_replicas_dies_twice(ray_session, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
-    with served(checkpoint, 2) as port:
+    with served(checkpoint, 2) as ports:
+        port = ports.http
         reference = run_streams(port)
         assert all(r.error is None and r.completion_tokens == TOKENS for r in reference)
         first, survivor = sorted(replica_pids())
@@ -165,11 +178,30 @@ def test_streams_go_on_when_one_of_two_replicas_dies_twice(ray_session, checkpoi
         assert_same_as(run_streams(port, kill_when_every_stream_has=5, victim=survivor), reference)
 
 
+def unary_and_grpc(ports: Ports) -> tuple[str, list[int]]:
+    """A non-streaming HTTP completion and a gRPC stream, both greedy, of TOKENS tokens each."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports.http}/v1", api_key="unused", max_retries=0, timeout=600)
+    whole = client.completions.create(
+        model="tiny", prompt="One answer, whole:", max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert (whole.choices[0].finish_reason, whole.usage.completion_tokens) == ("length", TOKENS)
+    request = grpc_request([1, 5, 9], max_tokens=TOKENS, temperature=0.0)
+    with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        chunks = list(moe_pb2_grpc.MoEServiceStub(channel).GenerateStream(request))
+    assert chunks[-1].finish_reason == "length"
+    return whole.choices[0].text, [t for c in chunks for t in c.token_ids]
+
+
 def test_streams_go_on_on_the_replica_serve_brings_back_when_the_only_one_dies(ray_session, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
-    with served(checkpoint, 1) as port:
+    with served(checkpoint, 1) as ports:
+        port = ports.http
         reference = run_streams(port)
+        reference_others = unary_and_grpc(ports)
         [only] = replica_pids()
-        assert_same_as(run_streams(port, kill_when_every_stream_has=5, victim=only), reference)
+        with ThreadPoolExecutor(1) as pool:
+            others = pool.submit(unary_and_grpc, ports)  # in flight with the streams when the replica dies
+            assert_same_as(run_streams(port, kill_when_every_stream_has=5, victim=only), reference)
+            assert others.result() == reference_others  # non-streaming and gRPC requests are carried over too
         assert only not in wait_for_replicas(1)
 
 
@@ -184,7 +216,12 @@ def health(port: int) -> tuple[int, str]:
 
 def test_health_says_a_step_waits_on_a_stopped_worker_while_serve_keeps_the_replica(ray_session, checkpoint: Path) -> None:  # type: ignore[no-untyped-def]
     before = titled("ExpertWorker")
-    with served(checkpoint, 1, stuck_step_s=1.0) as port:
+    with served(checkpoint, 1, stuck_step_s=1.0) as ports:
+        port = ports.http
+        deadline = time.monotonic() + 60  # workers of an earlier app may still be on their way out
+        while len(titled("ExpertWorker") - before) != 1:
+            assert time.monotonic() < deadline, f"expected this app's one worker, found {titled('ExpertWorker') - before}"
+            time.sleep(0.2)
         [worker] = titled("ExpertWorker") - before
         [replica] = replica_pids()
         reference = run_streams(port)

@@ -45,3 +45,11 @@ def test_no_text_points_at_the_tracker() -> None:
 def test_no_cli_module_is_over_250_lines() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in (ROOT / "cluster" / "cli").glob("*.py")}
     assert sizes and max(sizes.values()) <= 250, sizes
+
+
+def test_docs_serving_lists_every_serve_setting() -> None:
+    from cluster.serve.args import ServeArgs
+
+    text = (ROOT / "docs" / "serving.md").read_text()
+    missing = [name for name in ServeArgs.model_fields if name != "checkpoint" and f"--{name.replace('_', '-')}" not in text]
+    assert not missing

@@ -34,7 +34,7 @@ from mixtral.checkpoint import Checkpoint, ReadLog
 from router.expert_map import ExpertMap
 from router.load import balancedness
 from workers.device import set_coordinator_threads
-from workers.expert_worker import WorkerStats
+from workers.expert_worker import WorkerInfo, WorkerStats
 from workers.telemetry import Telemetry
 
 
@@ -61,6 +61,10 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def unanswered_ping(timeout_s: float) -> RuntimeError:
+    return RuntimeError(f"an expert worker did not answer a ping within {timeout_s:g} s")
+
+
 class EngineHost:
     """In a Ray actor: the engine over `workers` (expert worker actors, started with `channel_secret`),
     holding experts as `expert_map` says, its coordinator's GEMMs on `threads` threads (None: every core)."""
@@ -74,7 +78,9 @@ class EngineHost:
         expert_map: ExpertMap | None = None,
         *,
         threads: int | None = None,
+        worker_info: list[WorkerInfo] | None = None,
     ) -> None:
+        """`worker_info`: the workers' info() where the caller has it already (else asked here)."""
         threads = set_coordinator_threads(threads)
         self.workers = workers
         self.ping_timeout_s = options.expert_timeout_s
@@ -83,7 +89,7 @@ class EngineHost:
         engine = engine_over_workers(checkpoint, self.supervisor, options, expert_map, threads=threads)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.model = engine.model
-        self.worker_summary = WorkerSummary.of(ray.get([w.info.remote() for w in workers]))
+        self.worker_summary = WorkerSummary.of(worker_info or ray.get([w.info.remote() for w in workers]))
         self.rebalancer = Rebalancer(
             self.model,
             load_experts=ray_calls(workers, "load_experts"),
@@ -180,11 +186,10 @@ class EngineHost:
             raise RuntimeError("the engine loop thread has stopped")
         # As long as the transport gives a worker before replacing it: a worker being replaced is
         # healing, and a failed check would have Serve kill the whole replica, running requests too.
-        timeout = self.ping_timeout_s
         try:
-            await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), timeout)
+            await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self.workers)), self.ping_timeout_s)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"an expert worker did not answer a ping within {timeout:g} s") from None
+            raise unanswered_ping(self.ping_timeout_s) from None
 
     def stuck_step(self, bound_s: float) -> str | None:
         """Why the engine is not serving though it is alive, or None: a step that has waited on its

@@ -26,7 +26,7 @@ from typing import Any
 from cluster.engine.build import EngineOptions
 from cluster.engine.protocol import ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
-from cluster.engine_host import EngineHost
+from cluster.engine_host import EngineHost, unanswered_ping
 from cluster.expert_workers import ReplicaLayout, start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions
 from cluster.serve.fleet import fleet_load, fleet_metrics, fleet_stats
@@ -52,8 +52,10 @@ class EngineServer:
         assert pg is not None, "the engine deployment runs in its placement group (placement_group_bundles)"
         secret = new_secret()  # per replica: only this replica's engine can talk to its workers
         workers = start_workers(checkpoint, pg, secret=secret, engine=engine, placement=placement, layout=layout)
-        wait_loaded([w.info.remote() for w in workers], progress=False)
-        self.host = EngineHost(checkpoint, workers, secret, engine, layout.expert_map, threads=placement.coordinator_threads)
+        info = wait_loaded([w.info.remote() for w in workers], progress=False)
+        self.host = EngineHost(
+            checkpoint, workers, secret, engine, layout.expert_map, threads=placement.coordinator_threads, worker_info=info
+        )
         summary = self.host.worker_summary
         log.info(
             "experts compute in %s (checkpoint dtype %s); %d of %d workers hold their matrices packed for oneDNN's GEMM",
@@ -125,7 +127,7 @@ class EngineServer:
         try:  # the pings go on for Serve's check (shielded); this answer waits no longer than a stuck step would
             await asyncio.wait_for(asyncio.shield(self._health.get()), self.stuck_step_s)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"an expert worker did not answer a ping within {self.stuck_step_s:g} s") from None
+            raise unanswered_ping(self.stuck_step_s) from None
 
     async def check_health(self) -> None:
         """Healthy when the engine loop runs and every expert worker answers a ping in time."""

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from cluster.serve.replica_registry import COUNTERS, ReplicaSnapshot
+from cluster.serve.replica_registry import COUNTERS, ReplicaSnapshot, summed_workers
 from router.load import ExpertLoad
 
 GAUGES = ("running", "waiting", "kv_blocks", "kv_blocks_free", "kv_cache_bytes", "resident_bytes")
@@ -22,26 +22,9 @@ GAUGES = ("running", "waiting", "kv_blocks", "kv_blocks_free", "kv_cache_bytes",
 
 def fleet_load(snapshots: list[ReplicaSnapshot]) -> dict[str, Any]:
     """ExpertLoad.report over every replica, workers summed per worker index, and each replica's own counts."""
-    workers: dict[int, dict[str, Any]] = {}
-    for s in snapshots:
-        for w in s.workers:
-            total = workers.setdefault(
-                w["worker"],
-                {
-                    "worker": w["worker"],
-                    "experts": w["experts"],
-                    "tokens": 0,
-                    "calls": 0,
-                    "forward_ms": 0.0,
-                    "bytes_in": 0,
-                    "bytes_out": 0,
-                },
-            )
-            for key in ("tokens", "calls", "forward_ms", "bytes_in", "bytes_out"):
-                total[key] += w[key]
     replicas = [{"replica": s.replica, "serving": s.serving, "tokens": s.load["tokens"], "workers": s.workers} for s in snapshots]
     return ExpertLoad.summed([s.load for s in snapshots]).report() | {
-        "workers": [workers[e] for e in sorted(workers)],
+        "workers": summed_workers(s.workers for s in snapshots),
         "replicas": replicas,
     }
 

@@ -65,7 +65,7 @@ def checked(value: Any, info: ValidationInfo) -> Any:
     assert field is not None  # always set for a field validator
     if value is None:
         return value  # unset: the engine's default applies
-    as_engine_holds_it = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+    as_engine_holds_it = (value,) if isinstance(value, str) else value  # one stop string, or a list of them
     try:
         check_sampling_field(ENGINE_FIELD.get(field, field), as_engine_holds_it, called=field)
     except FieldError as e:

@@ -10,6 +10,7 @@ Light on purpose: the registry's process imports this module only.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,18 +65,27 @@ def retire(gone: ReplicaSnapshot, *, into: ReplicaSnapshot | None) -> ReplicaSna
     stats = {key: gone.stats.get(key, 0) for key in COUNTERS} | {"replicas": 1}
     if into is None:
         return ReplicaSnapshot(RETIRED, False, gone.load, gone.workers, stats, [])
-    workers = {w["worker"]: dict(w) for w in into.workers}
-    for w in gone.workers:
-        if w["worker"] in workers:
-            workers[w["worker"]] = added(workers[w["worker"]], w)
-        else:
-            workers[w["worker"]] = dict(w)
-    return ReplicaSnapshot(
-        RETIRED, False, added(into.load, gone.load), [workers[k] for k in sorted(workers)], added(into.stats, stats), []
-    )
+    workers = summed_workers([into.workers, gone.workers])
+    return ReplicaSnapshot(RETIRED, False, added(into.load, gone.load), workers, added(into.stats, stats), [])
 
 
-KEPT = ("top_k", "worker", "experts")  # what names a counter rather than counts
+WORKER_COUNTS = ("tokens", "calls", "forward_ms", "bytes_in", "bytes_out")  # per worker row, since start
+
+
+def summed_workers(rows: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Several replicas' per-worker rows summed by worker index (the experts named are the first row's)."""
+    by_worker: dict[int, dict[str, Any]] = {}
+    for replica_rows in rows:
+        for w in replica_rows:
+            total = by_worker.setdefault(
+                w["worker"], {"worker": w["worker"], "experts": w["experts"]} | {key: 0 for key in WORKER_COUNTS}
+            )
+            for key in WORKER_COUNTS:
+                total[key] += w[key]
+    return [by_worker[w] for w in sorted(by_worker)]
+
+
+KEPT = ("top_k",)  # what names a counter rather than counts
 
 
 def added(a: Any, b: Any) -> Any:

@@ -1,8 +1,11 @@
 """The engine host: one engine over one replica's expert workers, whoever runs it.
 
-    EngineHost ─ AsyncEngine ─ EngineCore ─ ModelRunner ─ ChannelTransport ─sockets─► expert workers
+    EngineHost ─ AsyncEngine ─ EngineCore ─ ModelRunner ─ MoEBlock ─ ChannelTransport ─sockets─► expert workers
       ├─ WorkerSupervisor (cluster.supervisor): opens their channels, restarts a stuck one
       └─ Rebalancer (cluster.engine.rebalance): a new expert map from live load
+
+A dense model's host has none of the right-hand side: its ModelRunner runs the MLP itself, and
+what only MoE has (expert load, maps, rebalancing, worker stats) raises NotMoE.
 
 The CLI and the benchmark run it as a plain Ray actor in bundle 0 of the replica's placement group
 (cluster.placement.bring_up: ray.remote(EngineHost)); a Serve replica is a thin shim over it
@@ -28,11 +31,13 @@ from cluster.engine.build import EngineOptions, engine_over_workers
 from cluster.engine.protocol import ModelInfo, TokenEvent
 from cluster.engine.rebalance import Rebalancer, ray_calls
 from cluster.engine.sampling import SamplingParams
+from cluster.errors import UserError
 from cluster.expert_workers import WorkerSummary
 from cluster.supervisor import WorkerSupervisor
 from mixtral.checkpoint import Checkpoint, ReadLog
 from router.expert_map import ExpertMap
-from router.load import balancedness
+from router.load import ExpertLoad, balancedness
+from router.moe_block import MoEBlock
 from workers.device import set_coordinator_threads
 from workers.expert_worker import WorkerInfo, WorkerStats
 from workers.telemetry import Telemetry
@@ -61,13 +66,21 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class NotMoE(UserError):
+    """What only an MoE model has (expert load, maps, rebalancing) was asked of a dense one."""
+
+    def __init__(self, name: str, what: str) -> None:
+        super().__init__(f"{name} is a dense model (no experts): it has no {what}")
+
+
 def unanswered_ping(timeout_s: float) -> RuntimeError:
     return RuntimeError(f"an expert worker did not answer a ping within {timeout_s:g} s")
 
 
 class EngineHost:
-    """In a Ray actor: the engine over `workers` (expert worker actors, started with `channel_secret`),
-    holding experts as `expert_map` says, its coordinator's GEMMs on `threads` threads (None: every core)."""
+    """In a Ray actor: the engine over `workers` (expert worker actors, started with `channel_secret`;
+    none for a dense model), holding experts as `expert_map` says, its coordinator's GEMMs on
+    `threads` threads (None: every core)."""
 
     def __init__(
         self,
@@ -85,18 +98,25 @@ class EngineHost:
         self.workers = workers
         self.ping_timeout_s = options.expert_timeout_s
         self.max_num_seqs = options.max_num_seqs
-        self.supervisor = WorkerSupervisor.here(workers, secret=channel_secret, timeout_s=options.expert_timeout_s)
-        engine = engine_over_workers(checkpoint, self.supervisor, options, expert_map, threads=threads)
+        self.name = checkpoint.name
+        moe = checkpoint.args.is_moe
+        supervisor = WorkerSupervisor.here(workers, secret=channel_secret, timeout_s=options.expert_timeout_s) if moe else None
+        engine = engine_over_workers(checkpoint, supervisor, options, expert_map, threads=threads)
         self.engine = AsyncEngine(engine, Telemetry(checkpoint.name), max_waiting=options.max_waiting)
         self.model = engine.model
-        self.worker_summary = WorkerSummary.of(worker_info or ray.get([w.info.remote() for w in workers]))
-        self.rebalancer = Rebalancer(
-            self.model,
-            load_experts=ray_calls(workers, "load_experts"),
-            hold_only=ray_calls(workers, "hold_only"),
-            set_holdings=self.supervisor.set_holdings,
-            telemetry=Telemetry(checkpoint.name),
-        )
+        feed_forward = self.model.feed_forward
+        self.moe = feed_forward if isinstance(feed_forward, MoEBlock) else None
+        self.worker_summary: WorkerSummary | None = None
+        self.rebalancer: Rebalancer | None = None
+        if self.moe is not None and supervisor is not None:
+            self.worker_summary = WorkerSummary.of(worker_info or ray.get([w.info.remote() for w in workers]))
+            self.rebalancer = Rebalancer(
+                self.moe,
+                load_experts=ray_calls(workers, "load_experts"),
+                hold_only=ray_calls(workers, "hold_only"),
+                set_holdings=supervisor.set_holdings,
+                telemetry=Telemetry(checkpoint.name),
+            )
         self._ids = 0
 
     def _request_id(self) -> str:
@@ -138,15 +158,24 @@ class EngineHost:
         return tokens
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(max_model_len=self.model.max_model_len, vocab_size=self.model.vocab_size)
+        return ModelInfo(max_model_len=self.model.max_model_len, vocab_size=self.model.vocab_size, moe=self.moe is not None)
+
+    def _moe(self, what: str) -> MoEBlock:
+        if self.moe is None:
+            raise NotMoE(self.name, what)
+        return self.moe
 
     def expert_load(self) -> list[list[int]]:
         """Tokens routed to each expert, per layer, since start: [L][E]."""
-        return self.model.load.snapshot()
+        return self._moe("expert load").load.snapshot()
 
     def load_counters(self) -> dict[str, Any]:
-        """The routing load's counters since start (router.load.ExpertLoad.counters), for a fleet view."""
-        return self.model.load.counters()
+        """The routing load's counters since start (router.load.ExpertLoad.counters), for a fleet view;
+        a dense model's, its one MLP as one expert that never counted a token."""
+        if self.moe is None:
+            args = self.model.args
+            return ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok).counters()
+        return self.moe.load.counters()
 
     def engine_steps(self) -> int:
         return self.engine.engine.steps
@@ -159,13 +188,15 @@ class EngineHost:
         """The engine's state (stats), its KV pool's bytes, its resident memory, the dtype its experts
         compute in (and up to how many rows in the checkpoint's), its expert map and how evenly its
         workers are loaded."""
+        own = self.engine.stats() | {"kv_cache_bytes": self.model.cache.nbytes, "resident_bytes": resident_bytes()}
+        if self.moe is None or self.worker_summary is None:
+            return own
         return (
-            self.engine.stats()
-            | {"kv_cache_bytes": self.model.cache.nbytes, "resident_bytes": resident_bytes()}
+            own
             | self.worker_summary.stats()
             | {
-                "expert_map": self.model.expert_map.to_json(),
-                "worker_balancedness": balancedness(self.model.worker_load.window()),
+                "expert_map": self.moe.expert_map.to_json(),
+                "worker_balancedness": balancedness(self.moe.worker_load.window()),
             }
         )
 
@@ -177,6 +208,8 @@ class EngineHost:
     async def rebalance(self) -> dict[str, Any]:
         """The expert map recomputed from the load since the last rebalance, within the workers' slots
         and copies (what their memory was sized for), and applied live (Rebalance.to_json)."""
+        if self.rebalancer is None:
+            raise NotMoE(self.name, "experts to rebalance")
         result = await asyncio.to_thread(self.rebalancer.rebalance)
         return result.to_json()
 
@@ -195,7 +228,9 @@ class EngineHost:
         """Why the engine is not serving though it is alive, or None: a step that has waited on its
         expert workers longer than `bound_s` (one stopped, or being replaced). Serve's own health check
         does not read this: a replica whose worker is healing is kept, running requests and all."""
-        since = self.model.transport.waiting_since
+        if self.moe is None:
+            return None  # nothing to wait on: the whole step runs here
+        since = self.moe.transport.waiting_since
         waited = time.monotonic() - since if since is not None else 0.0
         if waited > bound_s:
             return f"a step has waited {waited:.0f} s on its expert workers (one is stopped or being replaced)"

@@ -28,9 +28,9 @@ from workers.expert_worker import ExpertWorker, WorkerInfo
 
 @dataclass(frozen=True)
 class ReplicaLayout:
-    """What one replica asks of the cluster: its expert map, and who takes a GPU."""
+    """What one replica asks of the cluster: its expert map (None: a dense model, no workers), and who takes a GPU."""
 
-    expert_map: ExpertMap
+    expert_map: ExpertMap | None
     worker_gpus: tuple[bool, ...]  # per worker
     coordinator_gpu: bool
 
@@ -81,7 +81,10 @@ def start_workers(
     placement: PlacementOptions,
     layout: ReplicaLayout,
 ) -> list[Any]:
-    """Expert worker w, holding the map's experts of worker w, in bundle 1 + w of `pg` (placed by now)."""
+    """Expert worker w, holding the map's experts of worker w, in bundle 1 + w of `pg` (placed by now);
+    none for a dense model."""
+    if layout.expert_map is None:
+        return []
     worker_cls = ray.remote(ExpertWorker)
     threads = worker_threads(pg)
     return [

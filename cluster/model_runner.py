@@ -1,43 +1,38 @@
-"""The model runner: everything of the model that is not an expert, plus the KV cache.
+"""The model runner: everything of the model but its feed-forward, plus the KV cache.
 
 Per step, for the whole running batch (T new tokens over B sequences):
 
     x = embed(tokens)                                     # [T, D]
     for each layer l:
         h = x + attention_l(rms_norm(x), kv_cache)        # GQA, RoPE, sliding window
-        m = rms_norm2(h)
-        plan = route(gate_l(m), k)                        # [Router]
-        x = h + moe_layer(l, m, plan, transport, map)     # [Map] -> [Dispatch] -> [Experts] -> [Combine]
+        x = h + feed_forward_l(rms_norm2(h))              # the model's part (mixtral.feed_forward):
+                                                          #   Mixtral: router + MoE layer over the workers
+                                                          #   Mistral: one dense SwiGLU MLP, here
     logits = lm_head(rms_norm(x[last token of each sequence]))   # [B, V]
 
-Large steps run as two micro-batches in flight: while the experts work on one micro-batch's
-layer, the runner runs the other's attention (two-batch overlap).
+Where the feed-forward runs elsewhere (Mixtral's experts), large steps run as two micro-batches
+in flight: while the experts work on one micro-batch's layer, the runner runs the other's
+attention (two-batch overlap).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cluster.errors import UserError
 from mixtral import names
 from mixtral.attention import AttentionWeights, attention
 from mixtral.checkpoint import Checkpoint, ReadLog
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
+from mixtral.feed_forward import FeedForwardFactory
 from mixtral.kv_cache import PagedKVCache
 from mixtral.kv_spec import GiB, KVSpec
 from mixtral.layers import linear, linear_weight, rms_norm, rope_cos_sin
 from mixtral.layout import StepLayout, build_layout
-from router.expert_map import ExpertMap
-from router.load import ExpertLoad, WorkerLoad
-from router.moe import finish_moe, start_moe
-from router.observer import RoutingObserver, RoutingObservers
-from router.routing import route
-from router.transport import ExpertTransport
 from workers.device import cores, matmul_dtype, onednn_packs
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
@@ -67,13 +62,15 @@ class LayerWeights:
     input_norm: torch.Tensor  # [D]
     attn: AttentionWeights
     post_attention_norm: torch.Tensor  # [D]
-    gate: torch.Tensor  # [E, D] router
 
 
-def non_expert_weights(args: MixtralArgs) -> list[str]:
-    per_layer = [*names.ATTENTION, *names.NORMS, names.GATE]
+def non_expert_weights(args: ModelArgs) -> list[str]:
+    """What the coordinator reads: all but Mixtral's experts (a dense model's MLP included)."""
+    per_layer = [*names.ATTENTION, *names.NORMS]
     tensors = [names.EMBED, names.FINAL_NORM] + [
-        names.layer_weight(layer, suffix) for layer in range(args.num_hidden_layers) for suffix in per_layer
+        name
+        for layer in range(args.num_hidden_layers)
+        for name in [names.layer_weight(layer, s) for s in per_layer] + names.feed_forward_weights(layer, moe=args.is_moe)
     ]
     return tensors if args.tie_word_embeddings else tensors + [names.LM_HEAD]
 
@@ -109,7 +106,7 @@ class ModelRunner:
     def __init__(
         self,
         checkpoint: Checkpoint,
-        transport: ExpertTransport,
+        feed_forward: FeedForwardFactory,
         *,
         dtype: torch.dtype,
         max_num_seqs: int = 64,
@@ -118,17 +115,13 @@ class ModelRunner:
         gpu_memory_utilization: float | None = None,
         block_size: int = 16,
         device: str = "cpu",
-        load: ExpertLoad,
-        observers: Sequence[RoutingObserver] = (),
         overlap_min_tokens: int | None = None,
-        expert_map: ExpertMap | None = None,
-        worker_load: WorkerLoad | None = None,
         threads: int | None = None,
     ) -> None:
+        """`feed_forward` builds the model's feed-forward from the weights read here (mixtral.feed_forward)."""
         self.args = args = checkpoint.args
         self.dtype = dtype
         self.device = device
-        self.transport = transport
         self.vocab_size = args.vocab_size
         self.max_model_len = args.context_length(max_model_len)
         self.reader = checkpoint.reader()
@@ -144,6 +137,7 @@ class ModelRunner:
         self.final_norm = w[names.FINAL_NORM]
         self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w.pop(names.LM_HEAD), packed=self.packed)
         self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
+        self.feed_forward = feed_forward(w, self.packed)
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
         room = float(DEFAULT_CPU_KV_BYTES)
         if device.startswith("cuda"):  # measured after the weights are in: what they left of the share
@@ -151,13 +145,8 @@ class ModelRunner:
             room = gpu_kv_budget(free, total, gpu_memory_utilization)
         num_blocks = kv_cache_blocks(spec, kv_cache_bytes, max_num_seqs, self.max_model_len, args.sliding_window, room=room)
         self.cache = PagedKVCache(spec, num_blocks, dtype=dtype, device=device)
-        self.load = load
-        self.observer = RoutingObservers([load, *observers])  # load first: the others may read its totals
-        self.overlap_min_tokens = overlap_min_tokens  # None, or steps with fewer tokens: one micro-batch
-        # Where the experts are; a new map (rebalancing) takes effect at the next step, never within one.
-        self.expert_map = expert_map or ExpertMap.one_per_worker(args.num_local_experts)
-        self.step_map: ExpertMap | None = None  # the map of the step running now, if one is
-        self.worker_load = worker_load or WorkerLoad(self.expert_map.num_workers)
+        # None, or steps with fewer tokens: one micro-batch. A feed-forward computed here gains nothing from two.
+        self.overlap_min_tokens = overlap_min_tokens if self.feed_forward.overlaps else None
 
     @torch.inference_mode()
     def forward(
@@ -171,31 +160,22 @@ class ModelRunner:
         lengths = [len(t) for t in tokens]
         parts = split_for_overlap(lengths, self.overlap_min_tokens)
         batches = [self._micro_batch(tokens[part], starts[part], blocks[part], first_block[part]) for part in parts]
-        self.step_map = expert_map = self.expert_map  # one map for the whole step
         # Each micro-batch's pass yields while its experts work, and the other's takes its turn.
-        try:
-            for _ in itertools.zip_longest(*(self._layers(mb, expert_map) for mb in batches)):
+        with self.feed_forward.step():
+            for _ in itertools.zip_longest(*(self._layers(mb) for mb in batches)):
                 pass
-        except BaseException:
-            self.transport.abandon()  # nothing of this step may be sent again or taken for a later one's
-            raise
-        finally:
-            self.step_map = None
-        self.observer.step_done()
         last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
         return linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
 
-    def _layers(self, mb: MicroBatch, expert_map: ExpertMap) -> Iterator[None]:
-        """The residual stream of one micro-batch through every layer; yields while its experts run."""
-        eps, k, x = self.args.rms_norm_eps, self.args.num_experts_per_tok, mb.x
+    def _layers(self, mb: MicroBatch) -> Iterator[None]:
+        """The residual stream of one micro-batch through every layer; yields while its feed-forward runs elsewhere."""
+        eps, x, feed_forward = self.args.rms_norm_eps, mb.x, self.feed_forward
         for layer, lw in enumerate(self.layers):
             h = x + self._attention(layer, rms_norm(x, lw.input_norm, eps), mb.groups)
-            m = rms_norm(h, lw.post_attention_norm, eps)
-            plan = route(F.linear(m, lw.gate), k)  # gate logits [T, E]
-            call = start_moe(layer, m, plan, self.transport, expert_map)
-            self.worker_load.record(call.worker_rows())
-            yield
-            x = h + finish_moe(call, self.transport, self.observer)
+            pending = feed_forward.start(layer, rms_norm(h, lw.post_attention_norm, eps))
+            if feed_forward.overlaps:
+                yield
+            x = h + feed_forward.finish(pending)
         mb.x = x
 
     def _attention(self, layer: int, x: torch.Tensor, groups: list[AttentionGroup]) -> torch.Tensor:
@@ -289,5 +269,4 @@ def _layer_weights(w: dict[str, torch.Tensor], layer: int, *, packed: bool) -> L
         input_norm=get("input_layernorm"),
         attn=AttentionWeights(wq=q, wk=k, wv=v, wo=o),
         post_attention_norm=get("post_attention_layernorm"),
-        gate=get(names.GATE),
     )

@@ -22,7 +22,7 @@ from cluster.errors import UserError
 from cluster.expert_workers import ReplicaLayout, start_workers, wait_loaded
 from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 from router.expert_map import ExpertMap
 from router.wire import new_secret
 from workers.device import ACTOR_ENV
@@ -46,7 +46,12 @@ class ExpertCluster:
         remove_placement_group(self.placement_group)
 
 
-def expert_map_of(args: MixtralArgs, placement: PlacementOptions) -> ExpertMap:
+def expert_map_of(args: ModelArgs, placement: PlacementOptions) -> ExpertMap | None:
+    """The replica's expert map; None for a dense model, which has no expert workers."""
+    if not args.is_moe:
+        if placement.expert_map is not None:
+            raise UserError("the checkpoint is a dense model: it has no experts to place; drop the expert map")
+        return None
     if placement.expert_map is None:
         return ExpertMap.one_per_worker(args.num_local_experts)
     if placement.expert_map.num_experts != args.num_local_experts:
@@ -56,11 +61,14 @@ def expert_map_of(args: MixtralArgs, placement: PlacementOptions) -> ExpertMap:
     return placement.expert_map
 
 
-def replica_layout(args: MixtralArgs, placement: PlacementOptions, *, cluster_gpus: float) -> ReplicaLayout:
+def replica_layout(args: ModelArgs, placement: PlacementOptions, *, cluster_gpus: float) -> ReplicaLayout:
     """Who takes a GPU: kinds gpu and cpu as the map says; kind auto as `use_gpus` says or, when
     that is None, a GPU each when the cluster has one for every worker that may take one. The
     coordinator takes one too when GPUs were asked for, or when one is left over for it."""
     expert_map = expert_map_of(args, placement)
+    if expert_map is None:  # dense: one bundle, the coordinator's, on a GPU where asked for or where the cluster has one
+        gpu = placement.use_gpus if placement.use_gpus is not None else cluster_gpus >= 1
+        return ReplicaLayout(None, (), gpu)
     kinds = expert_map.kinds
     if placement.use_gpus is False and "gpu" in kinds:
         raise UserError("the expert map gives some workers kind gpu, but --accelerator cpu asks for none; change one")
@@ -77,10 +85,13 @@ def bundles(layout: ReplicaLayout, options: PlacementOptions) -> list[dict[str, 
     return [coordinator] + [{"CPU": options.worker_cpus} | ({"GPU": 1} if gpu else {}) for gpu in layout.worker_gpus]
 
 
-def fitted(args: MixtralArgs, placement: PlacementOptions) -> PlacementOptions:
+def fitted(args: ModelArgs, placement: PlacementOptions) -> PlacementOptions:
     """The options with worker CPU shares sized from the cluster's CPUs (placement_options.fit_worker_cpus)."""
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    workers = expert_map_of(args, placement).num_workers
+    expert_map = expert_map_of(args, placement)
+    if expert_map is None:
+        return placement
+    workers = expert_map.num_workers
     return fit_worker_cpus(placement, num_workers=workers, cluster_cpus=cpus)
 
 
@@ -92,7 +103,7 @@ def check_placeable(replica_bundles: list[dict[str, float]], strategy: Strategy)
         raise UserError(problem)
 
 
-def layout_here(args: MixtralArgs, placement: PlacementOptions) -> ReplicaLayout:
+def layout_here(args: ModelArgs, placement: PlacementOptions) -> ReplicaLayout:
     """The replica layout on the cluster Ray is connected to."""
     return replica_layout(args, placement, cluster_gpus=ray.cluster_resources().get("GPU", 0))
 
@@ -111,7 +122,7 @@ def bring_up(
     if not ready:  # it fits the cluster, but other work holds the room
         remove_placement_group(pg)
         raise UserError(
-            f"the placement group of 1 coordinator + {layout.expert_map.num_workers} workers waited {PLACEMENT_TIMEOUT_S} s for "
+            f"the placement group of 1 coordinator + {len(layout.worker_gpus)} workers waited {PLACEMENT_TIMEOUT_S} s for "
             f"room (free now: {ray.available_resources()}); stop other work on the cluster or add nodes"
         )
     secret = new_secret()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
-from mixtral.config import MixtralArgs, load_args
+from mixtral.config import ModelArgs, load_args
 from mixtral.errors import CheckpointError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: checking a path (the CLI's first step) needs none
@@ -31,7 +31,7 @@ class Checkpoint:
     """A checkpoint directory and its parsed config.json: what every actor is handed."""
 
     path: Path
-    args: MixtralArgs
+    args: ModelArgs
     # The Hugging Face repo the directory came from (mixtral.hub), if any: an actor on a node whose
     # cache lacks `path` fetches the repo into its own cache (local_path).
     repo_id: str | None = None

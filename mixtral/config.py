@@ -1,4 +1,5 @@
-"""Model arguments parsed from a Hugging Face `config.json` (MixtralForCausalLM)."""
+"""Model arguments parsed from a Hugging Face `config.json`: MixtralForCausalLM (model_type mixtral, the
+sparse MoE) or MistralForCausalLM (model_type mistral, its dense sibling: the same attention, one SwiGLU MLP)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
 DType = Literal["float32", "bfloat16", "float16"]
 ExpertDType = Literal["int8"]  # what expert weights may be held in besides the compute dtype (mixtral.int8)
 DTYPES: tuple[str, ...] = get_args(DType)
+ModelType = Literal["mixtral", "mistral"]
+MODEL_TYPES: tuple[str, ...] = get_args(ModelType)
 # What a user may ask for, in vLLM's words: auto is the checkpoint's dtype, half is float16.
 DTypeChoice = Literal["auto", "half", "float16", "bfloat16", "float32"]
 
@@ -28,9 +31,14 @@ def chosen_dtype(choice: DTypeChoice | None) -> DType | None:
 
 
 @dataclass(frozen=True)
-class MixtralArgs:
-    """The shape of a Mixtral model; names follow the checkpoint's config.json."""
+class ModelArgs:
+    """The shape of a Mixtral or Mistral model; names follow the checkpoint's config.json.
 
+    A dense Mistral model is counted as one expert that every token takes (num_local_experts and
+    num_experts_per_tok 1): its MLP is that expert's SwiGLU with weight 1, so the planner's equations
+    hold for both; what runs it differs (the MLP on the coordinator's device, no expert workers)."""
+
+    model_type: ModelType
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -49,12 +57,17 @@ class MixtralArgs:
     eos_token_ids: tuple[int, ...]
     dtype: DType  # the checkpoint's own dtype
 
+    @property
+    def is_moe(self) -> bool:
+        """Experts on workers behind a router (Mixtral); else a dense MLP beside the attention (Mistral)."""
+        return self.model_type == "mixtral"
+
     def context_length(self, max_model_len: int | None) -> int:
         """The context served: max_model_len if given, never past max_position_embeddings."""
         return min(max_model_len or self.max_position_embeddings, self.max_position_embeddings)
 
 
-def load_args(checkpoint: str | Path) -> MixtralArgs:
+def load_args(checkpoint: str | Path) -> ModelArgs:
     """Read and check `checkpoint/config.json`; raise CheckpointError saying what is wrong."""
     path = Path(checkpoint)
     if not path.is_dir():
@@ -73,17 +86,21 @@ def load_args(checkpoint: str | Path) -> MixtralArgs:
     return args_from_dict(raw, source=str(config_file))
 
 
-def args_from_dict(raw: dict, *, source: str = "config") -> MixtralArgs:
-    if raw.get("model_type") != "mixtral":
+def args_from_dict(raw: dict, *, source: str = "config") -> ModelArgs:
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
         raise CheckpointError(
-            f"{source}: model_type is {raw.get('model_type')!r}, not 'mixtral'; moe-cluster serves MixtralForCausalLM checkpoints"
+            f"{source}: model_type is {model_type!r}; moe-cluster serves MixtralForCausalLM (model_type 'mixtral') "
+            "and MistralForCausalLM (model_type 'mistral') checkpoints"
         )
+    moe = model_type == "mixtral"
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         rope = raw.get("rope_parameters") or {}
         eos = raw.get("eos_token_id", 2)
-        args = MixtralArgs(
+        args = ModelArgs(
+            model_type=cast(ModelType, model_type),
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
@@ -91,8 +108,8 @@ def args_from_dict(raw: dict, *, source: str = "config") -> MixtralArgs:
             num_attention_heads=heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
-            num_local_experts=int(raw["num_local_experts"]),
-            num_experts_per_tok=int(raw["num_experts_per_tok"]),
+            num_local_experts=int(raw["num_local_experts"]) if moe else 1,
+            num_experts_per_tok=int(raw["num_experts_per_tok"]) if moe else 1,
             max_position_embeddings=int(raw["max_position_embeddings"]),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             # transformers 5 keeps rope_theta in rope_parameters; older configs have it at the top.
@@ -119,7 +136,7 @@ def args_from_dict(raw: dict, *, source: str = "config") -> MixtralArgs:
     return args
 
 
-def resolve_dtype(args: MixtralArgs, override: str | None) -> torch.dtype:
+def resolve_dtype(args: ModelArgs, override: str | None) -> torch.dtype:
     """The compute dtype: the flag if given, else the checkpoint's own."""
     import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 
 BLOCK_SIZE = 16  # tokens per block, as vLLM's default
 GiB = 1 << 30
@@ -27,7 +27,7 @@ class KVSpec:
     block_size: int = BLOCK_SIZE
 
     @classmethod
-    def of(cls, args: MixtralArgs, dtype: str, block_size: int = BLOCK_SIZE) -> KVSpec:
+    def of(cls, args: ModelArgs, dtype: str, block_size: int = BLOCK_SIZE) -> KVSpec:
         return cls(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, DTYPE_BYTES[dtype], block_size)
 
     @property

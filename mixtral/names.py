@@ -1,4 +1,4 @@
-"""Tensor names in a Hugging Face Mixtral checkpoint (as `save_pretrained` writes them)."""
+"""Tensor names in a Hugging Face Mixtral or Mistral checkpoint (as `save_pretrained` writes them)."""
 
 from __future__ import annotations
 
@@ -27,4 +27,11 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
-GATE = "block_sparse_moe.gate"
+GATE = "block_sparse_moe.gate"  # Mixtral's router
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # Mistral's dense SwiGLU: down(silu(gate x) * up x)
+
+
+def feed_forward_weights(layer: int, *, moe: bool) -> list[str]:
+    """What the coordinator reads of a layer's feed-forward: Mixtral's router (its experts are the
+    workers'), or Mistral's whole MLP."""
+    return [layer_weight(layer, GATE)] if moe else [layer_weight(layer, suffix) for suffix in MLP]

@@ -22,21 +22,24 @@ def make_checkpoint(
     overrides: dict | None = None,
     tokenizer: bool = True,
 ) -> Path:
-    """Write a random MixtralForCausalLM with `save_pretrained` (sharded, with index) plus the tokenizer."""
+    """Write a random MixtralForCausalLM (or MistralForCausalLM, for a preset of model_type mistral) with
+    `save_pretrained` (sharded, with index) plus the tokenizer."""
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty; choose a new directory")
     import torch  # after the checks: a mistake is reported without loading torch and transformers
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
     fields = preset(preset_name) | (overrides or {})
     rope_theta = fields.pop("rope_theta", 1e6)
-    config = MixtralConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    dense = fields.pop("model_type", "mixtral") == "mistral"
+    config_cls, model_cls = (MistralConfig, MistralForCausalLM) if dense else (MixtralConfig, MixtralForCausalLM)
+    config = config_cls(**fields, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = MixtralForCausalLM(config).to(getattr(torch, dtype))
+        model = model_cls(config).to(getattr(torch, dtype))
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
     if tokenizer:
@@ -62,7 +65,7 @@ def cached_preset_checkpoint(name: str, *, cache_dir: str | Path | None = None) 
 
 
 def open_checkpoint(checkpoint: str) -> Checkpoint:
-    """A checkpoint directory; else a preset name (tiny, mini) whose checkpoint is made on first use;
+    """A checkpoint directory; else a preset name (tiny, mini, mistral-tiny) whose checkpoint is made on first use;
     else a Hugging Face repo id (owner/name), from the Hub or its local cache (mixtral.hub)."""
     from mixtral.hub import from_hub, is_repo_id
     from mixtral.presets import WRITABLE

@@ -54,15 +54,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """make_ckpt(tokenizer=False, seed=0, **config overrides) -> a checkpoint dir, made once per key."""
+    """make_ckpt(tokenizer=False, seed=0, preset="tiny", **config overrides) -> a checkpoint dir, made once
+    per key; preset "mistral-tiny" makes a dense MistralForCausalLM of the same small shape."""
     made: dict[tuple, Path] = {}
 
-    def make(*, tokenizer: bool = False, seed: int = 0, **overrides: object) -> Path:
-        key = (tokenizer, seed, tuple(sorted(overrides.items())))
+    def make(*, tokenizer: bool = False, seed: int = 0, preset: str = "tiny", **overrides: object) -> Path:
+        key = (tokenizer, seed, preset, tuple(sorted(overrides.items())))
         if key not in made:
             out = tmp_path_factory.mktemp("ckpt") / "model"
+            small = SMALL | (dict(sliding_window=None) if preset == "mistral-tiny" else {})
             made[key] = make_checkpoint(
-                out, preset_name="tiny", seed=seed, overrides=SMALL | overrides, tokenizer=tokenizer, max_shard_size="300KB"
+                out, preset_name=preset, seed=seed, overrides=small | overrides, tokenizer=tokenizer, max_shard_size="300KB"
             )
         return made[key]
 

@@ -22,9 +22,11 @@ def reference_moe(
 
 
 def hf_model(checkpoint: Path) -> torch.nn.Module:
-    from transformers import MixtralForCausalLM
+    """transformers' own model of the checkpoint's kind (MixtralForCausalLM or MistralForCausalLM), float32, eager."""
+    from transformers import AutoModelForCausalLM
 
-    return MixtralForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
 
 
 @torch.no_grad()

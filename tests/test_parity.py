@@ -32,7 +32,8 @@ def random_prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def assert_matches_hf(checkpoint, prompts, max_tokens, options=EngineOptions(), expert_map=None, worker_threads=1) -> None:  # type: ignore[no-untyped-def]
+def assert_matches_hf(checkpoint, prompts, max_tokens, options=EngineOptions(), expert_map=None, worker_threads=1):  # type: ignore[no-untyped-def]
+    """The engine's greedy ids and logprobs against transformers'; returns the engine, for its stats."""
     engine = local_engine(Checkpoint.open(checkpoint), options, expert_map, worker_threads=worker_threads)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
     seqs = engine.generate(prompts, params)
@@ -41,6 +42,7 @@ def assert_matches_hf(checkpoint, prompts, max_tokens, options=EngineOptions(), 
         ref_ids, ref_logprobs = hf_greedy(model, prompt, n)
         assert seq.output_ids == ref_ids
         torch.testing.assert_close(torch.tensor(seq.logprobs), torch.tensor(ref_logprobs), rtol=0, atol=1e-4)
+    return engine
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -69,7 +71,7 @@ def test_expert_load_counts_every_routed_token(make_ckpt) -> None:  # type: igno
     engine = local_engine(Checkpoint.open(checkpoint))
     prompts = random_prompts([7, 4], 512, seed=3)
     engine.generate(prompts, [SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)] * 2)
-    load = engine.model.load.snapshot()
+    load = engine.model.feed_forward.load.snapshot()
     # Every prompt token and every generated token but the last is fed once; each picks top-2 experts.
     fed = sum(len(p) + 5 - 1 for p in prompts)
     assert [sum(row) for row in load] == [fed * 2] * 2
@@ -82,7 +84,7 @@ def test_routing_trace_reads_back_the_live_counts(make_ckpt, tmp_path) -> None: 
     engine = local_engine(Checkpoint.open(checkpoint), EngineOptions(trace_path=str(tmp_path / "routes.msgpack")))
     engine.generate(random_prompts([9, 3, 14], 512, seed=4), [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 3)
     trace = read_trace(tmp_path / "routes.msgpack")
-    assert trace.counts == engine.model.load.snapshot()
+    assert trace.counts == engine.model.feed_forward.load.snapshot()
     assert (trace.layers, trace.experts, trace.top_k, trace.truncated) == (2, 8, 2, False)
     assert trace.steps == engine.steps
 
@@ -95,7 +97,7 @@ def test_routing_trace_stops_at_its_size_bound(make_ckpt, tmp_path) -> None:  # 
     engine.generate(random_prompts([30], 512, seed=4), [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)])
     assert path.stat().st_size <= 400
     trace = read_trace(path)
-    assert trace.truncated and 0 < sum(map(sum, trace.counts)) < sum(map(sum, engine.model.load.snapshot()))  # type: ignore[attr-defined]
+    assert trace.truncated and 0 < sum(map(sum, trace.counts)) < sum(map(sum, engine.model.feed_forward.load.snapshot()))  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("window", [None, 12])
@@ -140,9 +142,9 @@ def test_a_second_chat_prefills_only_past_the_shared_system_prompt(make_ckpt) ->
         engine = local_engine(Checkpoint.open(path), EngineOptions(prefix_caching=caching))
         seqs[caching], prefilled[caching] = [], []
         for prompt in chats:
-            before = sum(engine.model.load.snapshot()[0])  # layer 0: every fed token, top_k times
+            before = sum(engine.model.feed_forward.load.snapshot()[0])  # layer 0: every fed token, top_k times
             seqs[caching] += engine.generate([prompt], [greedy])
-            fed = (sum(engine.model.load.snapshot()[0]) - before) // engine.model.args.num_experts_per_tok
+            fed = (sum(engine.model.feed_forward.load.snapshot()[0]) - before) // engine.model.args.num_experts_per_tok
             prefilled[caching].append(fed - (greedy.max_tokens - 1))  # less the decoded tokens
     assert prefilled[False] == [len(c) for c in chats]
     # The second chat's prefill starts at the last whole 16-token block of the shared prefix.

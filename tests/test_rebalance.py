@@ -44,7 +44,7 @@ def run_streams(engine: AsyncEngine, prompts: list[list[int]], tag: str) -> list
 
 def test_rebalancing_evens_the_workers_live_while_8_streams_run_and_changes_no_token(biased: Path) -> None:
     engine = local_engine(Checkpoint.open(biased), EngineOptions(max_num_seqs=STREAMS))  # one expert per worker
-    coordinator = engine.model
+    coordinator = engine.model.feed_forward  # the MoE block: its transport, map and loads
     workers = coordinator.transport.workers  # type: ignore[attr-defined]  # LocalTransport's ExpertWorkers
     holdings: list[list[list[int]]] = []  # what a supervisor would be told a restarted worker must hold
     rebalancer = Rebalancer(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cluster.bench.machine import median_seconds
 from cluster.planning.profile import TOKEN_COUNTS
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 from mixtral.layers import HeldExpert, held_expert_ffn, linear, linear_weight
 from workers.device import cores, matmul_dtype, onednn_packs, set_coordinator_threads
 
@@ -21,7 +21,7 @@ def _ms(fn: Any, repeats: int = 5) -> float:
     return 1e3 * median_seconds(fn, repeats)
 
 
-def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, Any]:
+def measure_parts(args: ModelArgs, dtype: str, *, context: int) -> dict[str, Any]:
     """Times of the model's parts, with random weights of the model's shapes and the engine's own
     functions: attention over a KV cache of `context` tokens per sequence, routing, the expert FFN
     (on one thread, as a worker runs it), the lm_head and sampling (on every core, as the
@@ -75,7 +75,7 @@ def measure_parts(args: MixtralArgs, dtype: str, *, context: int) -> dict[str, A
     return parts
 
 
-def _attention_step(args: MixtralArgs, attn: Any, gate: torch.Tensor, x: torch.Tensor, context: int, dt: torch.dtype) -> Any:
+def _attention_step(args: ModelArgs, attn: Any, gate: torch.Tensor, x: torch.Tensor, context: int, dt: torch.dtype) -> Any:
     """One layer of the coordinator for T tokens: decode of T sequences at `context`, or (T > 256)
     prefill chunks of `context` tokens from position 0."""
     from mixtral.attention import attention

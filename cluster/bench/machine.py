@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cluster.planning.cost_model import ModelCost, busy_experts
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def matmul_gflops(dtype: torch.dtype, *, largest: int = 2048, budget_s: float = 
         size *= 2
 
 
-def decode_floor_seconds(args: MixtralArgs, machine: Machine, *, batch: int, dtype: str) -> float:
+def decode_floor_seconds(args: ModelArgs, machine: Machine, *, batch: int, dtype: str) -> float:
     """The least time one decode step of `batch` tokens can take here: weights read once, FLOPs at peak."""
     cost = ModelCost.of(args)
     layers = args.num_hidden_layers

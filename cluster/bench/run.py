@@ -126,7 +126,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "expert_half_rows": max(w.half_rows for w in cluster.worker_info),
         "expert_packed_workers": sum(w.packed for w in cluster.worker_info),
         "num_workers": len(cluster.worker_info),
-        "expert_map": cluster.layout.expert_map.to_json(),
+        "expert_map": cluster.layout.expert_map.to_json() if cluster.layout.expert_map else None,
         "expert_dtype": spec.expert_dtype,
     }
     spec.out.mkdir(parents=True, exist_ok=True)

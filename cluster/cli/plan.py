@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.cli.options import Levels, comma_separated, command
 from cluster.cli.root import app
-from mixtral.config import DType, ExpertDType, MixtralArgs
+from mixtral.config import DType, ExpertDType, ModelArgs
 
 INTERCONNECTS = "pcie4, nvlink, ethernet-25g or ethernet-100g"
 DEFAULT_GPUS = ["L4", "A10G", "RTX4090", "A100-80GB", "H100-80GB"]
@@ -70,7 +70,7 @@ class PlanArgs(BaseModel):
         return profile
 
 
-def model_shape(model: str) -> MixtralArgs:
+def model_shape(model: str) -> ModelArgs:
     from cluster.planning.planner import model_args
     from mixtral.config import load_args
 
@@ -130,7 +130,7 @@ def plan(args: PlanArgs) -> None:
         print(json.dumps({"skew": skew, "plans": [p.to_dict() for p in plans]}))
 
 
-def predict(shape: MixtralArgs, args: PlanArgs) -> None:
+def predict(shape: ModelArgs, args: PlanArgs) -> None:
     """Predicted bench tokens/s on the profiled machine, beside what bench measured there if bench.json is with it."""
     from cluster.planning.local import predict_bench_tok_s
     from cluster.planning.profile import Profile

@@ -1,4 +1,5 @@
-"""One way to build an engine: the coordinator over a transport, its routing observers, and the
+"""One way to build an engine: the model runner with its feed-forward (Mixtral's MoE block over a
+transport to the expert workers, with its routing observers, or Mistral's dense MLP), and the
 scheduler over it. The CLI, the Ray actors, the Serve deployment, the benchmark and the tests all
 build through here.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from cluster.engine.block_pool import BlockPool
 from cluster.engine.core import EngineCore
 from cluster.engine.kv_manager import KVManager
@@ -14,11 +17,13 @@ from cluster.engine.routing_metrics import RoutingMetrics
 from cluster.errors import UserError
 from cluster.model_runner import ModelRunner
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import DType, ExpertDType, MixtralArgs, resolve_dtype
+from mixtral.config import DType, ExpertDType, ModelArgs, resolve_dtype
+from mixtral.feed_forward import DenseMLP, FeedForward, FeedForwardFactory
 from mixtral.kv_spec import BLOCK_SIZE, GiB, KVSpec
 from router.channel_transport import ChannelTransport
 from router.expert_map import ExpertMap
 from router.load import ExpertLoad, WorkerLoad
+from router.moe_block import MoEBlock
 from router.observer import RoutingObserver
 from router.trace import TraceWriter
 from router.transport import ExpertTransport, LocalTransport, WorkerLink
@@ -57,18 +62,12 @@ class EngineOptions:
     overlap_min_tokens: int | None = 1024
 
 
-def build_engine(
-    checkpoint: Checkpoint,
-    transport: ExpertTransport,
-    options: EngineOptions,
-    *,
-    device: str = "cpu",
-    expert_map: ExpertMap | None = None,
-    threads: int | None = None,
-) -> EngineCore[ModelRunner]:
-    """The coordinator over `transport`, whose workers hold the experts as `expert_map` says (None:
-    one expert per worker), on `threads` threads (None: every core), with a routing trace when one
-    was asked for, and the scheduler over it."""
+def moe_block(
+    checkpoint: Checkpoint, transport: ExpertTransport, options: EngineOptions, expert_map: ExpertMap | None
+) -> FeedForwardFactory:
+    """Mixtral's feed-forward: the routers over `transport`, whose workers hold the experts as
+    `expert_map` says (None: one expert per worker), watched by the routing metrics and, when one
+    was asked for, a routing trace."""
     args = checkpoint.args
     load = ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok)
     expert_map = expert_map or ExpertMap.one_per_worker(args.num_local_experts)
@@ -84,9 +83,60 @@ def build_engine(
                 max_bytes=options.trace_max_bytes,
             )
         )
+
+    def build(weights: dict[str, torch.Tensor], packed: bool) -> FeedForward:
+        gates = MoEBlock.gates_of(weights, args.num_hidden_layers)
+        return MoEBlock(
+            gates,
+            args.num_experts_per_tok,
+            transport,
+            load=load,
+            observers=observers,
+            expert_map=expert_map,
+            worker_load=worker_load,
+        )
+
+    return build
+
+
+def dense_mlp(checkpoint: Checkpoint) -> FeedForwardFactory:
+    """Mistral's feed-forward: each layer's MLP, on the coordinator's device."""
+    return lambda weights, packed: DenseMLP.of(weights, checkpoint.args.num_hidden_layers, packed=packed)
+
+
+def check_dense_options(args: ModelArgs, options: EngineOptions, *, name: str) -> None:
+    """UserError for an MoE-only option given for a dense model (they would be ignored)."""
+    if args.is_moe:
+        return
+    if options.trace_path:
+        raise UserError(f"{name} is a dense model: it routes no tokens to experts, so it has no routing trace; drop --trace-path")
+    if options.expert_dtype:
+        raise UserError(f"{name} is a dense model: it has no experts to hold in {options.expert_dtype}; drop --expert-dtype")
+
+
+def build_engine(
+    checkpoint: Checkpoint,
+    transport: ExpertTransport | None,
+    options: EngineOptions,
+    *,
+    device: str = "cpu",
+    expert_map: ExpertMap | None = None,
+    threads: int | None = None,
+) -> EngineCore[ModelRunner]:
+    """The model runner on `threads` threads (None: every core) with its model's feed-forward (for
+    Mixtral the MoE block over `transport`, which a dense model does without: None), and the
+    scheduler over it."""
+    args = checkpoint.args
+    check_dense_options(args, options, name=checkpoint.name)
+    if args.is_moe:
+        if transport is None:
+            raise ValueError(f"{checkpoint.name} is an MoE model: its engine needs a transport to its expert workers")
+        feed_forward = moe_block(checkpoint, transport, options, expert_map)
+    else:
+        feed_forward = dense_mlp(checkpoint)
     coordinator = ModelRunner(
         checkpoint,
-        transport,
+        feed_forward,
         dtype=resolve_dtype(args, options.dtype),
         max_num_seqs=options.max_num_seqs,
         max_model_len=options.max_model_len,
@@ -94,11 +144,7 @@ def build_engine(
         gpu_memory_utilization=options.gpu_memory_utilization,
         block_size=options.block_size,
         device=device,
-        load=load,
-        observers=observers,
         overlap_min_tokens=options.overlap_min_tokens,
-        expert_map=expert_map,
-        worker_load=worker_load,
         threads=threads,
     )
     kv = KVManager(
@@ -116,7 +162,7 @@ def build_engine(
     )
 
 
-def check_kv_budget(args: MixtralArgs, options: EngineOptions) -> None:
+def check_kv_budget(args: ModelArgs, options: EngineOptions) -> None:
     """Raise UserError if the KV budget asked for cannot hold one sequence of max_model_len (before any actor starts)."""
     if options.kv_cache_memory_gb is None:
         return
@@ -135,8 +181,10 @@ def local_engine(
     worker_threads: int = 1,
     coordinator_threads: int | None = None,
 ) -> EngineCore[ModelRunner]:
-    """Every expert worker in this process: for tests, and as the one-process baseline. The
-    coordinator's GEMMs run on `coordinator_threads` (None: every core, as they are set by default)."""
+    """Every expert worker in this process (a dense model has none): for tests, and as the one-process
+    baseline. The coordinator's GEMMs run on `coordinator_threads` (None: every core, as they are set by default)."""
+    if not checkpoint.args.is_moe:
+        return build_engine(checkpoint, None, options, threads=coordinator_threads)
     expert_map = expert_map or ExpertMap.one_per_worker(checkpoint.args.num_local_experts)
     workers = [
         ExpertWorker(
@@ -155,20 +203,21 @@ def local_engine(
 
 def engine_over_workers(
     checkpoint: Checkpoint,
-    link: WorkerLink,
+    link: WorkerLink | None,
     options: EngineOptions,
     expert_map: ExpertMap | None = None,
     *,
     threads: int | None = None,
 ) -> EngineCore[ModelRunner]:
-    """In a Ray actor: the engine over the expert workers `link` reaches (cluster.supervisor), holding
+    """In a Ray actor: the engine over the expert workers `link` reaches (cluster.supervisor; None for a
+    dense model, which has none), holding
     experts as `expert_map` says, on the device Ray assigned, its coordinator's GEMMs on `threads`
     (set_coordinator_threads' answer). Built on a passing thread, so that the
     engine loop's thread is the only one with an OpenMP team in the actor and its threads spin between
     regions (workers.device.ComputeThread)."""
 
     def build() -> EngineCore[ModelRunner]:
-        transport = ChannelTransport(link)
+        transport = ChannelTransport(link) if link is not None else None
         return build_engine(checkpoint, transport, options, device=assigned_device(), expert_map=expert_map, threads=threads)
 
     return on_passing_thread(build)

@@ -35,6 +35,7 @@ class EngineUnavailable(RuntimeError):
 class ModelInfo:
     max_model_len: int
     vocab_size: int
+    moe: bool = True  # False: a dense model, which has no expert load, map or rebalancing
 
 
 class EngineClient(Protocol):

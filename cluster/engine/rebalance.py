@@ -4,7 +4,7 @@
     new map   = balanced_map(window load, same workers, each its slots, same copies)   # router.expert_map
                 (CPU workers keep their experts: a hot expert belongs where compute is fast)
     load      = each worker reads the experts it gains          # while the old map serves
-    switch    = coordinator.expert_map = new                    # takes effect at the next step
+    switch    = moe.expert_map = new                         # takes effect at the next step
     drop      = once no step runs on the old map, workers let go of what they lost
 
 A step runs on one map from start to end, so no request is lost or changed by the switch (its
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.errors import UserError
-from cluster.model_runner import ModelRunner
 from router.expert_map import ExpertMap, ExpertMapError, balanced_map, worker_loads
 from router.load import balancedness
+from router.moe_block import MoEBlock
 from workers.telemetry import Telemetry
 
 # experts per worker -> apply to every worker at once (Ray calls in parallel, or in-process calls)
@@ -89,7 +89,7 @@ def local_calls(workers: Sequence[Any], method: str) -> WorkerCall:
 class Rebalancer:
     def __init__(
         self,
-        coordinator: ModelRunner,
+        moe: MoEBlock,
         *,
         load_experts: WorkerCall,
         hold_only: WorkerCall,
@@ -97,21 +97,21 @@ class Rebalancer:
         telemetry: Telemetry,
     ) -> None:
         """`set_holdings` tells whoever restarts workers (cluster.supervisor) what each must hold from now on."""
-        self.coordinator = coordinator
+        self.moe = moe
         self.load_experts, self.hold_only = load_experts, hold_only
         self.set_holdings = set_holdings
         self.telemetry = telemetry
         self._lock = threading.Lock()  # one rebalance at a time
         self._mark_experts = self._per_expert()
-        coordinator.worker_load.mark()
+        moe.worker_load.mark()
 
     def _per_expert(self) -> list[int]:
-        return [sum(col) for col in zip(*self.coordinator.load.snapshot())]
+        return [sum(col) for col in zip(*self.moe.load.snapshot())]
 
     def window(self) -> tuple[list[int], list[int]]:
         """(tokens per expert over all layers, rows per worker) since the last rebalance."""
         experts = [a - b for a, b in zip(self._per_expert(), self._mark_experts)]
-        return experts, self.coordinator.worker_load.window()
+        return experts, self.moe.worker_load.window()
 
     def rebalance(self, *, max_experts_per_worker: int | None = None, copies: int | None = None) -> Rebalance:
         """Compute a map from the window's load and apply it live. By default each worker keeps its
@@ -119,7 +119,7 @@ class Rebalancer:
         arguments widen that (tests and operators in-process; the HTTP route takes neither)."""
         with self._lock:
             start = time.perf_counter()
-            old = self.coordinator.expert_map
+            old = self.moe.expert_map
             experts, rows = self.window()
             if not sum(experts):
                 raise UserError("no tokens were routed since the last rebalance; send traffic first, then rebalance")
@@ -140,12 +140,12 @@ class Rebalancer:
                     self.hold_only({w: list(old.workers[w]) for w in gained})  # as they were: nothing half-applied
                     raise
             self.set_holdings(new.workers)  # what a worker restarted from now on must hold
-            self.coordinator.expert_map = new  # the next step runs on it
+            self.moe.expert_map = new  # the next step runs on it
             self._wait_off(old)
             if lost:
                 self.hold_only({w: list(new.workers[w]) for w in lost})
             self._mark_experts = self._per_expert()
-            self.coordinator.worker_load.mark()
+            self.moe.worker_load.mark()
             self.telemetry.set("moe_rebalance_balancedness_before", before)
             self.telemetry.set("moe_rebalance_balancedness_predicted", predicted)
             self.telemetry.inc("moe_rebalances")
@@ -154,7 +154,7 @@ class Rebalancer:
     def _wait_off(self, old: ExpertMap) -> None:
         """Until no step runs on `old` (the step in flight at the switch has finished)."""
         deadline = time.monotonic() + SWITCH_WAIT_S
-        while self.coordinator.step_map is old and self.coordinator.expert_map is not old and time.monotonic() < deadline:
+        while self.moe.step_map is old and self.moe.expert_map is not old and time.monotonic() < deadline:
             time.sleep(0.01)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cluster.errors import UserError
 from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 from mixtral.kv_spec import KVSpec
 
 BANDWIDTH_EFFICIENCY = 0.8  # of spec-sheet memory bandwidth reached by weight reads
@@ -49,7 +49,7 @@ class ModelCost:
     head_params: int  # lm_head (the embedding lookup reads only T rows)
 
     @staticmethod
-    def of(args: MixtralArgs) -> ModelCost:
+    def of(args: ModelArgs) -> ModelCost:
         d, h, g, dh = args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim
         return ModelCost(
             attention_params=d * dh * (2 * h + 2 * g),
@@ -64,18 +64,18 @@ def busy_experts(tokens: int, experts: int, top_k: int) -> float:
     return experts * (1 - (1 - top_k / experts) ** tokens)
 
 
-def kv_spec(args: MixtralArgs, bytes_per_param: int) -> KVSpec:
+def kv_spec(args: ModelArgs, bytes_per_param: int) -> KVSpec:
     """The engine's own KV accounting (blocks, window recycling) for this model at this precision."""
     return KVSpec(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, bytes_per_param)
 
 
-def non_expert_params(args: MixtralArgs) -> int:
+def non_expert_params(args: ModelArgs) -> int:
     cost = ModelCost.of(args)
     embed = args.vocab_size * args.hidden_size
     return args.num_hidden_layers * (cost.attention_params + cost.gate_params + 2 * args.hidden_size) + embed + cost.head_params
 
 
-def expert_params_all_layers(args: MixtralArgs) -> int:
+def expert_params_all_layers(args: ModelArgs) -> int:
     return args.num_hidden_layers * ModelCost.of(args).expert_params
 
 
@@ -103,7 +103,7 @@ class Layout:
 
 
 def layout_for(
-    args: MixtralArgs,
+    args: ModelArgs,
     gpu: Gpu,
     expert_bytes_per_param: float,
     *,
@@ -131,7 +131,7 @@ def layout_for(
 
 
 def memory_splits(
-    args: MixtralArgs,
+    args: ModelArgs,
     gpu: Gpu,
     layout: Layout,
     bytes_per_param: int,
@@ -167,7 +167,7 @@ def _roofline(bytes_read: float, flops: float, gpu: Gpu) -> float:
 
 
 def step_seconds(
-    args: MixtralArgs,
+    args: ModelArgs,
     gpu: Gpu,
     link: Interconnect | None,
     layout: Layout,

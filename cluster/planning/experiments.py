@@ -12,7 +12,7 @@ from pathlib import Path
 from cluster.planning.cost_model import layout_for, step_seconds
 from cluster.planning.hardware import Gpu, Interconnect
 from cluster.planning.planner import ACTIVATION_GB
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Point:
 
 
 def sweep(
-    args: MixtralArgs,
+    args: ModelArgs,
     gpus: list[Gpu],
     link: Interconnect,
     *,

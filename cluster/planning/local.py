@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cluster.planning.cost_model import busy_experts
 from cluster.planning.profile import CALIBRATION_BATCH, Profile
-from mixtral.config import MixtralArgs
+from mixtral.config import ModelArgs
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
@@ -28,7 +28,7 @@ def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def composed_step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
+def composed_step_ms(args: ModelArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
     k, e = args.num_experts_per_tok, args.num_local_experts
     busy = busy_experts(tokens, e, k)
     per_busy = tokens * k / busy
@@ -44,14 +44,14 @@ def composed_step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequen
     return args.num_hidden_layers * (coordinator + dispatch + experts) + head
 
 
-def step_ms(args: MixtralArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
+def step_ms(args: ModelArgs, profile: Profile, *, tokens: int, sequences: int, skew: float = 1.0) -> float:
     """The composed step, scaled by the profile's one end-to-end calibration point."""
     composed_at_calibration = composed_step_ms(args, profile, tokens=CALIBRATION_BATCH, sequences=CALIBRATION_BATCH)
     scale = profile.calibration_tpot_ms / composed_at_calibration
     return scale * composed_step_ms(args, profile, tokens=tokens, sequences=sequences, skew=skew)
 
 
-def prefill_ms(args: MixtralArgs, profile: Profile, *, prompts: int, prompt_len: int, skew: float = 1.0) -> float:
+def prefill_ms(args: ModelArgs, profile: Profile, *, prompts: int, prompt_len: int, skew: float = 1.0) -> float:
     """Chunked prefill of `prompts` prompts, scaled by the calibration run's measured TTFT."""
 
     def composed(count: int, length: int) -> float:
@@ -70,7 +70,7 @@ def prefill_ms(args: MixtralArgs, profile: Profile, *, prompts: int, prompt_len:
 
 
 def predict_bench_tok_s(
-    args: MixtralArgs, profile: Profile, *, concurrency: int, prompt_len: int, output_len: int, skew: float = 1.0
+    args: ModelArgs, profile: Profile, *, concurrency: int, prompt_len: int, output_len: int, skew: float = 1.0
 ) -> float:
     """Output tokens/s of `bench` at one concurrency: chunked prefill of every prompt, then decode steps."""
     prefill = prefill_ms(args, profile, prompts=concurrency, prompt_len=prompt_len, skew=skew)

@@ -23,7 +23,7 @@ from cluster.planning.cost_model import (
     step_seconds,
 )
 from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
-from mixtral.config import MixtralArgs, args_from_dict
+from mixtral.config import ModelArgs, args_from_dict
 from mixtral.kv_spec import GiB
 from mixtral.presets import preset
 from router.expert_map import ExpertMap, WorkerKind, balanced_map
@@ -85,7 +85,7 @@ class TierPlan:
         return asdict(self)
 
 
-def model_args(name_or_config: str | dict) -> MixtralArgs:
+def model_args(name_or_config: str | dict) -> ModelArgs:
     """A named shape (mixtral-8x7b, mini, tiny, mistral-7b) or a checkpoint's config dict."""
     if isinstance(name_or_config, dict):
         return args_from_dict(name_or_config)
@@ -130,7 +130,7 @@ def _split_dict(split: MemorySplit) -> dict[str, float]:
 
 def plan_tier(
     tier: str,
-    args: MixtralArgs,
+    args: ModelArgs,
     gpu: Gpu,
     link: Interconnect | None,
     workload: Workload,
@@ -242,7 +242,7 @@ def plan_tier(
 
 
 def plan(
-    args: MixtralArgs,
+    args: ModelArgs,
     gpu: Gpu,
     link: Interconnect,
     workload: Workload,

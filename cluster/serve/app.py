@@ -23,7 +23,7 @@ from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import ON_HEAD, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
 from mixtral.checkpoint import Checkpoint
-from mixtral.config import MixtralArgs, chosen_dtype
+from mixtral.config import ModelArgs, chosen_dtype
 from mixtral.synthetic import open_checkpoint
 from router.expert_map import ExpertMap
 from workers.device import ACTOR_ENV
@@ -51,7 +51,7 @@ def engine_options(args: ServeArgs) -> EngineOptions:
     )
 
 
-def expert_map(args: ServeArgs, model_args: MixtralArgs) -> ExpertMap | None:
+def expert_map(args: ServeArgs, model_args: ModelArgs) -> ExpertMap | None:
     return resolve_expert_map(
         model_args.num_local_experts,
         experts_per_worker=args.experts_per_worker,

@@ -56,14 +56,14 @@ class EngineServer:
         self.host = EngineHost(
             checkpoint, workers, secret, engine, layout.expert_map, threads=placement.coordinator_threads, worker_info=info
         )
-        summary = self.host.worker_summary
-        log.info(
-            "experts compute in %s (checkpoint dtype %s); %d of %d workers hold their matrices packed for oneDNN's GEMM",
-            summary.compute_dtype,
-            self.host.model.dtype,
-            summary.packed_workers,
-            summary.num_workers,
-        )
+        if (summary := self.host.worker_summary) is not None:
+            log.info(
+                "experts compute in %s (checkpoint dtype %s); %d of %d workers hold their matrices packed for oneDNN's GEMM",
+                summary.compute_dtype,
+                self.host.model.dtype,
+                summary.packed_workers,
+                summary.num_workers,
+            )
         self.publisher = ReplicaPublisher(self.host, replica=self.replica)
         # /metrics and /health need no API key: a scrape loop gets answers at most VIEW_MAX_AGE_S old,
         # not a Ray call per worker each time. Serve's own health check reads the same; the keyed views

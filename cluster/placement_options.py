@@ -23,9 +23,21 @@ class PlacementOptions:
 
 
 def resolve_expert_map(
-    num_experts: int, *, experts_per_worker: int | None = None, replicate_hot: int = 0, map_path: str | None = None
+    num_experts: int,
+    *,
+    experts_per_worker: int | None = None,
+    replicate_hot: int = 0,
+    map_path: str | None = None,
+    dense: str | None = None,
 ) -> ExpertMap | None:
-    """The map the options ask for (None: the default, one expert per worker); UserError if it cannot serve."""
+    """The map the options ask for (None: the default, one expert per worker, or a dense model's
+    none); UserError if it cannot serve. `dense`: the name of a dense model, for which any of these
+    options is a mistake (it has no experts to place)."""
+    if dense is not None:
+        given = {"--experts-per-worker": experts_per_worker, "--replicate-hot": replicate_hot, "--expert-map": map_path}
+        if wrong := [flag for flag, value in given.items() if value]:
+            raise UserError(f"{dense} is a dense model (no experts to place): drop {', '.join(wrong)}")
+        return None
     if map_path is not None and experts_per_worker is not None:
         raise UserError("--expert-map and --experts-per-worker both say where the experts go; give one of them")
     if map_path is not None and replicate_hot:

@@ -88,7 +88,7 @@ def corrupt_checkpoints(make_ckpt, tmp_path_factory) -> dict[str, Path]:  # type
         ("missing", "not a directory"),
         ("truncated shard", "corrupt"),
         ("bad index", "corrupt"),
-        ("not mixtral", "not 'mixtral'"),
+        ("not mixtral", "model_type is 'llama'; moe-cluster serves MixtralForCausalLM"),
         ("no weights", "safetensors"),
     ],
 )

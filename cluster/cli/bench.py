@@ -82,6 +82,7 @@ def bench(args: BenchArgs) -> None:
         opened.args.num_local_experts,
         experts_per_worker=args.experts_per_worker,
         replicate_hot=args.replicate_hot,
+        dense=None if opened.args.is_moe else opened.name,
         map_path=args.expert_map,
     )
     opened.reader().verify()

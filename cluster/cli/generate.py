@@ -84,6 +84,7 @@ def generate(args: GenerateArgs) -> None:
 
 def prepare_generation(args: GenerateArgs) -> dict[str, Any]:
     """Check everything the user gave before any Ray process starts; cheap checks first."""
+    from cluster.engine.build import EngineOptions, check_dense_options
     from cluster.engine.sampling import SamplingParams
     from cluster.engine.scheduler import check_request
     from cluster.placement_options import resolve_expert_map
@@ -104,7 +105,9 @@ def prepare_generation(args: GenerateArgs) -> dict[str, Any]:
         experts_per_worker=args.experts_per_worker,
         replicate_hot=args.replicate_hot,
         map_path=args.expert_map,
+        dense=None if opened.args.is_moe else opened.name,
     )
+    check_dense_options(opened.args, EngineOptions(expert_dtype=args.expert_dtype), name=opened.name)
     return dict(
         checkpoint=opened,
         tokenizer=tokenizer,
@@ -141,7 +144,8 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
     )
     try:
         [result] = ray.get(cluster.coordinator.generate.remote([request["prompt_ids"]], [request["params"]]))
-        expert_load = ray.get(cluster.coordinator.expert_load.remote())
+        moe = request["checkpoint"].args.is_moe
+        expert_load = ray.get(cluster.coordinator.expert_load.remote()) if moe else None
     finally:
         cluster.shutdown()
     tokenizer = request["tokenizer"]
@@ -150,7 +154,7 @@ def run_generation(request: dict[str, Any]) -> dict[str, Any]:
         "logprobs": result.logprobs,
         "text": tokenizer.decode(result.token_ids, skip_special_tokens=True) if tokenizer else "",
         "finish_reason": result.finish_reason,
-        "expert_load": expert_load,
+        "expert_load": expert_load,  # None: a dense model, no experts
         "workers": [worker_row(w) for w in cluster.worker_info],
     }
 

@@ -35,6 +35,7 @@ class Checkpoint:
     # The Hugging Face repo the directory came from (mixtral.hub), if any: an actor on a node whose
     # cache lacks `path` fetches the repo into its own cache (local_path).
     repo_id: str | None = None
+    served_name: str | None = None  # what clients call it (serve's --served-model-name), where it is served
 
     @staticmethod
     def open(path: str | Path, *, repo_id: str | None = None) -> Checkpoint:
@@ -43,8 +44,9 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        """The model's default name and its metrics label: the repo id, else the directory's name."""
-        return self.repo_id or self.path.name
+        """The model's name and its metrics label: the name it is served under, else the repo id, else
+        the directory's name."""
+        return self.served_name or self.repo_id or self.path.name
 
     def local_path(self) -> Path:
         """The directory on this node: `path`, or for a Hub checkpoint not here, this node's copy of the repo."""

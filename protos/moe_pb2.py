@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/moe.proto\x12\x03moe\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"t\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\ttoken_ids\x18\x02 \x01(\x0b\x32\r.moe.TokenIdsH\x00\x12#\n\x06params\x18\x03 \x01(\x0b\x32\x13.moe.SamplingParamsB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"w\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\"t\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage2\x83\x01\n\nMoEService\x12\x37\n\x08Generate\x12\x14.moe.GenerateRequest\x1a\x15.moe.GenerateResponse\x12<\n\x0eGenerateStream\x12\x14.moe.GenerateRequest\x1a\x12.moe.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/moe.proto\x12\x03moe\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x91\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\ttoken_ids\x18\x02 \x01(\x0b\x32\r.moe.TokenIdsH\x00\x12#\n\x06params\x18\x03 \x01(\x0b\x32\x13.moe.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"\x83\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\x12\r\n\x05model\x18\x06 \x01(\t2\x83\x01\n\nMoEService\x12\x37\n\x08Generate\x12\x14.moe.GenerateRequest\x1a\x15.moe.GenerateResponse\x12<\n\x0eGenerateStream\x12\x14.moe.GenerateRequest\x1a\x12.moe.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_end=48
   _globals['_SAMPLINGPARAMS']._serialized_start=51
   _globals['_SAMPLINGPARAMS']._serialized_end=275
-  _globals['_GENERATEREQUEST']._serialized_start=277
-  _globals['_GENERATEREQUEST']._serialized_end=393
-  _globals['_USAGE']._serialized_start=395
-  _globals['_USAGE']._serialized_end=474
-  _globals['_GENERATERESPONSE']._serialized_start=476
-  _globals['_GENERATERESPONSE']._serialized_end=595
-  _globals['_GENERATECHUNK']._serialized_start=597
-  _globals['_GENERATECHUNK']._serialized_end=713
-  _globals['_MOESERVICE']._serialized_start=716
-  _globals['_MOESERVICE']._serialized_end=847
+  _globals['_GENERATEREQUEST']._serialized_start=278
+  _globals['_GENERATEREQUEST']._serialized_end=423
+  _globals['_USAGE']._serialized_start=425
+  _globals['_USAGE']._serialized_end=504
+  _globals['_GENERATERESPONSE']._serialized_start=507
+  _globals['_GENERATERESPONSE']._serialized_end=641
+  _globals['_GENERATECHUNK']._serialized_start=644
+  _globals['_GENERATECHUNK']._serialized_end=775
+  _globals['_MOESERVICE']._serialized_start=778
+  _globals['_MOESERVICE']._serialized_end=909
 # @@protoc_insertion_point(module_scope)

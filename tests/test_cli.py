@@ -122,13 +122,14 @@ def test_make_checkpoint_refuses_a_full_directory(make_ckpt, cli_env) -> None:  
 
 
 def test_serve_has_an_option_for_every_app_setting(cli_env) -> None:  # type: ignore[no-untyped-def]
+    from cluster.cli.options import primary_flag
     from cluster.serve.args import ServeArgs
 
     proc = run_cli("serve", "--help", env=cli_env | {"COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr
     for name in ServeArgs.model_fields:
-        if name != "checkpoint":  # the positional argument
-            assert f"--{name.replace('_', '-')}" in proc.stdout, name
+        if name not in ("checkpoint", "models"):  # the positional arguments; a config file's list of models
+            assert primary_flag(ServeArgs, name) in proc.stdout, name
 
 
 @pytest.mark.parametrize(
@@ -178,7 +179,7 @@ def parsed(command: list[str], *argv: str) -> Any:
 
 
 def command_models() -> dict[tuple[str, ...], Any]:
-    from cluster.cli.client import ServerArgs, StatsArgs
+    from cluster.cli.client import ModelServerArgs, StatsArgs
     from cluster.cli.generate import GenerateArgs
     from cluster.cli.serve import ServeCommandArgs
 
@@ -186,7 +187,7 @@ def command_models() -> dict[tuple[str, ...], Any]:
         ("serve",): ServeCommandArgs,
         ("generate",): GenerateArgs,
         ("stats",): StatsArgs,
-        ("experts", "rebalance"): ServerArgs,
+        ("experts", "rebalance"): ModelServerArgs,
     }
 
 
@@ -217,7 +218,34 @@ def test_version_prints_the_installed_package_version(cli_env) -> None:  # type:
     ],
 )
 def test_serve_options_reach_their_settings_by_vllms_names_and_old_spellings(argv: list[str], field: str, value: object) -> None:
-    assert getattr(parsed(["serve"], "tiny", *argv), field) == value
+    assert getattr(parsed(["serve"], "tiny", *argv).app_args(), field) == value
+
+
+def test_several_checkpoints_are_served_as_several_models_with_the_options_of_all() -> None:
+    one = parsed(["serve"], "tiny", "--served-model-name", "a", "--served-model-name", "b").app_args()
+    assert (one.checkpoint, one.names, one.models) == ("tiny", ["a", "b"], None)  # vLLM's aliases of one model
+    argv = ["tiny", "mistral-tiny", "--served-model-name", "moe", "--served-model-name", "dense", "--min-replicas", "2"]
+    several = parsed(["serve"], *argv, "--route", "chat=dense:75,moe:25", "--route", "big=moe:1").app_args()
+    models = several.per_model()
+    assert [(m.checkpoint, m.names, m.min_replicas) for m in models] == [("tiny", ["moe"], 2), ("mistral-tiny", ["dense"], 2)]
+    assert several.routes == ["chat=dense:75,moe:25", "big=moe:1"]
+    unnamed = parsed(["serve"], "tiny", "mistral-tiny").app_args().per_model()
+    assert [m.names for m in unnamed] == [[], []]  # each its checkpoint's name
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["MOE", "DENSE", "--served-model-name", "x"], "one name per checkpoint, in order (2 checkpoints, 1 names)"),
+        (["MOE", "--route", "chat=model"], "has no ':WEIGHT'"),
+        (["MOE", "--route", "chat=gpt-4:1"], "'gpt-4' is not a served model; route to one of: model"),
+        (["MOE", "DENSE"], "several served models are called 'model'"),  # both directories are called model
+        (["DENSE", "--experts-per-worker", "2"], "is a dense model (no experts to place): drop --experts-per-worker"),
+    ],
+)
+def test_a_bad_set_of_models_or_routes_is_one_clear_line(argv: list[str], fragment: str, make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    paths = {"MOE": str(make_ckpt()), "DENSE": str(make_ckpt(preset="mistral-tiny"))}
+    assert_one_line_error(run_cli_here("serve", *(paths.get(a, a) for a in argv), env=cli_env), fragment)
 
 
 @pytest.mark.parametrize("choice,dtype", [("auto", None), ("half", "float16"), ("float16", "float16"), ("bfloat16", "bfloat16")])

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.serve.chat import ChatRenderer
-from cluster.serve.frontend import Delta, Frontend
+from cluster.serve.frontend import Delta, Frontend, ServedModel
 from cluster.serve.http import completion_logprobs
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2, moe_pb2_grpc
@@ -43,9 +43,15 @@ def engine() -> FakeEngine:
     return FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB)
 
 
+def one_model(engine: FakeEngine, checkpoint: Path, *, chat: bool = True, api_key: str | None = None) -> Frontend:
+    """The endpoint over one model, MODEL, served by `engine`."""
+    model = ServedModel((MODEL,), engine, load_tokenizer(checkpoint), ChatRenderer(checkpoint) if chat else None)
+    return Frontend([model], api_key=api_key)
+
+
 @pytest.fixture(scope="module")
 def frontend(engine: FakeEngine, checkpoint: Path) -> Frontend:
-    return Frontend(engine, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    return one_model(engine, checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +205,12 @@ def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
     conn.request("GET", "/v1/experts/load")
     assert json.loads(conn.getresponse().read()) == {"model": MODEL} | {"layers": 1, "experts": 2, "top_k": 1, "tokens": [[3, 1]]}
     conn.request("GET", "/v1/engine/stats")
-    assert json.loads(conn.getresponse().read()) == {"model": MODEL} | asyncio.run(engine.stats())
+    stats = json.loads(conn.getresponse().read())
+    usage = stats.pop("usage")
+    assert stats == {"model": MODEL, "moe": True} | asyncio.run(engine.stats())
+    # Every request that reached the engine is counted, with its prompt's tokens.
+    assert usage["models"][MODEL]["requests"] == len(engine.requests)
+    assert usage["models"][MODEL]["prompt_tokens"] == sum(len(prompt) for prompt, _ in engine.requests)
     conn.request("GET", "/health")
     health = conn.getresponse()
     assert health.status == 200 and health.read() == b""
@@ -212,7 +223,7 @@ def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
 
 def test_a_client_that_leaves_mid_stream_aborts_its_request(checkpoint: Path) -> None:
     slow = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, delay_s=0.05)
-    with http_server(Frontend(slow, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None)) as port:
+    with http_server(one_model(slow, checkpoint, chat=False)) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request(
             "POST", "/v1/completions", body=completion(max_tokens=200, stream=True), headers={"Content-Type": "application/json"}
@@ -324,7 +335,7 @@ def test_odd_but_valid_sampling_fields_are_served(http_port: int, engine: FakeEn
 
 def test_a_full_queue_is_a_503_with_retry_after_and_grpc_unavailable(checkpoint: Path) -> None:
     full = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, overloaded=True)
-    frontend = Frontend(full, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    frontend = one_model(full, checkpoint)
     with http_server(frontend) as port:
         for stream in (False, True):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -341,7 +352,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_grpc_unavailable(checkpoint:
 
 def test_a_request_the_engine_fails_is_an_error_never_a_success(checkpoint: Path) -> None:
     failing = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, fail_after=2)
-    frontend = Frontend(failing, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    frontend = one_model(failing, checkpoint)
     with http_server(frontend) as port:
         status, payload = post(port, "/v1/completions", completion(max_tokens=5))
         assert status == 500 and payload["error"]["type"] == "server_error"
@@ -365,7 +376,7 @@ def test_a_request_the_engine_fails_is_an_error_never_a_success(checkpoint: Path
 
 def test_health_is_a_503_when_the_engine_is_not_healthy(checkpoint: Path) -> None:
     down = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, healthy=False)
-    with http_server(Frontend(down, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None)) as port:
+    with http_server(one_model(down, checkpoint, chat=False)) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/health")
         response = conn.getresponse()
@@ -374,7 +385,7 @@ def test_health_is_a_503_when_the_engine_is_not_healthy(checkpoint: Path) -> Non
 
 def test_health_tells_why_only_to_a_caller_with_the_key(checkpoint: Path) -> None:
     down = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, healthy=False)
-    frontend = Frontend(down, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None, api_key="sesame")
+    frontend = one_model(down, checkpoint, chat=False, api_key="sesame")
     with http_server(frontend) as port:
         messages = {}
         for key in (None, "wrong", "sesame"):
@@ -441,7 +452,7 @@ def post_stream(port: int, path: str, body: bytes) -> tuple[int, dict[str, Any]]
 
 def test_an_api_key_is_required_over_http_and_grpc_when_set(checkpoint: Path) -> None:
     engine = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB)
-    frontend = Frontend(engine, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=None, api_key="sesame")
+    frontend = one_model(engine, checkpoint, chat=False, api_key="sesame")
     with http_server(frontend) as port:
         for key in (None, "wrong", "sesame"):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -487,7 +498,7 @@ def test_a_chunked_upload_over_the_limit_is_a_413(http_port: int) -> None:
 
 def test_a_request_past_its_deadline_is_a_504_and_is_aborted(checkpoint: Path) -> None:
     slow = FakeEngine(max_model_len=CONTEXT, vocab_size=VOCAB, delay_s=0.05)
-    frontend = Frontend(slow, model_name=MODEL, tokenizer=load_tokenizer(checkpoint), chat=ChatRenderer(checkpoint))
+    frontend = one_model(slow, checkpoint)
     with http_server(frontend) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         slow_body, deadline = completion(max_tokens=100), {"Content-Type": "application/json", "X-Request-Timeout": "0.4"}
@@ -544,7 +555,8 @@ def test_completion_logprobs_text_offsets_take_time_linear_in_the_answer(fronten
     n = 3000
     delta = Delta(text="", token_ids=list(range(n)), logprobs=[0.0] * n, top_logprobs=[], finish_reason="length")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(frontend, "token_text", lambda token_id: Piece("ab"))
-        offsets = completion_logprobs(frontend, delta, 5)["text_offset"]
+        model = frontend.served[0]
+        patch.setattr(model, "token_text", lambda token_id: Piece("ab"))
+        offsets = completion_logprobs(model, delta, 5)["text_offset"]
     assert offsets == [5 + 2 * i for i in range(n)]
     assert Piece.lengths_taken <= 2 * n

@@ -2,7 +2,7 @@
 
 - generate: `generate`, `make-checkpoint`
 - serve: `serve`
-- client: `stats`, `experts rebalance` (a running server)
+- client: `stats`, `experts rebalance`, `route set` (a running server)
 - bench: `bench`, `agreement`
 - plan: `plan`, `experiments`
 """

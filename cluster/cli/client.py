@@ -1,4 +1,4 @@
-"""Commands that talk to a running `moe-cluster serve`: `stats` and `experts rebalance`."""
+"""Commands that talk to a running `moe-cluster serve`: `stats`, `experts rebalance` and `route set`."""
 
 from __future__ import annotations
 
@@ -43,19 +43,29 @@ class ServerArgs(BaseModel):
         return resolve_api_key(self.api_key, self.api_key_env)
 
 
-class StatsArgs(ServerArgs):
-    plot: Path | None = Field(None, description="Write a layer x expert heat map PNG here.")
+class ModelServerArgs(ServerArgs):
+    model: str | None = Field(
+        None, description="Which served model (a server of several); default: the only one, else the only MoE one."
+    )
+
+
+class StatsArgs(ModelServerArgs):
+    plot: Path | None = Field(None, description="Write a layer x expert heat map PNG here (an MoE model's).")
 
 
 @command(app, StatsArgs, arguments=("server",))
 def stats(args: StatsArgs) -> None:
-    """Show how tokens spread over the experts (per layer and expert, and per worker), and the engine's state."""
+    """Show the engine's state and usage by model, and for an MoE model how tokens spread over the experts."""
     from cluster.serve.stats_view import engine_summary, fetch_engine_stats, fetch_load, load_table, plot_heatmap
 
     key = args.key()
-    report, engine = fetch_load(args.base_url, key), fetch_engine_stats(args.base_url, key)
-    print(json.dumps(report | {"engine": engine}) if args.as_json else f"{load_table(report)}\n\n{engine_summary(engine)}")
-    if args.plot:
+    engine = fetch_engine_stats(args.base_url, key, model=args.model)
+    report = fetch_load(args.base_url, key, model=engine["model"]) if engine.get("moe", True) else None
+    if args.as_json:
+        print(json.dumps((report or {}) | {"engine": engine}))
+    else:
+        print(f"{load_table(report)}\n\n{engine_summary(engine)}" if report else engine_summary(engine))
+    if args.plot and report:
         print(f"heat map: {plot_heatmap(report, args.plot)}", file=sys.stderr)
 
 
@@ -63,12 +73,34 @@ experts_app = typer.Typer(help="The expert map of a running server.", no_args_is
 app.add_typer(experts_app, name="experts")
 
 
-@command(experts_app, ServerArgs, name="rebalance", arguments=("server",))
-def rebalance(args: ServerArgs) -> None:
+@command(experts_app, ModelServerArgs, name="rebalance", arguments=("server",))
+def rebalance(args: ModelServerArgs) -> None:
     """Recompute the expert map from the load measured since the last rebalance, and apply it live.
 
     Within the workers' slots: serve's --replicate-hot gives them room for copies of hot experts."""
     from cluster.serve.stats_view import post_rebalance, rebalance_summary
 
-    result = post_rebalance(args.base_url, args.key())
+    result = post_rebalance(args.base_url, args.key(), model=args.model)
     print(json.dumps(result) if args.as_json else rebalance_summary(result))
+
+
+route_app = typer.Typer(help="The traffic splits of a running server (serve --route).", no_args_is_help=True)
+app.add_typer(route_app, name="route")
+
+
+class RouteSetArgs(ServerArgs):
+    alias: str = Field(description="The route's alias, as clients name it in 'model'.")
+    targets: str = Field(description="NAME:WEIGHT,NAME:WEIGHT: the served models and their weights.")
+
+
+@command(route_app, RouteSetArgs, name="set", arguments=("alias", "targets"))
+def set_route(args: RouteSetArgs) -> None:
+    """Change a route's weights live: new requests follow them; started ones stay on their model.
+
+    Users stay where they are unless the weights move them (staged moves: 100:0, then 75:25, ...)."""
+    from cluster.serve.routes import Split
+    from cluster.serve.stats_view import put_route, route_summary
+
+    Split.of(args.alias, args.targets)  # a malformed split is one line here, before any request
+    result = put_route(args.base_url, args.alias, args.targets, args.key())
+    print(json.dumps(result) if args.as_json else route_summary(result))

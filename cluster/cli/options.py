@@ -2,7 +2,9 @@
 
 A model field becomes an option named after it (`max_tokens` -> `--max-tokens`; a bool, `--x/--no-x`), or the flags its
 `json_schema_extra={"flags": [...]}` lists (the first is the primary spelling, the rest deprecated
-aliases); its description is the help, its default the default. Ranges and cross-field rules live on
+aliases); its description is the help, its default the default. A list field is comma-separated
+text, or with `"repeatable": True` an option given once per item (`--route A --route B`); a field
+with `"cli": False` is a config file's only. Ranges and cross-field rules live on
 the model, so a bad value prints one line naming the option, the same line a Serve config's key gets.
 """
 
@@ -36,10 +38,13 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def extra(field: FieldInfo) -> dict[str, Any]:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
 def flags(name: str, field: FieldInfo) -> list[str]:
     """The option's spellings, primary first."""
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    listed = extra.get("flags")
+    listed = extra(field).get("flags")
     if isinstance(listed, list):
         return [str(f) for f in listed]
     option = f"--{name.replace('_', '-')}"
@@ -60,7 +65,9 @@ def parameter(name: str, field: FieldInfo, *, positional: bool) -> inspect.Param
     the model's validator parses (`--concurrency 1,8,64`)."""
     default = None if field.is_required() else field.default
     annotation = field.annotation
-    if is_list(annotation):
+    if extra(field).get("repeatable"):  # given once per item; none given: the field's default
+        annotation, default = list[str] | None, None
+    elif is_list(annotation):
         annotation, default = str | None, None if default is None else ",".join(map(str, default))
     if positional:
         info: Any = typer.Argument(help=field.description, show_default=not field.is_required())
@@ -106,12 +113,16 @@ def command(
     positional, in that order); the values are validated into the model before the handler runs."""
 
     def register(handler: Callable[[M], None]) -> Callable[[M], None]:
+        fields = {n: f for n, f in model.model_fields.items() if extra(f).get("cli", True)}
+        repeatable = {n for n, f in fields.items() if extra(f).get("repeatable")}
+
         def run(**values: Any) -> None:
             with user_errors():
-                args = validate(model, values)
+                # A repeatable option not given is left to the model's default; one given once is its one value.
+                given = {n: v for n, v in values.items() if not (n in repeatable and not v)}
+                args = validate(model, given)
                 handler(args)
 
-        fields = model.model_fields
         params = [parameter(a, fields[a], positional=True) for a in arguments]
         params += [parameter(n, f, positional=False) for n, f in fields.items() if n not in arguments]
         run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -17,7 +17,15 @@ from cluster.serve.args import ServeArgs
 
 
 class ServeCommandArgs(ServeArgs):
-    """ServeArgs, which a Serve config file gives too, and the listening addresses, which only the CLI gives."""
+    """ServeArgs, which a Serve config file gives too, and the listening addresses, which only the CLI gives.
+    Several checkpoints become one `models` entry each; the other options apply to every model."""
+
+    checkpoint: list[str] = Field(  # type: ignore[assignment]  # one or more, where ServeArgs takes one
+        ["tiny"],
+        description="Checkpoint directories, preset names (tiny, mini, mistral-tiny) made on first use, or Hugging Face "
+        "repo ids; each is served as its own model.",
+        json_schema_extra={"repeatable": True},
+    )
 
     host: str = Field("127.0.0.1", description="HTTP address to bind; 0.0.0.0 to serve other machines (needs an API key).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port (OpenAI-compatible API under /v1).")
@@ -46,7 +54,21 @@ class ServeCommandArgs(ServeArgs):
         return self
 
     def app_args(self) -> ServeArgs:
-        return ServeArgs.model_validate(self.model_dump(exclude={"host", "port", "grpc_port"}))
+        """The application's settings: one model's, or one `models` entry per checkpoint."""
+        common = self.model_dump(exclude={"host", "port", "grpc_port", "checkpoint", "served_model_name"}, exclude_unset=True)
+        checkpoints, names = self.checkpoint, self.names
+        if len(checkpoints) == 1:
+            name = names[0] if len(names) == 1 else names or None
+            return ServeArgs.model_validate(common | {"checkpoint": checkpoints[0], "served_model_name": name})
+        if names and len(names) != len(checkpoints):
+            raise UserError(
+                f"--served-model-name: with several checkpoints, give one name per checkpoint, in order "
+                f"({len(checkpoints)} checkpoints, {len(names)} names)"
+            )
+        models = [
+            {"checkpoint": c} | ({"served_model_name": n} if names else {}) for c, n in zip(checkpoints, names or checkpoints)
+        ]
+        return ServeArgs.model_validate(common | {"models": models})
 
 
 def is_loopback(host: str) -> bool:
@@ -60,23 +82,24 @@ def is_loopback(host: str) -> bool:
 
 @command(app, ServeCommandArgs, arguments=("checkpoint",))
 def serve(args: ServeCommandArgs) -> None:
-    """Serve the model over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
+    """Serve one or more models over OpenAI-compatible HTTP and gRPC with Ray Serve, until Ctrl-C."""
     from ray import serve as ray_serve
 
-    from cluster.serve.app import GRPC_SERVICER, build_app, replica_settings
+    from cluster.serve.app import GRPC_SERVICER, build_app, model_settings
 
     app_args = args.app_args()
     if args.api_key is None and args.api_key_env is None and resolve_api_key(None, None) is not None:
         print(f"the API key is ${API_KEY_ENV}'s: clients send 'Authorization: Bearer KEY'", file=sys.stderr)
-    settings = replica_settings(app_args)  # what cannot serve fails here, before Ray starts
-    settings.checkpoint.reader().verify()
+    models = model_settings(app_args)  # what cannot serve fails here, before Ray starts
+    for model in models:
+        model.replica.checkpoint.reader().verify()
     start_ray()
     grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]} if args.grpc_port else None
     ray_serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options)
-    ray_serve.run(build_app(app_args, settings), name="moe", route_prefix="/")
+    ray_serve.run(build_app(app_args, models), name="moe", route_prefix="/")
     grpc_note = f" and gRPC on port {args.grpc_port}" if args.grpc_port else ""
-    name = args.served_model_name or settings.checkpoint.name
-    print(f"serving {name} at http://{args.host}:{args.port}/v1{grpc_note}; Ctrl-C stops", flush=True)
+    names = ", ".join(m.names[0] for m in models)
+    print(f"serving {names} at http://{args.host}:{args.port}/v1{grpc_note}; Ctrl-C stops", flush=True)
     wait_for_a_stop_signal()
     print("stopping", file=sys.stderr)
     ray_serve.shutdown()

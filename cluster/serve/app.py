@@ -1,12 +1,14 @@
-"""The Ray Serve application: OpenAIIngress over the engine deployment (EngineServer).
+"""The Ray Serve application: OpenAIIngress over one engine deployment (EngineServer) per served model.
 
 `build_app` is what the CLI runs; `app_builder` is the import path a Serve config file names
-(deploy/serve_config.yaml), with its `args` checked by ServeArgs.
+(deploy/serve_config.yaml), with its `args` checked by ServeArgs. One model's deployment is
+called EngineServer; with several, EngineServer-<i>-<name>, each its own replicas and autoscaling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import ray
 from ray import serve
@@ -14,14 +16,16 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, DeploymentActorConfig
 
 from cluster.api_key import resolve_api_key
-from cluster.engine.build import EngineOptions, check_kv_budget
+from cluster.engine.build import EngineOptions, check_dense_options, check_kv_budget
+from cluster.errors import UserError
 from cluster.placement import bundles, check_placeable, fitted, layout_here
 from cluster.placement_options import PlacementOptions, resolve_expert_map
 from cluster.serve.args import ServeArgs
 from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
-from cluster.serve.ingress import ON_HEAD, OpenAIIngress
+from cluster.serve.ingress import ON_HEAD, ModelEntry, OpenAIIngress
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
+from cluster.serve.routes import RouteTable, Split
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelArgs, chosen_dtype
 from mixtral.synthetic import open_checkpoint
@@ -57,31 +61,63 @@ def expert_map(args: ServeArgs, model_args: ModelArgs) -> ExpertMap | None:
         experts_per_worker=args.experts_per_worker,
         replicate_hot=args.replicate_hot,
         map_path=args.expert_map,
+        dense=None if model_args.is_moe else (args.names or [args.checkpoint])[0],
     )
 
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    """What every engine replica is, resolved once from the settings and checked before any actor
-    starts: its checkpoint, its engine's options and its expert map (None: one expert per worker)."""
+    """What every engine replica of one served model is, resolved once from the settings and checked
+    before any actor starts: its checkpoint (named as served), its engine's options and its expert
+    map (None: one expert per worker, or a dense model's none)."""
 
     checkpoint: Checkpoint
     engine: EngineOptions
     expert_map: ExpertMap | None
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """One served model: its settings (ServeArgs.per_model), its names, its replicas' settings."""
+
+    args: ServeArgs
+    names: tuple[str, ...]
+    replica: ReplicaSettings
+
+
 def replica_settings(args: ServeArgs) -> ReplicaSettings:
     """UserError (or CheckpointError) for settings no replica could serve: a KV budget too small for one
-    sequence, a map that cannot serve, a checkpoint that cannot be opened."""
-    checkpoint = open_checkpoint(args.checkpoint)
+    sequence, a map that cannot serve, an MoE option for a dense model, a checkpoint that cannot be opened."""
+    opened = open_checkpoint(args.checkpoint)
+    checkpoint = replace(opened, served_name=(args.names or [opened.name])[0])
     engine = engine_options(args)
     check_kv_budget(checkpoint.args, engine)
+    check_dense_options(checkpoint.args, engine, name=checkpoint.name)
     return ReplicaSettings(checkpoint, engine, expert_map(args, checkpoint.args))
 
 
-def build_app(args: ServeArgs, settings: ReplicaSettings | None = None) -> Application:
-    """The application; `settings`: replica_settings(args), where the caller resolved them already."""
-    settings = settings or replica_settings(args)
+def model_settings(args: ServeArgs) -> list[ModelSettings]:
+    """Every served model's settings, checked: each model's (replica_settings), names that clash, routes
+    to models not served."""
+    models = []
+    for model_args in args.per_model():
+        replica = replica_settings(model_args)
+        models.append(ModelSettings(model_args, tuple(model_args.names or [replica.checkpoint.name]), replica))
+    names = [n for m in models for n in m.names]
+    if clash := sorted({n for n in names if names.count(n) > 1}):
+        raise UserError(f"several served models are called {', '.join(map(repr, clash))}; give each its own served_model_name")
+    RouteTable(map(Split.parse, args.routes), names)  # raises for a route to a model not served
+    return models
+
+
+def deployment_name(index: int, model: ModelSettings, *, several: bool) -> str:
+    """EngineServer, or with several models EngineServer-<i>-<name> (Serve's names take no '#')."""
+    return f"EngineServer-{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model.names[0])}" if several else "EngineServer"
+
+
+def engine_deployment(model: ModelSettings, name: str) -> Application:
+    """One served model's engine deployment: its replicas' placement groups, health checks, scaling."""
+    args, settings = model.args, model.replica
     checkpoint, engine, model_args = settings.checkpoint, settings.engine, settings.checkpoint.args
     placement = fitted(
         model_args,
@@ -92,6 +128,7 @@ def build_app(args: ServeArgs, settings: ReplicaSettings | None = None) -> Appli
     if args.accelerator != "gpu":  # asked-for GPUs may be on nodes an autoscaler has yet to start
         check_placeable(replica_bundles, args.strategy)
     engine_server = serve.deployment(EngineServer).options(
+        name=name,
         placement_group_bundles=replica_bundles,
         placement_group_strategy=args.strategy,
         ray_actor_options={
@@ -114,13 +151,17 @@ def build_app(args: ServeArgs, settings: ReplicaSettings | None = None) -> Appli
         ],
         **replicas(args),
     )
+    return engine_server.bind(checkpoint, engine, placement, layout)
+
+
+def build_app(args: ServeArgs, models: list[ModelSettings] | None = None) -> Application:
+    """The application; `models`: model_settings(args), where the caller resolved them already."""
+    models = models or model_settings(args)
+    several = len(models) > 1
+    engines = {m.names[0]: engine_deployment(m, deployment_name(i, m, several=several)) for i, m in enumerate(models)}
+    entries = [ModelEntry(m.names, m.replica.checkpoint, m.args.guardrail) for m in models]
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
-        engine_server.bind(checkpoint, engine, placement, layout),
-        checkpoint,
-        args.served_model_name or checkpoint.name,
-        args.guardrail,
-        api_key(args),
-        replica_wait_s=args.replica_wait_s,
+        engines, entries, api_key(args), routes=tuple(args.routes), replica_wait_s=args.replica_wait_s
     )
 
 

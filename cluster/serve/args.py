@@ -1,4 +1,10 @@
-"""The application's settings: one model for the CLI's `serve` options and a Serve config file's `args`."""
+"""The application's settings: one model for the CLI's `serve` options and a Serve config file's `args`.
+
+One served model takes its settings at the top level. Several take one entry each under `models`,
+each entry the same settings as the top level (its checkpoint, name, replicas, engine options),
+the top level's giving the defaults of every entry; what the endpoint has once (the API key, the
+routes, how long a stream waits for a replica) stays at the top level only.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.errors import UserError
 from cluster.placement_options import Strategy
+from cluster.serve.routes import Split
 from mixtral.config import DTypeChoice, ExpertDType
 
 log = logging.getLogger(__name__)
 
 # Keys of earlier releases, still read from config files (and flags, through each field's aliases).
 DEPRECATED_KEYS = {"model_name": "served_model_name", "prefix_caching": "enable_prefix_caching"}
+# Settings of the endpoint, given once at the top level; every other setting is a model's.
+ENDPOINT_KEYS = ("models", "routes", "api_key", "api_key_env", "replica_wait_s")
 
 
 class ServeArgs(BaseModel):
@@ -25,10 +35,12 @@ class ServeArgs(BaseModel):
         "tiny",
         description="Checkpoint directory, a preset name (tiny, mini) made on first use, or a Hugging Face repo id.",
     )
-    served_model_name: str | None = Field(
+    served_model_name: str | list[str] | None = Field(
         None,
-        description="Name clients use in 'model'; default: the checkpoint's directory name. (--model-name: deprecated alias.)",
-        json_schema_extra={"flags": ["--served-model-name", "--model-name"]},
+        description="Name clients use in 'model'; several names for one checkpoint are aliases, the first the one "
+        "answers carry (vLLM's meaning). With several checkpoints, give it once per checkpoint, in order. "
+        "Default: the checkpoint's directory name or repo id. (--model-name: deprecated alias.)",
+        json_schema_extra={"flags": ["--served-model-name", "--model-name"], "repeatable": True},
     )
     dtype: DTypeChoice = Field(
         "auto", description="Compute dtype; auto: the checkpoint's (workers may compute it in float32 where that is faster)."
@@ -132,6 +144,20 @@ class ServeArgs(BaseModel):
     trace_path: str | None = Field(
         None, description="Record each token's chosen experts, one msgpack file per replica: PATH's stem + '.<replica>'."
     )
+    models: list[dict[str, Any]] | None = Field(
+        None,
+        description="Several models behind one endpoint (a Serve config file; the CLI makes it from several "
+        "checkpoints): one entry per model, each the settings above for that model (checkpoint required), "
+        "the top level's as defaults. Each model is an engine deployment of its own.",
+        json_schema_extra={"cli": False},
+    )
+    routes: list[str] = Field(
+        [],
+        description="Traffic splits, ALIAS=NAME:WEIGHT,NAME:WEIGHT (repeatable): requests for ALIAS go to the named "
+        "models by weight, sticky per the request's 'user'. Weights change live: PUT /v1/routes/ALIAS, "
+        "moe-cluster route set.",
+        json_schema_extra={"flags": ["--route"], "repeatable": True},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +173,39 @@ class ServeArgs(BaseModel):
                 log.warning("the setting %s is deprecated; call it %s", old, new)
                 data = {k: v for k, v in data.items() if k != old} | {new: data[old]}
         return data
+
+    @model_validator(mode="after")
+    def _routes_and_models(self) -> ServeArgs:
+        for route in self.routes:
+            try:
+                Split.parse(route)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        if self.models is None:
+            return self
+        if not self.models:
+            raise ValueError("models is empty: give one entry per model, each with its checkpoint")
+        if "checkpoint" in self.model_fields_set or "served_model_name" in self.model_fields_set:
+            raise ValueError("with models, give checkpoint and served_model_name in each entry, not at the top level")
+        for i, entry in enumerate(self.models):
+            if "checkpoint" not in entry:
+                raise ValueError(f"models entry {i} has no checkpoint; each model needs one")
+            if endpoint := sorted(set(entry) & set(ENDPOINT_KEYS)):
+                raise ValueError(f"models entry {i} sets {', '.join(endpoint)}: the endpoint's settings go at the top level")
+        return self
+
+    def per_model(self) -> list[ServeArgs]:
+        """Each served model's settings: this one alone, or each `models` entry over the top level's."""
+        if self.models is None:
+            return [self]
+        defaults = self.model_dump(exclude={*ENDPOINT_KEYS, "checkpoint", "served_model_name"}, exclude_unset=True)
+        return [ServeArgs.model_validate(defaults | entry) for entry in self.models]
+
+    @property
+    def names(self) -> list[str]:
+        """The names given for this model (the first the one its answers carry); empty: its default."""
+        name = self.served_model_name
+        return [name] if isinstance(name, str) else list(name or [])
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServeArgs:

@@ -1,8 +1,9 @@
-"""What the HTTP and gRPC edges share: the model's name, tokenizing, chat rendering, request
-checks, and each request's output as detokenized deltas.
+"""What the HTTP and gRPC edges share: the served models and route aliases, tokenizing, chat
+rendering, request checks, each request's output as detokenized deltas, and usage.
 
-    edge (http.py, grpc_service.py) ─► Frontend ─► EngineClient.generate (TokenEvents)
-                                         └─ Detokenizer: text deltas, stop strings
+    edge (http.py, grpc_service.py) ─► Frontend ─► ServedModel (named, or a route's pick) ─► EngineClient.generate
+                                         ├─ Detokenizer: text deltas, stop strings
+                                         └─ UsageBook: tokens by model and user
 
 Every user mistake becomes an ApiError (an OpenAI error body over HTTP, INVALID_ARGUMENT or
 NOT_FOUND over gRPC) before the engine sees the request.
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from cluster.errors import FieldError, UserError
 from cluster.serve.chat import ChatRenderer
 from cluster.serve.detokenizer import Detokenizer
 from cluster.serve.openai_api import ApiError
+from cluster.serve.routes import RouteTable
+from cluster.serve.usage import UsageBook
 
 
 @contextlib.asynccontextmanager
@@ -79,16 +82,20 @@ def merge(parts: list[Delta]) -> Delta:
     )
 
 
-class Frontend:
-    def __init__(
-        self, engine: EngineClient, *, model_name: str, tokenizer: Any, chat: ChatRenderer | None, api_key: str | None = None
-    ) -> None:
-        self.engine = engine
-        self.api_key = api_key  # None: no key asked for (the CLI allows that only on a loopback address)
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.chat = chat  # None: the checkpoint has no tokenizer.model, and chat answers 400
-        self._info: ModelInfo | None = None
+@dataclass
+class ServedModel:
+    """One model behind the endpoint: its names (the first is the one answers carry), its engine,
+    tokenizer and chat template."""
+
+    names: tuple[str, ...]
+    engine: EngineClient
+    tokenizer: Any
+    chat: ChatRenderer | None  # None: the checkpoint has no tokenizer.model, and chat answers 400
+    _info: ModelInfo | None = None
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
 
     async def info(self) -> ModelInfo:
         if self._info is None:
@@ -96,31 +103,11 @@ class Frontend:
                 self._info = await self.engine.model_info()
             except Exception as e:
                 raise ApiError(
-                    503, f"the engine is not reachable ({type(e).__name__}); retry shortly", kind="service_unavailable"
+                    503,
+                    f"the engine of {self.name!r} is not reachable ({type(e).__name__}); retry shortly",
+                    kind="service_unavailable",
                 ) from None
         return self._info
-
-    def authorize(self, authorization: str | None) -> None:
-        """Raise ApiError 401 unless `authorization` is "Bearer <the API key>" (or no key is set)."""
-        if self.api_key is None:
-            return
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise ApiError(
-                401,
-                "a valid API key is required: send 'Authorization: Bearer <key>'",
-                kind="authentication_error",
-                code="invalid_api_key",
-            )
-
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise ApiError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
 
     async def encode(self, text: str) -> list[int]:
         """Text to token ids, with BOS, as the checkpoint's tokenizer does it; on a worker thread,
@@ -128,10 +115,12 @@ class Frontend:
         return await asyncio.to_thread(lambda: list(self.tokenizer(text).input_ids))
 
     async def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Messages in the Mixtral instruct format, as token ids; on a worker thread, as encode."""
+        """Messages in the checkpoint's instruct format, as token ids; on a worker thread, as encode."""
         chat = self.chat
         if chat is None:
-            raise ApiError(400, "this model has no tokenizer.model, so it cannot render chat prompts", param="messages")
+            raise ApiError(
+                400, f"the model {self.name!r} has no tokenizer.model, so it cannot render chat prompts", param="messages"
+            )
         try:
             return await asyncio.to_thread(chat.render, messages)
         except UserError as e:
@@ -146,49 +135,146 @@ class Frontend:
         except FieldError as e:
             raise ApiError(400, str(e), param=param if e.field == "prompt" else e.field, code=e.code) from None
 
+    def token_text(self, token_id: int) -> str:
+        # The piece itself, with SentencePiece's word marker as the space it stands for, so that
+        # tokens concatenate to the text (decoding one id alone would drop a leading space).
+        return str(self.tokenizer.convert_ids_to_tokens(token_id)).replace("\u2581", " ")
+
+
+class Frontend:
+    """The endpoint over its served models: names and route aliases to models, the API key, usage."""
+
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        *,
+        api_key: str | None = None,
+        routes: RouteTable | None = None,
+        usage: UsageBook | None = None,
+    ) -> None:
+        self.api_key = api_key  # None: no key asked for (the CLI allows that only on a loopback address)
+        self.served = list(models)
+        self.by_name: dict[str, ServedModel] = {}
+        for model in self.served:
+            for name in model.names:
+                if name in self.by_name:
+                    raise UserError(f"two served models are called {name!r}; give each its own --served-model-name")
+                self.by_name[name] = model
+        self.routes = routes or RouteTable([], self.by_name)
+        self.usage = usage or UsageBook()
+
+    def names(self) -> str:
+        """The served models' names and the routes' aliases, for messages."""
+        return ", ".join(repr(n) for n in [*self.by_name, *self.routes.aliases()])
+
+    def model(self, name: str, *, user: str | None = None) -> ServedModel:
+        """The model a request's `model` names: a served model's name, or a route's alias (sticky per
+        `user`); ApiError 404 naming the served ones otherwise."""
+        served = self.by_name.get(self.routes.resolve(name, user))
+        if served is None:
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.names()}",
+                param="model",
+                code="model_not_found",
+            )
+        return served
+
+    async def model_of(self, name: str | None, *, moe: bool = False) -> ServedModel:
+        """The model a management route's ?model= names; without one, the only served model, else the
+        only MoE one. `moe`: the route is about experts, which a dense model does not have (ApiError 400)."""
+        if name is not None:
+            served = self.model(name)
+        elif len(self.served) == 1:
+            served = self.served[0]
+        else:
+            with_experts = [m for m in self.served if (await m.info()).moe]
+            if len(with_experts) != 1:
+                raise ApiError(
+                    400, f"this server serves several models ({self.names()}); say which with ?model=NAME", param="model"
+                )
+            served = with_experts[0]
+        if moe and not (await served.info()).moe:
+            raise ApiError(
+                400,
+                f"the model {served.name!r} is a dense model: it has no experts to load, map or rebalance",
+                param="model",
+                code="model_has_no_experts",
+            )
+        return served
+
+    def authorize(self, authorization: str | None) -> None:
+        """Raise ApiError 401 unless `authorization` is "Bearer <the API key>" (or no key is set)."""
+        if self.api_key is None:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
     async def check_health(self, *, authorization: str | None = None) -> None:
-        """Raise ApiError 503 if the engine is not healthy; the reason (internal text) only for a caller
-        with the API key, or for any caller where no key is set, since /health itself needs none."""
+        """Raise ApiError 503 if any served model's engine is not healthy; the reason (internal text)
+        only for a caller with the API key, or for any caller where no key is set, since /health itself needs none."""
+        results = await asyncio.gather(*(m.engine.check_health() for m in self.served), return_exceptions=True)
+        failed = [(m, r) for m, r in zip(self.served, results) if isinstance(r, BaseException)]
+        if not failed:
+            return
         try:
-            await self.engine.check_health()
-        except Exception as e:
-            try:
-                self.authorize(authorization)
-                reason = f": {e}"
-            except ApiError:
-                reason = " (send the API key for the reason)"
-            raise ApiError(503, f"the engine is not healthy{reason}", kind="service_unavailable") from None
+            self.authorize(authorization)
+            reason = ": " + "; ".join(f"{m.name}: {e}" for m, e in failed)
+        except ApiError:
+            reason = " (send the API key for the reason)"
+        raise ApiError(503, f"the engine is not healthy{reason}", kind="service_unavailable") from None
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None
+        self,
+        model: ServedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        timeout_s: float | None = None,
+        user: str | None = None,
     ) -> AsyncIterator[Delta]:
         """A checked request's output as text deltas. Stop strings end it early; closing it aborts the request.
+        Its tokens are counted in the usage book (for `model` and `user`) however it ends.
 
         Raises ApiError: 503 (with Retry-After) when the engine's queue is full, 503 when it is
         unavailable, 500 when the engine failed this request, 504 when it is not done within
         `timeout_s` (the request is aborted); never a success for a failure.
         """
-        detokenizer = Detokenizer(self.tokenizer, params.stop)
-        stream = self.engine.generate(prompt_ids, params, uuid.uuid4().hex)
-        async with contextlib.aclosing(stream), engine_errors():  # type: ignore[type-var]  # a client that left frees its sequence
-            async for event in within(stream, timeout_s):
-                if event.finish_reason == "error":
-                    raise ApiError(500, "the engine failed while generating this request; retry it", kind="server_error")
-                text = detokenizer.add(event.token_id)
-                finish = event.finish_reason or ("stop" if detokenizer.stopped else None)
-                if finish:
-                    text += detokenizer.flush()
-                top = [event.top_logprobs] if params.logprobs else []
-                yield Delta(text, [event.token_id], [event.logprob], top, finish)
-                if finish:
-                    return
-        raise ApiError(500, "the engine's stream ended before the request finished; retry it", kind="server_error")
+        detokenizer = Detokenizer(model.tokenizer, params.stop)
+        stream = model.engine.generate(prompt_ids, params, uuid.uuid4().hex)
+        generated = 0
+        try:
+            async with contextlib.aclosing(stream), engine_errors():  # type: ignore[type-var]  # a client that left frees its sequence
+                async for event in within(stream, timeout_s):
+                    if event.finish_reason == "error":
+                        raise ApiError(500, "the engine failed while generating this request; retry it", kind="server_error")
+                    generated += 1
+                    text = detokenizer.add(event.token_id)
+                    finish = event.finish_reason or ("stop" if detokenizer.stopped else None)
+                    if finish:
+                        text += detokenizer.flush()
+                    top = [event.top_logprobs] if params.logprobs else []
+                    yield Delta(text, [event.token_id], [event.logprob], top, finish)
+                    if finish:
+                        return
+            raise ApiError(500, "the engine's stream ended before the request finished; retry it", kind="server_error")
+        finally:
+            self.usage.record(model.name, user, len(prompt_ids), generated)
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None) -> Delta:
+    async def complete(
+        self,
+        model: ServedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        timeout_s: float | None = None,
+        user: str | None = None,
+    ) -> Delta:
         """The whole output at once."""
-        return merge([d async for d in self.generate(prompt_ids, params, timeout_s=timeout_s)])
-
-    def token_text(self, token_id: int) -> str:
-        # The piece itself, with SentencePiece's word marker as the space it stands for, so that
-        # tokens concatenate to the text (decoding one id alone would drop a leading space).
-        return str(self.tokenizer.convert_ids_to_tokens(token_id)).replace("\u2581", " ")
+        return merge([d async for d in self.generate(model, prompt_ids, params, timeout_s=timeout_s, user=user)])

@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 
 from cluster.engine.sampling import SamplingParams
-from cluster.serve.frontend import Frontend
+from cluster.serve.frontend import Frontend, ServedModel
 from cluster.serve.http import usage
-from cluster.serve.openai_api import ApiError
+from cluster.serve.openai_api import MAX_USER_CHARS, ApiError
 from protos import moe_pb2
 
 STATUS = {
@@ -58,9 +58,11 @@ class MoEServicer:
         self.frontend = frontend
 
     async def Generate(self, request: moe_pb2.GenerateRequest, context: Any) -> moe_pb2.GenerateResponse:
-        prompt_ids, params = await self._request(request, context)
+        model, prompt_ids, params = await self._request(request, context)
         try:
-            merged = await self.frontend.complete(prompt_ids, params, timeout_s=time_remaining(context))
+            merged = await self.frontend.complete(
+                model, prompt_ids, params, timeout_s=time_remaining(context), user=request.user or None
+            )
         except ApiError as e:
             set_status(context, e)
             raise
@@ -70,13 +72,15 @@ class MoEServicer:
             logprobs=merged.logprobs,
             finish_reason=merged.finish_reason or "",
             usage=moe_pb2.Usage(**usage(len(prompt_ids), len(merged.token_ids))),
+            model=model.name,
         )
 
     async def GenerateStream(self, request: moe_pb2.GenerateRequest, context: Any) -> AsyncIterator[moe_pb2.GenerateChunk]:
-        prompt_ids, params = await self._request(request, context)
+        model, prompt_ids, params = await self._request(request, context)
         generated = 0
+        user = request.user or None
         try:
-            async for delta in self.frontend.generate(prompt_ids, params, timeout_s=time_remaining(context)):
+            async for delta in self.frontend.generate(model, prompt_ids, params, timeout_s=time_remaining(context), user=user):
                 generated += len(delta.token_ids)
                 last = delta.finish_reason is not None
                 yield moe_pb2.GenerateChunk(
@@ -85,21 +89,33 @@ class MoEServicer:
                     logprobs=delta.logprobs,
                     finish_reason=delta.finish_reason or "",
                     usage=moe_pb2.Usage(**usage(len(prompt_ids), generated)) if last else None,
+                    model=model.name,
                 )
         except ApiError as e:
             set_status(context, e)
             raise
 
-    async def _request(self, request: moe_pb2.GenerateRequest, context: Any) -> tuple[list[int], SamplingParams]:
+    async def _request(self, request: moe_pb2.GenerateRequest, context: Any) -> tuple[ServedModel, list[int], SamplingParams]:
         try:
             self.frontend.authorize(dict(context.invocation_metadata() or ()).get("authorization"))
+            model = self._model(request)
             which = request.WhichOneof("prompt")
             if which is None:
                 raise ApiError(400, "set the prompt: text or token_ids", param="prompt")
-            prompt_ids = list(request.token_ids.ids) if which == "token_ids" else await self.frontend.encode(request.text)
+            prompt_ids = list(request.token_ids.ids) if which == "token_ids" else await model.encode(request.text)
             params = sampling_params(request.params)
-            await self.frontend.check(prompt_ids, params, param="prompt")
+            await model.check(prompt_ids, params, param="prompt")
         except ApiError as e:
             set_status(context, e)
             raise
-        return prompt_ids, params
+        return model, prompt_ids, params
+
+    def _model(self, request: moe_pb2.GenerateRequest) -> ServedModel:
+        """The model `model` names (a route's alias picks one, sticky per `user`); unset: the only served one."""
+        if len(request.user) > MAX_USER_CHARS:
+            raise ApiError(400, f"user is {len(request.user)} characters; at most {MAX_USER_CHARS}", param="user")
+        if request.model:
+            return self.frontend.model(request.model, user=request.user or None)
+        if len(self.frontend.served) == 1:
+            return self.frontend.served[0]
+        raise ApiError(400, f"set model: this server serves {self.frontend.names()}", param="model")

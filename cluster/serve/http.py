@@ -1,13 +1,18 @@
 """OpenAI-compatible HTTP over a Frontend: routes, and small pure functions that format bodies and SSE.
 
-GET  /health                 the engine's health (workers and loop), 200 or 5xx
-GET  /metrics                Prometheus text: every replica's moe_ series, labelled by replica (no API key, as vLLM)
-GET  /v1/models              the served model
-GET  /v1/experts/load        tokens per expert per layer since start, with balancedness, worker stats, per replica
-POST /v1/experts/rebalance   a new expert map from the load since the last rebalance, applied live (one replica)
-GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage, preemptions, prefix-cache hits, per replica
+GET  /health                 every served model's engine health (workers and loop), 200 or 5xx
+GET  /metrics                Prometheus text: every model's and replica's moe_ series, by model and replica (no API key)
+GET  /v1/models              the served models (each of their names) and the routes' aliases
+GET  /v1/experts/load        tokens per expert per layer since start, with balancedness, worker stats, per replica (?model=)
+POST /v1/experts/rebalance   a new expert map from the load since the last rebalance, applied live (one replica; ?model=)
+GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage, preemptions, prefix-cache hits, per
+                             replica (?model=); tokens by model and by user
+GET  /v1/routes              the traffic splits
+PUT  /v1/routes/{alias}      a split's weights, live: new requests follow them, started ones stay on their model
 POST /v1/completions         text or token-id prompts; SSE with `stream`
-POST /v1/chat/completions    messages in the Mixtral instruct format; SSE with `stream`
+POST /v1/chat/completions    messages in the model's instruct format; SSE with `stream`
+
+Management routes about experts refuse a dense model (400, code model_has_no_experts).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations as real types.
@@ -21,18 +26,23 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import UserError
-from cluster.serve.frontend import Delta, Frontend
+from cluster.serve.frontend import Delta, Frontend, ServedModel
 from cluster.serve.openai_api import (
     MAX_BODY_BYTES,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     RebalanceRequest,
+    RouteRequest,
     parse_body,
 )
+from cluster.serve.routes import Split
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,17 +59,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_logprobs(frontend: Frontend, delta: Delta, offset: int) -> dict[str, Any]:
+def completion_logprobs(model: ServedModel, delta: Delta, offset: int) -> dict[str, Any]:
     """The legacy completions logprobs object for a delta whose text starts at `offset`."""
-    tokens = [frontend.token_text(t) for t in delta.token_ids]
+    tokens = [model.token_text(t) for t in delta.token_ids]
     offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
-    top = [{frontend.token_text(t): lp for t, lp in alts} for alts in delta.top_logprobs] or None
+    top = [{model.token_text(t): lp for t, lp in alts} for alts in delta.top_logprobs] or None
     return {"tokens": tokens, "token_logprobs": delta.logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def chat_logprobs(frontend: Frontend, delta: Delta) -> list[dict[str, Any]]:
+def chat_logprobs(model: ServedModel, delta: Delta) -> list[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = frontend.token_text(token_id)
+        text = model.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     alternatives = delta.top_logprobs or [[] for _ in delta.token_ids]
@@ -127,28 +137,28 @@ async def read_body(request: Request) -> bytes:
 
 async def completions(frontend: Frontend, request: Request) -> Response:
     body: CompletionRequest = parse_body(await read_body(request), CompletionRequest)
-    frontend.check_model(body.model)
-    prompt_ids = body.prompt if isinstance(body.prompt, list) else await frontend.encode(body.prompt)
+    model = frontend.model(body.model, user=body.user)  # a route's pick holds for the whole request
+    prompt_ids = body.prompt if isinstance(body.prompt, list) else await model.encode(body.prompt)
     params = body.sampling(body.max_tokens, body.logprobs)
-    await frontend.check(prompt_ids, params, param="prompt")
+    await model.check(prompt_ids, params, param="prompt")
     timeout_s = request_timeout(request)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": frontend.model_name,
+        "model": model.name,
     }
 
     def choice(delta: Delta, offset: int) -> dict[str, Any]:
-        logprobs = completion_logprobs(frontend, delta, offset) if body.logprobs is not None else None
+        logprobs = completion_logprobs(model, delta, offset) if body.logprobs is not None else None
         return {"index": 0, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
     if not body.stream:
-        merged = await frontend.complete(prompt_ids, params, timeout_s=timeout_s)
+        merged = await frontend.complete(model, prompt_ids, params, timeout_s=timeout_s, user=body.user)
         # A long answer's logprobs take a while to format: off the event loop, which serves every stream.
         whole = await asyncio.to_thread(choice, merged, 0)
         return JSONResponse(head | {"choices": [whole], "usage": usage(len(prompt_ids), len(merged.token_ids))})
-    deltas = await started(frontend.generate(prompt_ids, params, timeout_s=timeout_s))
+    deltas = await started(frontend.generate(model, prompt_ids, params, timeout_s=timeout_s, user=body.user))
 
     async def events() -> AsyncIterator[str]:
         generated, offset = 0, 0
@@ -165,20 +175,20 @@ async def completions(frontend: Frontend, request: Request) -> Response:
 
 async def chat_completions(frontend: Frontend, request: Request) -> Response:
     body: ChatCompletionRequest = parse_body(await read_body(request), ChatCompletionRequest)
-    frontend.check_model(body.model)
-    prompt_ids = await frontend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-    info = await frontend.info()
+    model = frontend.model(body.model, user=body.user)  # a route's pick holds for the whole request
+    prompt_ids = await model.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    info = await model.info()
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, info.max_model_len - len(prompt_ids))
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-    await frontend.check(prompt_ids, params, param="messages")
+    await model.check(prompt_ids, params, param="messages")
     timeout_s = request_timeout(request)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": frontend.model_name}
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
 
     def logprobs(delta: Delta) -> dict[str, Any] | None:
-        return {"content": chat_logprobs(frontend, delta)} if body.logprobs else None
+        return {"content": chat_logprobs(model, delta)} if body.logprobs else None
 
     if not body.stream:
-        merged = await frontend.complete(prompt_ids, params, timeout_s=timeout_s)
+        merged = await frontend.complete(model, prompt_ids, params, timeout_s=timeout_s, user=body.user)
         message = {"role": "assistant", "content": merged.text}
         formatted = await asyncio.to_thread(logprobs, merged)  # off the event loop, as for completions
         choice = {"index": 0, "message": message, "logprobs": formatted, "finish_reason": merged.finish_reason}
@@ -186,7 +196,7 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
             head | {"object": "chat.completion", "choices": [choice], "usage": usage(len(prompt_ids), len(merged.token_ids))}
         )
 
-    deltas = await started(frontend.generate(prompt_ids, params, timeout_s=timeout_s))
+    deltas = await started(frontend.generate(model, prompt_ids, params, timeout_s=timeout_s, user=body.user))
 
     async def events() -> AsyncIterator[str]:
         chunk = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage else {})
@@ -203,6 +213,29 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
         yield sse("[DONE]")
 
     return StreamingResponse(ending_in_error_events(events()), media_type="text/event-stream")
+
+
+def merged_metrics(texts: list[bytes]) -> bytes:
+    """Several engines' Prometheus texts as one: each family once, with every engine's samples (their
+    `model` label tells them apart)."""
+    if len(texts) == 1:
+        return texts[0]
+    families: dict[str, Metric] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged.samples.extend(family.samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def make_api(frontend: Frontend) -> FastAPI:
@@ -230,36 +263,59 @@ def make_api(frontend: Frontend) -> FastAPI:
 
     @api.get("/metrics")
     async def metrics() -> Response:
-        return Response(await frontend.engine.metrics(), media_type=PROMETHEUS_TEXT)
+        texts = await asyncio.gather(*(m.engine.metrics() for m in frontend.served))
+        return Response(merged_metrics(list(texts)), media_type=PROMETHEUS_TEXT)
 
     @api.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:
-        info = await frontend.info()
-        card = {
-            "id": frontend.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "moe-cluster",
-            "max_model_len": info.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
+        cards = []
+        for served in frontend.served:
+            info = await served.info()
+            cards += [
+                {"id": name, "object": "model", "created": 0, "owned_by": "moe-cluster", "root": served.name}
+                | {"max_model_len": info.max_model_len, "moe": info.moe}
+                for name in served.names
+            ]
+        for split in frontend.routes.splits():
+            cards.append(
+                {"id": split.alias, "object": "model", "created": 0, "owned_by": "moe-cluster", "route": split.to_json()}
+            )
+        return {"object": "list", "data": cards}
 
     @api.get("/v1/experts/load", dependencies=v1)
-    async def experts_load() -> dict[str, Any]:
-        return {"model": frontend.model_name} | await frontend.engine.expert_load()
+    async def experts_load(model: str | None = None) -> dict[str, Any]:
+        served = await frontend.model_of(model, moe=True)
+        return {"model": served.name} | await served.engine.expert_load()
 
     @api.post("/v1/experts/rebalance", dependencies=v1)
-    async def experts_rebalance(request: Request) -> dict[str, Any]:
+    async def experts_rebalance(request: Request, model: str | None = None) -> dict[str, Any]:
         parse_body(await read_body(request) or b"{}", RebalanceRequest)  # an empty object, or nothing
+        served = await frontend.model_of(model, moe=True)
         try:
-            result = await frontend.engine.rebalance()
+            result = await served.engine.rebalance()
         except UserError as e:  # through Serve's handle, a RayTaskError that is also a UserError: its cause's text
             raise ApiError(400, str(getattr(e, "cause", None) or e)) from None
-        return {"model": frontend.model_name} | result
+        return {"model": served.name} | result
 
     @api.get("/v1/engine/stats", dependencies=v1)
-    async def engine_stats() -> dict[str, Any]:
-        return {"model": frontend.model_name} | await frontend.engine.stats()
+    async def engine_stats(model: str | None = None) -> dict[str, Any]:
+        served = await frontend.model_of(model)
+        info = await served.info()
+        return {"model": served.name, "moe": info.moe} | await served.engine.stats() | {"usage": frontend.usage.report()}
+
+    @api.get("/v1/routes", dependencies=v1)
+    async def routes() -> dict[str, Any]:
+        return {"routes": frontend.routes.to_json()}
+
+    @api.put("/v1/routes/{alias}", dependencies=v1)
+    async def set_route(alias: str, request: Request) -> dict[str, Any]:
+        body: RouteRequest = parse_body(await read_body(request), RouteRequest)
+        try:
+            split = Split.of(alias, body.targets_text())
+            frontend.routes.set(split)
+        except UserError as e:
+            raise ApiError(400, str(e), param="targets") from None
+        return split.to_json()
 
     @api.post("/v1/completions", dependencies=v1)
     async def _completions(request: Request) -> Response:

@@ -1,7 +1,7 @@
-"""The Serve ingress: a thin shim that runs the HTTP app and the gRPC servicer over the engine deployment.
+"""The Serve ingress: a thin shim that runs the HTTP app and the gRPC servicer over the engine deployments.
 
 client ─HTTP/gRPC─► Serve proxy ─► OpenAIIngress ─► Frontend (http.py, grpc_service.py)
-                                      └─ HandleEngine ─DeploymentHandle─► EngineServer (streamed TokenEvents)
+                                      └─ per served model: HandleEngine ─DeploymentHandle─► its EngineServer deployment
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,9 +23,10 @@ from cluster.engine.protocol import EngineUnavailable, ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
 from cluster.errors import UserError
 from cluster.serve.chat import ChatRenderer
-from cluster.serve.frontend import Frontend
+from cluster.serve.frontend import Frontend, ServedModel
 from cluster.serve.grpc_service import MoEServicer
 from cluster.serve.http import make_api
+from cluster.serve.routes import RouteTable, Split
 from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2
@@ -115,27 +116,42 @@ def chat_renderer(checkpoint: str | Path, *, guardrail: bool) -> ChatRenderer | 
 ON_HEAD = {"node:__internal_head__": 0.001}
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the ingress needs of one served model besides its engine's handle: its names (the first
+    the one answers carry), the checkpoint (its tokenizer), and whether chats get the guardrail."""
+
+    names: tuple[str, ...]
+    checkpoint: Checkpoint
+    guardrail: bool
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0, "resources": ON_HEAD}, max_ongoing_requests=1024)
 @serve.ingress()
 class OpenAIIngress:
     def __init__(
         self,
-        engine: DeploymentHandle,
-        checkpoint: Checkpoint,
-        model_name: str,
-        guardrail: bool,
+        engines: dict[str, DeploymentHandle],
+        models: list[ModelEntry],
         api_key: str | None = None,
         *,
+        routes: tuple[str, ...] = (),
         replica_wait_s: float = REPLICA_WAIT_S,
     ) -> None:
-        path = checkpoint.local_path()  # the tokenizer's files, on the node the ingress runs on
-        self.frontend = Frontend(
-            HandleEngine(engine, replica_wait_s=replica_wait_s),
-            model_name=model_name,
-            tokenizer=load_tokenizer(path),
-            chat=chat_renderer(path, guardrail=guardrail),
-            api_key=api_key,
-        )
+        """`engines`: each model's engine deployment, by its first name."""
+        served = []
+        for entry in models:
+            path = entry.checkpoint.local_path()  # the tokenizer's files, on the node the ingress runs on
+            served.append(
+                ServedModel(
+                    entry.names,
+                    HandleEngine(engines[entry.names[0]], replica_wait_s=replica_wait_s),
+                    tokenizer=load_tokenizer(path),
+                    chat=chat_renderer(path, guardrail=entry.guardrail),
+                )
+            )
+        names = [n for m in served for n in m.names]
+        self.frontend = Frontend(served, api_key=api_key, routes=RouteTable(map(Split.parse, routes), names))
         self.servicer = MoEServicer(self.frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

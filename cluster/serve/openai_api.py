@@ -22,6 +22,7 @@ from cluster.engine.sampling import (
 from cluster.errors import FieldError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
+MAX_USER_CHARS = 256  # an end user's id (OpenAI's `user`); longer is refused, as it is kept in the usage book
 
 
 class ApiError(Exception):
@@ -96,6 +97,8 @@ class SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=1, description="Only 1 choice per request is supported.")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Who asks, as OpenAI's `user`: a route's pick is sticky per user, and usage is counted by user.
+    user: str | None = Field(None, max_length=MAX_USER_CHARS, description="The end user, for routes and usage.")
 
     @field_validator("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids")
     @classmethod
@@ -158,6 +161,26 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _chat_in_range(cls, v: Any, info: ValidationInfo) -> Any:
         return checked(v, info)
+
+
+class RouteTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str
+    weight: float
+
+
+class RouteRequest(BaseModel):
+    """PUT /v1/routes/{alias}: the split's targets, as text ("A:75,B:25") or as a list of {model, weight}."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    targets: str | Annotated[list[RouteTarget], Field(min_length=1)]
+
+    def targets_text(self) -> str:
+        if isinstance(self.targets, str):
+            return self.targets
+        return ",".join(f"{t.model}:{t.weight!r}" for t in self.targets)
 
 
 class RebalanceRequest(BaseModel):

@@ -1,9 +1,11 @@
-"""A running server's reports for people: the expert-load table and heat map, and the engine's state."""
+"""A running server's reports for people: the expert-load table and heat map, the engine's state and
+usage, and the routes; and the calls that read or change them."""
 
 from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,31 @@ from cluster.errors import UserError
 from cluster.serve.replica_registry import RETIRED
 
 
-def fetch_load(url: str, api_key: str | None = None) -> dict[str, Any]:
-    return fetch_json(url, "/v1/experts/load", api_key)
+def model_query(model: str | None) -> str:
+    """?model=NAME for a server of several models; nothing: the server's default (its only MoE model)."""
+    return f"?{urllib.parse.urlencode({'model': model})}" if model else ""
 
 
-def fetch_engine_stats(url: str, api_key: str | None = None) -> dict[str, Any]:
-    return fetch_json(url, "/v1/engine/stats", api_key)
+def fetch_load(url: str, api_key: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+    return fetch_json(url, "/v1/experts/load" + model_query(model), api_key)
 
 
-def post_rebalance(url: str, api_key: str | None = None) -> dict[str, Any]:
-    return fetch_json(url, "/v1/experts/rebalance", api_key, body={})
+def fetch_engine_stats(url: str, api_key: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+    return fetch_json(url, "/v1/engine/stats" + model_query(model), api_key)
+
+
+def post_rebalance(url: str, api_key: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+    return fetch_json(url, "/v1/experts/rebalance" + model_query(model), api_key, body={})
+
+
+def put_route(url: str, alias: str, targets: str, api_key: str | None = None) -> dict[str, Any]:
+    """Set a route's weights live (PUT /v1/routes/ALIAS)."""
+    return fetch_json(url, f"/v1/routes/{urllib.parse.quote(alias, safe='')}", api_key, body={"targets": targets}, method="PUT")
+
+
+def route_summary(split: dict[str, Any]) -> str:
+    total = sum(t["weight"] for t in split["targets"]) or 1.0
+    return f"{split['alias']} -> " + ", ".join(f"{t['model']} {t['weight'] / total:.0%}" for t in split["targets"])
 
 
 def rebalance_summary(result: dict[str, Any]) -> str:
@@ -34,12 +51,14 @@ def rebalance_summary(result: dict[str, Any]) -> str:
     )
 
 
-def fetch_json(url: str, path: str, api_key: str | None, *, body: dict[str, Any] | None = None) -> dict[str, Any]:
+def fetch_json(
+    url: str, path: str, api_key: str | None, *, body: dict[str, Any] | None = None, method: str | None = None
+) -> dict[str, Any]:
     endpoint = url.rstrip("/") + path
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        endpoint, data=data, headers=headers | ({"Content-Type": "application/json"} if data else {})
+        endpoint, data=data, headers=headers | ({"Content-Type": "application/json"} if data else {}), method=method
     )
     try:
         with urllib.request.urlopen(request, timeout=600 if data else 30) as response:
@@ -100,6 +119,12 @@ def engine_summary(stats: dict[str, Any]) -> str:
             for r in replicas
         ]
         lines += [f"  and {r['replicas']} gone for over an hour: {r['steps']} steps" for r in retired]
+    if usage := stats.get("usage"):
+        lines.append(f"usage over {usage['window_s'] / 3600:.2f} h, by model:")
+        lines += [
+            f"  {name}: {u['requests']} requests, {u['prompt_tokens']} prompt and {u['completion_tokens']} completion tokens"
+            for name, u in usage["models"].items()
+        ]
     return "\n".join(lines)
 
 

@@ -151,6 +151,7 @@ def test_the_expert_routes_take_the_model_and_refuse_the_dense_one(endpoint: End
     assert status == 404 and unknown["error"]["code"] == "model_not_found"
     status, stats = endpoint.get(f"/v1/engine/stats?model={DENSE}")
     assert status == 200 and stats["model"] == DENSE and not stats["moe"] and "expert_map" not in stats["replicas"][0]
+    assert "expert_compute_dtype" not in stats and stats["kv_blocks"] > 0
     assert endpoint.get("/v1/engine/stats")[1]["model"] == MOE
     rebalance = run_cli_here("experts", "rebalance", "--url", endpoint.url, "--model", DENSE, env=cli_env)
     assert_one_line_error(rebalance, "400", "is a dense model")

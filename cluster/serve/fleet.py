@@ -38,9 +38,11 @@ def fleet_stats(snapshots: list[ReplicaSnapshot]) -> dict[str, Any]:
     queried = out["prefix_cache_queried_tokens"]
     out["prefix_cache_hit_rate"] = out["prefix_cache_hit_tokens"] / queried if queried else 0.0
     out["num_replicas"] = len(serving)
-    out["expert_compute_dtype"] = "/".join(sorted({str(s.stats.get("expert_compute_dtype")) for s in serving}))
-    out["expert_half_rows"] = max((s.stats.get("expert_half_rows", 0) for s in serving), default=0)
-    out["expert_packed_workers"] = sum(s.stats.get("expert_packed_workers", 0) for s in serving)
+    with_experts = [s for s in serving if "expert_half_rows" in s.stats]  # a dense model's replicas have no experts
+    if with_experts:
+        out["expert_compute_dtype"] = "/".join(sorted({str(s.stats.get("expert_compute_dtype")) for s in with_experts}))
+        out["expert_half_rows"] = max(s.stats.get("expert_half_rows", 0) for s in with_experts)
+        out["expert_packed_workers"] = sum(s.stats.get("expert_packed_workers", 0) for s in with_experts)
     out["replicas"] = [{"replica": s.replica, "serving": s.serving} | s.stats for s in snapshots]
     return out
 

@@ -333,3 +333,37 @@ def test_a_hugging_face_repo_id_is_served_from_the_local_cache(make_ckpt, cli_en
     node = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ | env, timeout=120)
     assert node.returncode == 0, node.stderr
     assert node.stdout.split() == ["acme/tiny-moe", "True", str(len(CheckpointReader(checkpoint).weight_map))]
+
+
+def test_a_serve_config_gives_each_model_its_own_settings_over_the_top_levels() -> None:
+    from pydantic import ValidationError
+
+    from cluster.serve.args import ServeArgs
+
+    config = {
+        "max_num_seqs": 16,
+        "min_replicas": 2,
+        "routes": ["chat=small:90,big:10"],
+        "models": [
+            {"checkpoint": "/models/mixtral", "served_model_name": "big", "max_replicas": 6},
+            {"checkpoint": "/models/mistral", "served_model_name": "small", "min_replicas": 1, "max_num_seqs": 128},
+        ],
+    }
+    big, small = ServeArgs.model_validate(config).per_model()
+    assert (big.checkpoint, big.names, big.min_replicas, big.max_replicas, big.max_num_seqs) == (
+        "/models/mixtral",
+        ["big"],
+        2,
+        6,
+        16,
+    )
+    assert (small.names, small.min_replicas, small.max_replicas, small.max_num_seqs) == (["small"], 1, None, 128)
+    assert big.autoscaling and not small.autoscaling
+    for wrong, fragment in [
+        ({"models": [{"served_model_name": "x"}]}, "has no checkpoint"),
+        ({"models": [{"checkpoint": "a", "api_key_env": "K"}]}, "the endpoint's settings go at the top level"),
+        ({"checkpoint": "a", "models": [{"checkpoint": "b"}]}, "in each entry, not at the top level"),
+        ({"models": []}, "models is empty"),
+    ]:
+        with pytest.raises(ValidationError, match=fragment):
+            ServeArgs.model_validate(wrong)

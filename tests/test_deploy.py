@@ -103,6 +103,7 @@ def test_the_repositorys_deploy_files_are_as_emitted(tmp_path: Path, monkeypatch
         (["--gpu", "L4", "--cpu-experts", "8"], "--cpu-experts must be from 0 to 7"),
         (["--gpu", "L4", "--dtype", "float32", "--replicate-hot", "2"], "copies and CPU experts need it whole"),
         (["--gpu", "L4", "--max-experts-per-gpu", "0"], "--max-experts-per-gpu: must be at least 1"),
+        (["--gpu", "L4", "--model", "mistral-7b"], "deploy files of an expert-parallel (MoE) plan"),
     ],
 )
 def test_plan_emit_refuses_what_it_cannot_deploy_in_one_line(tmp_path: Path, options: list[str], message: str) -> None:

@@ -48,6 +48,7 @@ def tree(tmp_path: Path) -> Path:
         ("router/moe.py", "import fastapi", "never import the web edge or the CLI"),
         ("router/channel_transport.py", "import ray", "The MoE layer runs without Ray"),
         ("cluster/serve/http.py", "import cluster.engine.build", "The engine interface"),
+        ("cluster/model_runner.py", "import router.moe_block", "Models as a family"),
     ],
 )
 def test_a_wrong_import_breaks_its_contract(tree: Path, module: str, wrong_import: str, contract: str) -> None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.cli.options import Levels, comma_separated, command
 from cluster.cli.root import app
+from cluster.errors import UserError
 from mixtral.config import DType, ExpertDType, ModelArgs
 
 INTERCONNECTS = "pcie4, nvlink, ethernet-25g or ethernet-100g"
@@ -27,7 +28,9 @@ def finite(value: float) -> float:
 class PlanArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("mixtral-8x7b", description="A named shape (mixtral-8x7b, mini, tiny) or a checkpoint directory.")
+    model: str = Field(
+        "mixtral-8x7b", description="A named shape (mixtral-8x7b, mini, tiny; dense: mistral-7b) or a checkpoint directory."
+    )
     gpu: str = Field("L4", description="GPU type from the table (see --gpus-file to add your own).")
     gpus_file: Path | None = Field(None, description="JSON list of extra GPU types.")
     interconnect: str = Field("pcie4", description=f"{INTERCONNECTS}.")
@@ -47,6 +50,9 @@ class PlanArgs(BaseModel):
     replicate_hot: int = Field(0, ge=0, description="Spare expert copies on the GPUs, for rebalancing to give hot experts.")
     profile: Path | None = Field(None, description="A bench profile.json: predict bench on that machine instead.")
     concurrency: Levels = Field([1, 8, 64], description="With --profile: concurrency levels to predict.")
+    usage: Path | None = Field(
+        None, description="A saved GET /v1/engine/stats answer: price each tier at each served model's measured monthly volume."
+    )
     plot: Path | None = Field(None, description="Write a cost plot PNG here.")
     as_json: bool = Field(False, description="Last stdout line: one JSON object.", json_schema_extra={"flags": ["--json"]})
     emit: Path | None = Field(
@@ -81,13 +87,17 @@ def model_shape(model: str) -> ModelArgs:
 def plan(args: PlanArgs) -> None:
     """Plan GPUs, latency and cost for a workload; or, with --profile, predict bench on the profiled machine."""
     from cluster.planning import hardware
+    from cluster.planning.measured_usage import read_usage, usage_table
     from cluster.planning.planner import ExpertOptions, Workload
     from cluster.planning.planner import plan as make_plan
     from cluster.planning.report import plan_table, plot_costs
 
     shape = model_shape(args.model)
     if args.profile is not None:
+        if args.usage is not None:
+            raise UserError("--usage prices the plan's tiers, and --profile predicts bench instead: give one of them")
         return predict(shape, args)
+    usage = read_usage(args.usage) if args.usage is not None else None
     skew = args.skew
     if args.trace is not None:
         from router.trace import read_trace
@@ -107,8 +117,11 @@ def plan(args: PlanArgs) -> None:
             cpu_experts=args.cpu_experts,
             hot_copies=args.replicate_hot,
         ),
+        usage=usage,
     )
     print(plan_table(plans))
+    if usage is not None:
+        print(usage_table(plans, usage))
     if args.emit is not None:
         from cluster.planning.emit import deploy_spec, write_files
 
@@ -127,7 +140,8 @@ def plan(args: PlanArgs) -> None:
     if args.plot:
         print(f"cost plot: {plot_costs(plans, args.plot)}", file=sys.stderr)
     if args.as_json:
-        print(json.dumps({"skew": skew, "plans": [p.to_dict() for p in plans]}))
+        extra = {"usage": usage.to_dict()} if usage is not None else {}
+        print(json.dumps({"skew": skew, "plans": [p.to_dict() for p in plans]} | extra))
 
 
 def predict(shape: ModelArgs, args: PlanArgs) -> None:

@@ -2,10 +2,11 @@
 
 Layout: one coordinator GPU (embeddings, attention, routers, KV cache, lm_head) and the experts
 spread over expert GPUs (an expert's every layer together), some of them perhaps on one CPU
-worker, and spare slots holding copies of hot experts. A decode step of batch c runs, per layer,
-attention on the coordinator, then dispatch, the busiest expert worker, and combine, in sequence;
-then the lm_head. Each part costs the larger of its bytes over bandwidth and its FLOPs over
-compute (a roofline), at the efficiencies below.
+worker, and spare slots holding copies of hot experts. A dense (Mistral) model is the same
+equations with one expert every token takes, its MLP, and no router: all of it on one GPU.
+A decode step of batch c runs, per layer, attention on the coordinator, then dispatch, the
+busiest expert worker, and combine, in sequence; then the lm_head. Each part costs the larger
+of its bytes over bandwidth and its FLOPs over compute (a roofline), at the efficiencies below.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from cluster.errors import UserError
 from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
 from mixtral.config import ModelArgs
 from mixtral.kv_spec import KVSpec
+
+DTYPE_OF_BYTES = {4: "float32", 2: "bfloat16"}  # the planner's --dtype choices, by bytes a parameter
 
 BANDWIDTH_EFFICIENCY = 0.8  # of spec-sheet memory bandwidth reached by weight reads
 COMPUTE_EFFICIENCY = 0.5  # of spec-sheet tensor FLOP/s reached by these GEMMs
@@ -44,9 +47,9 @@ class ModelCost:
     """Parameters a decode step touches and multiplies, from the model's shape."""
 
     attention_params: int  # per layer: q, k, v, o
-    expert_params: int  # per layer and expert: w1, w2, w3
-    gate_params: int  # per layer
-    head_params: int  # lm_head (the embedding lookup reads only T rows)
+    expert_params: int  # per layer and expert: w1, w2, w3 (a dense model's MLP: gate_proj, up_proj, down_proj)
+    gate_params: int  # per layer: Mixtral's router; a dense model has none
+    head_params: int  # lm_head, read every step, tied to the embeddings or not (the embedding lookup reads only T rows)
 
     @staticmethod
     def of(args: ModelArgs) -> ModelCost:
@@ -54,7 +57,7 @@ class ModelCost:
         return ModelCost(
             attention_params=d * dh * (2 * h + 2 * g),
             expert_params=3 * d * args.intermediate_size,
-            gate_params=d * args.num_local_experts,
+            gate_params=d * args.num_local_experts if args.is_moe else 0,
             head_params=args.vocab_size * d,
         )
 
@@ -65,18 +68,31 @@ def busy_experts(tokens: int, experts: int, top_k: int) -> float:
 
 
 def kv_spec(args: ModelArgs, bytes_per_param: int) -> KVSpec:
-    """The engine's own KV accounting (blocks, window recycling) for this model at this precision."""
-    return KVSpec(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, bytes_per_param)
+    """The engine's own KV accounting (blocks, window recycling) for this model at this precision:
+    the KVSpec the engine builds for the dtype of that many bytes."""
+    return KVSpec.of(args, DTYPE_OF_BYTES[bytes_per_param])
 
 
 def non_expert_params(args: ModelArgs) -> int:
+    """What the coordinator holds, as the runtime reads it (cluster.model_runner.non_expert_weights) less
+    a dense model's MLP: the embeddings; per layer q, k, v, o, two norms and (Mixtral) the router; the
+    final norm; and the lm_head unless it is tied to the embeddings (one matrix then serves both)."""
     cost = ModelCost.of(args)
-    embed = args.vocab_size * args.hidden_size
-    return args.num_hidden_layers * (cost.attention_params + cost.gate_params + 2 * args.hidden_size) + embed + cost.head_params
+    d = args.hidden_size
+    embed = args.vocab_size * d
+    head = 0 if args.tie_word_embeddings else cost.head_params
+    return args.num_hidden_layers * (cost.attention_params + cost.gate_params + 2 * d) + d + embed + head
 
 
 def expert_params_all_layers(args: ModelArgs) -> int:
+    """One expert over every layer (a dense model's MLP over every layer)."""
     return args.num_hidden_layers * ModelCost.of(args).expert_params
+
+
+def model_params(args: ModelArgs) -> int:
+    """Every weight the runtime holds, each once: the non-expert ones and every expert's. For a dense
+    model, what its one GPU holds (embed, attention, norms, MLP, lm_head unless tied)."""
+    return non_expert_params(args) + args.num_local_experts * expert_params_all_layers(args)
 
 
 @dataclass(frozen=True)
@@ -183,9 +199,11 @@ def step_seconds(
     cost = ModelCost.of(args)
     b, k, e, d = bytes_per_param, args.num_experts_per_tok, args.num_local_experts, args.hidden_size
     eb = b if expert_bytes_per_param is None else expert_bytes_per_param
+    # Each sequence's keys and values as the engine gathers them: whole blocks, those of its window only.
+    spec = kv_spec(args, b)
+    kv_tokens = spec.blocks_per_sequence(context, args.sliding_window) * spec.block_size
     attention = _roofline(
-        (cost.attention_params + cost.gate_params) * b
-        + sequences * context * kv_spec(args, b).bytes_per_token / args.num_hidden_layers,
+        (cost.attention_params + cost.gate_params) * b + sequences * kv_tokens * spec.bytes_per_token / args.num_hidden_layers,
         2 * tokens * (cost.attention_params + cost.gate_params),
         gpu,
     )

@@ -106,6 +106,11 @@ def deploy_spec(
     where it cannot hold one sequence of the model's full context, max_model_len is the plan's context."""
     if not plan.fits:
         raise UserError(f"the plan does not fit ({plan.reason}); nothing to emit")
+    if plan.dense:
+        raise UserError(
+            "--emit writes the deploy files of an expert-parallel (MoE) plan; serve a dense model with "
+            "`moe-cluster serve` or as a models entry of a Serve config (docs/serving.md)"
+        )
     if plan.expert_map is None:
         raise UserError(
             f"the plan splits each expert over {(plan.gpus_per_replica - 1) // experts} GPUs, which the runtime "

@@ -2,14 +2,18 @@
 
 For one replica (a coordinator GPU plus expert GPUs) the planner picks the largest decode batch
 whose predicted TPOT meets the target and whose KV cache fits, then adds replicas until the
-workload's output tokens/s are served. Monthly costs assume GPUs rented around the clock.
+workload's output tokens/s are served. Monthly costs assume GPUs rented around the clock, at fixed
+volumes and, given a server's usage report (GET /v1/engine/stats), at each served model's measured one.
+
+The dense tier is Mistral 7B as the runtime serves it: one GPU holding the embeddings, attention,
+norms, the MLP and the lm_head, no router, and a KV cache whose sliding window recycles blocks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.planning.cost_model import (
     RUNTIME_RESERVE_GB,
@@ -19,7 +23,7 @@ from cluster.planning.cost_model import (
     kv_spec,
     layout_for,
     memory_splits,
-    non_expert_params,
+    model_params,
     step_seconds,
 )
 from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
@@ -28,24 +32,14 @@ from mixtral.kv_spec import GiB
 from mixtral.presets import preset
 from router.expert_map import ExpertMap, WorkerKind, balanced_map
 
-HOURS_PER_MONTH = 730
+if TYPE_CHECKING:
+    from cluster.planning.measured_usage import MeasuredUsage
+
+HOURS_PER_MONTH = 730  # the one figure for a month of GPUs rented around the clock, and of a measured rate kept up
+SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
 MONTHLY_VOLUMES = (1_000_000, 10_000_000, 100_000_000)
 MAX_BATCH = 256
 ACTIVATION_GB = 1.0
-
-# Mistral 7B (arXiv 2310.06825) as a one-expert model: the same equations, one GPU, no dispatch.
-MISTRAL_7B = dict(
-    model_type="mixtral",
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_local_experts=1,
-    num_experts_per_tok=1,
-    intermediate_size=14336,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=32768,
-)
 
 
 @dataclass(frozen=True)
@@ -79,21 +73,31 @@ class TierPlan:
     cpu_workers: int = 0  # per replica: CPU expert workers (a CPU node each)
     expert_dtype: str = "bfloat16"  # what the expert weights are held in
     expert_map: dict[str, Any] | None = None  # the replica's expert map (router.expert_map JSON); None: dense
-    monthly: list[dict[str, float]] = field(default_factory=list)  # per volume: tokens, gpus, usd, usd_per_million
+    dense: bool = False  # one GPU holding the whole model (Mistral), no expert workers
+    monthly: list[dict[str, Any]] = field(default_factory=list)  # per volume: tokens, gpus, usd, usd_per_million
+    # With a usage report (--usage): per served model, its measured volume priced on this tier, as `monthly`
+    # prices the fixed ones, plus "model": the served model whose volume it is.
+    usage_monthly: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def model_args(name_or_config: str | dict) -> ModelArgs:
-    """A named shape (mixtral-8x7b, mini, tiny, mistral-7b) or a checkpoint's config dict."""
+    """A named shape (mixtral-8x7b, mini, tiny; dense: mistral-7b, mistral-tiny) or a checkpoint's config dict."""
     if isinstance(name_or_config, dict):
         return args_from_dict(name_or_config)
-    if name_or_config == "mistral-7b":
-        return args_from_dict(MISTRAL_7B)
-    fields = preset(name_or_config)
-    rope_theta = fields.pop("rope_theta")
-    return args_from_dict({"model_type": "mixtral", "rope_theta": rope_theta} | fields)
+    return args_from_dict({"model_type": "mixtral"} | preset(name_or_config))  # a preset names model_type if not mixtral
+
+
+def monthly_cost(tokens: float, *, replica_tok_s: float, gpus_per_replica: int, replica_usd_per_hour: float) -> dict[str, Any]:
+    """`tokens` output tokens a month, served around the clock by whole replicas (at least one) of
+    `replica_tok_s` each: tokens, gpus, usd, and usd_per_million (None for no tokens)."""
+    rate = tokens / SECONDS_PER_MONTH
+    n = max(1, math.ceil(rate / replica_tok_s))
+    usd = n * replica_usd_per_hour * HOURS_PER_MONTH
+    per_million = usd / (tokens / 1e6) if tokens else None
+    return {"tokens": tokens, "gpus": n * gpus_per_replica, "usd": usd, "usd_per_million": per_million}
 
 
 @dataclass(frozen=True)
@@ -138,13 +142,16 @@ def plan_tier(
     bytes_per_param: int,
     skew: float,
     experts: ExpertOptions = ExpertOptions(),
+    usage_volumes: dict[str, float] | None = None,
 ) -> TierPlan:
-    dense = args.num_local_experts == 1
+    """One tier on `gpu`: expert parallel for an MoE model, one GPU for a dense one. `usage_volumes`:
+    output tokens a month by served model (MeasuredUsage.volumes), priced in `usage_monthly`."""
+    dense = not args.is_moe
     context = workload.prompt_len + workload.output_len
     expert_bytes = 1 if experts.int8 and not dense else bytes_per_param
     if dense:
         layout = Layout(1, 1, 0)
-        weights_gb = (expert_params_all_layers(args) + non_expert_params(args)) * bytes_per_param / 1e9
+        weights_gb = model_params(args) * bytes_per_param / 1e9  # what the runtime holds on its one device
     else:
         layout = layout_for(
             args,
@@ -232,12 +239,16 @@ def plan_tier(
         cpu_workers=layout.cpu_workers,
         expert_dtype="int8" if expert_bytes == 1 else {2: "bfloat16", 4: "float32"}[bytes_per_param],
         expert_map=None if dense or (m := planned_map(layout, args.num_local_experts)) is None else m.to_json(),
+        dense=dense,
     )
-    for volume in MONTHLY_VOLUMES:
-        rate = volume / (HOURS_PER_MONTH * 3600)
-        n = max(1, math.ceil(rate / replica_tok_s))
-        usd = n * replica_usd_per_hour * HOURS_PER_MONTH
-        plan.monthly.append({"tokens": volume, "gpus": n * layout.gpus, "usd": usd, "usd_per_million": usd / (volume / 1e6)})
+
+    def month(tokens: float) -> dict[str, Any]:
+        return monthly_cost(
+            tokens, replica_tok_s=replica_tok_s, gpus_per_replica=layout.gpus, replica_usd_per_hour=replica_usd_per_hour
+        )
+
+    plan.monthly = [month(volume) for volume in MONTHLY_VOLUMES]
+    plan.usage_monthly = [{"model": model} | month(tokens) for model, tokens in (usage_volumes or {}).items()]
     return plan
 
 
@@ -251,11 +262,32 @@ def plan(
     skew: float = 1.2,
     name: str = "model",
     experts: ExpertOptions = ExpertOptions(),
+    usage: MeasuredUsage | None = None,
 ) -> list[TierPlan]:
-    """The MoE model on expert-parallel GPUs, and dense Mistral 7B on the same GPU type, side by side."""
+    """The MoE model on expert-parallel GPUs, and dense Mistral 7B on the same GPU type, side by side;
+    each priced at the monthly volumes a usage report measured, if one is given."""
+    volumes = usage.volumes if usage is not None else None
+    kind = "expert parallel" if args.is_moe else "dense"
     return [
         plan_tier(
-            f"{name} (expert parallel)", args, gpu, link, workload, bytes_per_param=bytes_per_param, skew=skew, experts=experts
+            f"{name} ({kind})",
+            args,
+            gpu,
+            link,
+            workload,
+            bytes_per_param=bytes_per_param,
+            skew=skew,
+            experts=experts,
+            usage_volumes=volumes,
         ),
-        plan_tier("mistral-7b (dense)", model_args("mistral-7b"), gpu, None, workload, bytes_per_param=bytes_per_param, skew=1.0),
+        plan_tier(
+            "mistral-7b (dense)",
+            model_args("mistral-7b"),
+            gpu,
+            None,
+            workload,
+            bytes_per_param=bytes_per_param,
+            skew=1.0,
+            usage_volumes=volumes,
+        ),
     ]

@@ -364,6 +364,11 @@ def test_a_serve_config_gives_each_model_its_own_settings_over_the_top_levels() 
         ({"models": [{"checkpoint": "a", "api_key_env": "K"}]}, "the endpoint's settings go at the top level"),
         ({"checkpoint": "a", "models": [{"checkpoint": "b"}]}, "in each entry, not at the top level"),
         ({"models": []}, "models is empty"),
+        (
+            {"models": [{"checkpoint": "a", "max_num_seqs": 0}]},
+            "models entry 0 max_num_seqs: Input should be greater than or equal to 1",
+        ),
+        ({"models": [{"checkpoint": "a", "max_num_sqes": 8}]}, "models entry 0 max_num_sqes: Extra inputs are not permitted"),
     ]:
         with pytest.raises(ValidationError, match=fragment):
             ServeArgs.model_validate(wrong)

@@ -66,8 +66,9 @@ class Endpoint:
 def endpoint(ray_session, make_ckpt) -> Iterator[Endpoint]:  # type: ignore[no-untyped-def]
     checkpoints = {
         MOE: make_ckpt(tokenizer=True, vocab_size=32000),
-        # A window shorter than the longer requests here: its blocks recycle while the endpoint serves.
-        DENSE: make_ckpt(preset="mistral-tiny", tokenizer=True, vocab_size=32000, sliding_window=8),
+        # MHA (4/4 heads; the generate test runs GQA), and a window shorter than the longer requests here:
+        # its blocks recycle while the endpoint serves.
+        DENSE: make_ckpt(preset="mistral-tiny", tokenizer=True, vocab_size=32000, sliding_window=8, num_key_value_heads=4),
     }
     http_port, grpc_port = free_port(), free_port()
     serve.start(

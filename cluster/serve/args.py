@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.errors import UserError
 from cluster.placement_options import Strategy
@@ -192,14 +192,25 @@ class ServeArgs(BaseModel):
                 raise ValueError(f"models entry {i} has no checkpoint; each model needs one")
             if endpoint := sorted(set(entry) & set(ENDPOINT_KEYS)):
                 raise ValueError(f"models entry {i} sets {', '.join(endpoint)}: the endpoint's settings go at the top level")
+            try:  # each entry is checked here, so a mistake in one is reported where the file is read
+                self._entry(entry)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(map(str, first["loc"]))
+                raise ValueError(
+                    f"models entry {i}{f' {where}' if where else ''}: {first['msg'].removeprefix('Value error, ')}"
+                ) from None
         return self
+
+    def _entry(self, entry: dict[str, Any]) -> ServeArgs:
+        defaults = self.model_dump(exclude={*ENDPOINT_KEYS, "checkpoint", "served_model_name"}, exclude_unset=True)
+        return ServeArgs.model_validate(defaults | entry)
 
     def per_model(self) -> list[ServeArgs]:
         """Each served model's settings: this one alone, or each `models` entry over the top level's."""
         if self.models is None:
             return [self]
-        defaults = self.model_dump(exclude={*ENDPOINT_KEYS, "checkpoint", "served_model_name"}, exclude_unset=True)
-        return [ServeArgs.model_validate(defaults | entry) for entry in self.models]
+        return [self._entry(entry) for entry in self.models]
 
     @property
     def names(self) -> list[str]:

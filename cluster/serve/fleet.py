@@ -1,4 +1,5 @@
-"""One view over every replica of the engine deployment: expert load, engine stats and Prometheus series.
+"""One view over every replica of an engine deployment: expert load, engine stats and Prometheus series
+(and the series of several models' deployments as one text).
 
 Built from the replicas' snapshots (cluster.serve.replica_registry): counters summed over every
 replica the registry has heard from (a stopped one's tokens were still served), gauges over the
@@ -13,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.serve.replica_registry import COUNTERS, ReplicaSnapshot, summed_workers
 from router.load import ExpertLoad
@@ -57,6 +59,24 @@ def fleet_metrics(snapshots: list[ReplicaSnapshot]) -> bytes:
             metric = families.setdefault(f["name"], Metric(f["name"], f["documentation"], f["type"]))
             for name, labels, value in f["samples"]:
                 metric.add_sample(name, labels | {"replica": s.replica}, value)
+    return exposition(families)
+
+
+def merged_metrics(texts: list[bytes]) -> bytes:
+    """Several models' Prometheus texts (fleet_metrics of each) as one: each family once, with every
+    model's samples (their `model` label tells them apart)."""
+    if len(texts) == 1:
+        return texts[0]
+    families: dict[str, Metric] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type)).samples.extend(
+                family.samples
+            )
+    return exposition(families)
+
+
+def exposition(families: dict[str, Metric]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(list(families.values())))
     return generate_latest(registry)

@@ -26,12 +26,10 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.errors import UserError
+from cluster.serve.fleet import merged_metrics
 from cluster.serve.frontend import Delta, Frontend, ServedModel
 from cluster.serve.openai_api import (
     MAX_BODY_BYTES,
@@ -215,29 +213,6 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
     return StreamingResponse(ending_in_error_events(events()), media_type="text/event-stream")
 
 
-def merged_metrics(texts: list[bytes]) -> bytes:
-    """Several engines' Prometheus texts as one: each family once, with every engine's samples (their
-    `model` label tells them apart)."""
-    if len(texts) == 1:
-        return texts[0]
-    families: dict[str, Metric] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text.decode()):
-            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-            merged.samples.extend(family.samples)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families(list(families.values())))
-    return generate_latest(registry)
-
-
-class _Families:
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
-
-
 def make_api(frontend: Frontend) -> FastAPI:
     """The ASGI app: Serve's ingress runs it in its replica; tests run it under uvicorn."""
 
@@ -263,17 +238,24 @@ def make_api(frontend: Frontend) -> FastAPI:
 
     @api.get("/metrics")
     async def metrics() -> Response:
-        texts = await asyncio.gather(*(m.engine.metrics() for m in frontend.served))
-        return Response(merged_metrics(list(texts)), media_type=PROMETHEUS_TEXT)
+        # A model whose engine cannot answer now is left out of this scrape, not the others with it.
+        answers = await asyncio.gather(*(m.engine.metrics() for m in frontend.served), return_exceptions=True)
+        texts = [a for a in answers if isinstance(a, bytes)]
+        if not texts and answers:
+            raise ApiError(503, f"no engine answered for its metrics ({type(answers[0]).__name__})", kind="service_unavailable")
+        return Response(merged_metrics(texts), media_type=PROMETHEUS_TEXT)
 
     @api.get("/v1/models", dependencies=v1)
     async def models() -> dict[str, Any]:
         cards = []
         for served in frontend.served:
-            info = await served.info()
+            try:
+                info = await served.info()
+                known = {"max_model_len": info.max_model_len, "moe": info.moe}
+            except ApiError:  # its engine is not up yet: the model is still served, its card says less
+                known = {}
             cards += [
-                {"id": name, "object": "model", "created": 0, "owned_by": "moe-cluster", "root": served.name}
-                | {"max_model_len": info.max_model_len, "moe": info.moe}
+                {"id": name, "object": "model", "created": 0, "owned_by": "moe-cluster", "root": served.name} | known
                 for name in served.names
             ]
         for split in frontend.routes.splits():

@@ -18,17 +18,10 @@ from cluster.planning.cost_model import ModelCost, kv_spec, model_params, non_ex
 from cluster.planning.hardware import GPUS
 from cluster.planning.planner import HOURS_PER_MONTH, Workload, model_args, plan_tier
 from mixtral.kv_spec import KVSpec
+from tests.conftest import SMALL
 from tests.test_cli import assert_one_line_error, run_cli_here
 
-SMALL_DENSE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=256,
-)
+SMALL_DENSE = SMALL  # the suite's small shape, written as a dense Mistral
 WORKLOAD = Workload(requests_per_s=1, prompt_len=512, output_len=256, ttft_ms=2000, tpot_ms=100)
 
 

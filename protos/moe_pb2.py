@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/moe.proto\x12\x03moe\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x91\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\ttoken_ids\x18\x02 \x01(\x0b\x32\r.moe.TokenIdsH\x00\x12#\n\x06params\x18\x03 \x01(\x0b\x32\x13.moe.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"\x83\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\x12\r\n\x05model\x18\x06 \x01(\t2\x83\x01\n\nMoEService\x12\x37\n\x08Generate\x12\x14.moe.GenerateRequest\x1a\x15.moe.GenerateResponse\x12<\n\x0eGenerateStream\x12\x14.moe.GenerateRequest\x1a\x12.moe.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/moe.proto\x12\x03moe\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe0\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\x91\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\ttoken_ids\x18\x02 \x01(\x0b\x32\r.moe.TokenIdsH\x00\x12#\n\x06params\x18\x03 \x01(\x0b\x32\x13.moe.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\tB\x08\n\x06prompt\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x86\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"\x83\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x05usage\x18\x05 \x01(\x0b\x32\n.moe.Usage\x12\r\n\x05model\x18\x06 \x01(\t\"/\n\x0fModerateRequest\x12\r\n\x05input\x18\x01 \x03(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\xa6\x02\n\x10ModerationResult\x12\x0f\n\x07\x66lagged\x18\x01 \x01(\x08\x12\x39\n\ncategories\x18\x02 \x03(\x0b\x32%.moe.ModerationResult.CategoriesEntry\x12\x42\n\x0f\x63\x61tegory_scores\x18\x03 \x03(\x0b\x32).moe.ModerationResult.CategoryScoresEntry\x12\x18\n\x10\x61\x63\x63\x65ptable_score\x18\x04 \x01(\x02\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a\x35\n\x13\x43\x61tegoryScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"I\n\x10ModerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07results\x18\x02 \x03(\x0b\x32\x15.moe.ModerationResult2\xbc\x01\n\nMoEService\x12\x37\n\x08Generate\x12\x14.moe.GenerateRequest\x1a\x15.moe.GenerateResponse\x12<\n\x0eGenerateStream\x12\x14.moe.GenerateRequest\x1a\x12.moe.GenerateChunk0\x01\x12\x37\n\x08Moderate\x12\x14.moe.ModerateRequest\x1a\x15.moe.ModerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.moe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODERATIONRESULT_CATEGORIESENTRY']._loaded_options = None
+  _globals['_MODERATIONRESULT_CATEGORIESENTRY']._serialized_options = b'8\001'
+  _globals['_MODERATIONRESULT_CATEGORYSCORESENTRY']._loaded_options = None
+  _globals['_MODERATIONRESULT_CATEGORYSCORESENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=25
   _globals['_TOKENIDS']._serialized_end=48
   _globals['_SAMPLINGPARAMS']._serialized_start=51
@@ -43,6 +47,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=641
   _globals['_GENERATECHUNK']._serialized_start=644
   _globals['_GENERATECHUNK']._serialized_end=775
-  _globals['_MOESERVICE']._serialized_start=778
-  _globals['_MOESERVICE']._serialized_end=909
+  _globals['_MODERATEREQUEST']._serialized_start=777
+  _globals['_MODERATEREQUEST']._serialized_end=824
+  _globals['_MODERATIONRESULT']._serialized_start=827
+  _globals['_MODERATIONRESULT']._serialized_end=1121
+  _globals['_MODERATIONRESULT_CATEGORIESENTRY']._serialized_start=1017
+  _globals['_MODERATIONRESULT_CATEGORIESENTRY']._serialized_end=1066
+  _globals['_MODERATIONRESULT_CATEGORYSCORESENTRY']._serialized_start=1068
+  _globals['_MODERATIONRESULT_CATEGORYSCORESENTRY']._serialized_end=1121
+  _globals['_MODERATERESPONSE']._serialized_start=1123
+  _globals['_MODERATERESPONSE']._serialized_end=1196
+  _globals['_MOESERVICE']._serialized_start=1199
+  _globals['_MOESERVICE']._serialized_end=1387
 # @@protoc_insertion_point(module_scope)

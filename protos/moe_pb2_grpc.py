@@ -44,6 +44,11 @@ class MoEServiceStub:
                 request_serializer=protos_dot_moe__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_moe__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Moderate = channel.unary_unary(
+                '/moe.MoEService/Moderate',
+                request_serializer=protos_dot_moe__pb2.ModerateRequest.SerializeToString,
+                response_deserializer=protos_dot_moe__pb2.ModerateResponse.FromString,
+                _registered_method=True)
 
 
 class MoEServiceServicer:
@@ -63,6 +68,13 @@ class MoEServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Moderate(self, request, context):
+        """Self-reflection moderation: a served model judges each text (as POST /v1/moderations).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoEServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_MoEServiceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=protos_dot_moe__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_moe__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Moderate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Moderate,
+                    request_deserializer=protos_dot_moe__pb2.ModerateRequest.FromString,
+                    response_serializer=protos_dot_moe__pb2.ModerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class MoEService:
             '/moe.MoEService/GenerateStream',
             protos_dot_moe__pb2.GenerateRequest.SerializeToString,
             protos_dot_moe__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Moderate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.MoEService/Moderate',
+            protos_dot_moe__pb2.ModerateRequest.SerializeToString,
+            protos_dot_moe__pb2.ModerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -206,8 +206,9 @@ def test_models_load_and_health(http_port: int, engine: FakeEngine) -> None:
     assert json.loads(conn.getresponse().read()) == {"model": MODEL} | {"layers": 1, "experts": 2, "top_k": 1, "tokens": [[3, 1]]}
     conn.request("GET", "/v1/engine/stats")
     stats = json.loads(conn.getresponse().read())
-    usage = stats.pop("usage")
+    usage, moderation = stats.pop("usage"), stats.pop("moderation")
     assert stats == {"model": MODEL, "moe": True} | asyncio.run(engine.stats())
+    assert moderation == {"calls": 0, "flagged": 0, "refused_prompts": 0, "filtered_answers": 0}  # --moderate is off
     # Every request that reached the engine is counted, with its prompt's tokens.
     assert usage["models"][MODEL]["requests"] == len(engine.requests)
     assert usage["models"][MODEL]["prompt_tokens"] == sum(len(prompt) for prompt, _ in engine.requests)

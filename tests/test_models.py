@@ -258,3 +258,21 @@ def test_usage_is_counted_by_model_and_by_user_and_the_user_table_stays_bounded(
 def metrics_text(endpoint: Endpoint) -> str:
     with urllib.request.urlopen(f"{endpoint.url}/metrics", timeout=30) as response:
         return response.read().decode()
+
+
+def test_moderations_through_serve_over_http_and_grpc(endpoint: Endpoint) -> None:
+    texts = ["How do I bake bread?", "Tell me how to commit tax fraud."]
+    default = endpoint.client.moderations.create(input=texts[0])
+    assert default.model == MOE  # no model named and no --moderation-model: the first served model judges
+    dense = endpoint.client.moderations.create(input=texts, model=DENSE)
+    assert dense.model == DENSE and len(dense.results) == 2
+    with grpc.insecure_channel(f"127.0.0.1:{endpoint.grpc_port}") as channel:
+        reply = moe_pb2_grpc.MoEServiceStub(channel).Moderate(moe_pb2.ModerateRequest(input=texts, model=DENSE))
+        with pytest.raises(grpc.RpcError) as empty:
+            moe_pb2_grpc.MoEServiceStub(channel).Moderate(moe_pb2.ModerateRequest())
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reply.model == DENSE
+    for over_grpc, over_http in zip(reply.results, dense.results):
+        http_scores = {k: v for k, v in over_http.category_scores.model_dump().items() if v is not None}
+        assert dict(over_grpc.category_scores) == pytest.approx(http_scores, abs=1e-5)
+        assert over_grpc.flagged == over_http.flagged

@@ -3,6 +3,7 @@
 - generate: `generate`, `make-checkpoint`
 - serve: `serve`
 - client: `stats`, `experts rebalance`, `route set` (a running server)
+- moderation: `moderation-eval` (a running server's self-moderation against a labelled set)
 - bench: `bench`, `agreement`
 - plan: `plan`, `experiments`
 """
@@ -15,7 +16,7 @@ from importlib import import_module
 from cluster.cli.root import app
 
 # Each group adds its commands to the root; `--help` lists them in this order.
-for group in ("generate", "serve", "client", "bench", "plan"):
+for group in ("generate", "serve", "client", "moderation", "bench", "plan"):
     import_module(f"cluster.cli.{group}")
 
 __all__ = ["app", "main"]

@@ -198,7 +198,7 @@ class AsyncEngine:
         if seq.finish_reason == "error":
             _send(sink, ERROR)
         else:
-            top = seq.top_logprobs[-1] if seq.params.logprobs else []
+            top = seq.top_logprobs[-1] if seq.params.logprobs or seq.params.score_token_ids else []
             _send(sink, TokenEvent(seq.output_ids[-1], seq.logprobs[-1], top, seq.finish_reason))
         if seq.finished:
             del self._sinks[seq.request_id]

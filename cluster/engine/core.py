@@ -119,7 +119,7 @@ class EngineCore(Generic[ModelT]):
                 continue
             seq.output_ids.append(token)
             seq.logprobs.append(logprob)
-            if seq.params.logprobs:
+            if seq.params.logprobs or seq.params.score_token_ids:
                 seq.top_logprobs.append(top)
             self._check_finish(seq, token)
         return [seq for seq, *_ in sampled]
@@ -148,6 +148,10 @@ class EngineCore(Generic[ModelT]):
         chosen = logprobs.gather(1, torch.tensor(tokens).clamp_min(0)[:, None]).squeeze(1).tolist()
         tops: list[list[tuple[int, float]]] = []
         for i, seq in enumerate(seqs):
+            if seq.params.score_token_ids:  # the labels asked for, in their order
+                ids = list(seq.params.score_token_ids)
+                tops.append(list(zip(ids, logprobs[i, ids].tolist())))
+                continue
             top = torch.topk(logprobs[i], seq.params.logprobs) if seq.params.logprobs else None
             tops.append([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
         return list(zip(seqs, tokens, chosen, tops))

@@ -19,7 +19,7 @@ class TokenEvent:
 
     token_id: int  # -1 on an "error" event, which carries no token
     logprob: float
-    top_logprobs: list[tuple[int, float]]  # empty unless the request asked for logprobs
+    top_logprobs: list[tuple[int, float]]  # empty unless the request asked for logprobs (or scored label tokens)
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" on the last event
 
 

@@ -21,6 +21,7 @@ MAX_TEMPERATURE = 2.0  # as OpenAI bounds it
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256  # characters of one stop string
 MAX_STOP_TOKEN_IDS = 64
+MAX_SCORE_TOKEN_IDS = 16  # labels a classifying request scores (cluster.serve.moderation has 4)
 SEED_RANGE = (-(2**63), 2**64)  # int64 and uint64 seeds alike; torch takes the value mod 2^64
 
 
@@ -35,6 +36,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the engine's caller with a tokenizer checks them
     ignore_eos: bool = False
     logprobs: int | None = None  # also return this many most likely alternatives per token
+    # Also return the logprob of each of these tokens at every step, in this order, in place of the
+    # alternatives: a classifier's label tokens (self-moderation reads them after one prefill).
+    score_token_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +88,10 @@ def _stop_token_ids(v: tuple[int, ...]) -> str | None:
     return None if len(v) <= MAX_STOP_TOKEN_IDS else f"must be at most {MAX_STOP_TOKEN_IDS} token ids"
 
 
+def _score_token_ids(v: tuple[int, ...]) -> str | None:
+    return None if len(v) <= MAX_SCORE_TOKEN_IDS else f"must be at most {MAX_SCORE_TOKEN_IDS} token ids"
+
+
 def _logprobs(v: int | None) -> str | None:
     return None if v is None or 0 <= v <= MAX_LOGPROBS else f"must be between 0 and {MAX_LOGPROBS}, got {v}"
 
@@ -97,6 +105,7 @@ SAMPLING_RULES: dict[str, Callable[[Any], str | None]] = {
     "stop": _stop,
     "stop_token_ids": _stop_token_ids,
     "logprobs": _logprobs,
+    "score_token_ids": _score_token_ids,
 }
 
 

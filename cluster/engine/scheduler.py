@@ -37,7 +37,7 @@ class SequenceState:
     draws: Draws | None  # None for greedy requests
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.logprobs (or score_token_ids)
     table: BlockTable = field(default_factory=BlockTable)
     num_cached: int = 0  # tokens whose keys and values are in the cache
     admitted: bool = False  # once running (a preempted sequence waits again, admitted)
@@ -83,6 +83,10 @@ def check_request(prompt_ids: list[int], params: SamplingParams, *, max_model_le
     if any(not 0 <= t < vocab_size for t in prompt_ids):
         raise FieldError(
             "prompt", f"prompt token ids must be in [0, {vocab_size}); the model's vocabulary has {vocab_size} tokens"
+        )
+    if any(not 0 <= t < vocab_size for t in params.score_token_ids):
+        raise FieldError(
+            "score_token_ids", f"score_token_ids must be in [0, {vocab_size}); the vocabulary has {vocab_size} tokens"
         )
     if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
         raise FieldError(

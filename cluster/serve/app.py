@@ -24,6 +24,7 @@ from cluster.serve.args import ServeArgs
 from cluster.serve.autoscaling import EngineLoadPolicy
 from cluster.serve.engine_deployment import EngineServer
 from cluster.serve.ingress import ON_HEAD, ModelEntry, OpenAIIngress
+from cluster.serve.moderation import ModerationSettings
 from cluster.serve.replica_registry import REGISTRY_ACTOR, ReplicaRegistry
 from cluster.serve.routes import RouteTable, Split
 from mixtral.checkpoint import Checkpoint
@@ -107,6 +108,8 @@ def model_settings(args: ServeArgs) -> list[ModelSettings]:
     if clash := sorted({n for n in names if names.count(n) > 1}):
         raise UserError(f"several served models are called {', '.join(map(repr, clash))}; give each its own served_model_name")
     RouteTable(map(Split.parse, args.routes), names)  # raises for a route to a model not served
+    if args.moderation_model is not None and args.moderation_model not in names:
+        raise UserError(f"--moderation-model {args.moderation_model!r} is not a served model; name one of {', '.join(names)}")
     return models
 
 
@@ -160,8 +163,14 @@ def build_app(args: ServeArgs, models: list[ModelSettings] | None = None) -> App
     several = len(models) > 1
     engines = {m.names[0]: engine_deployment(m, deployment_name(i, m, several=several)) for i, m in enumerate(models)}
     entries = [ModelEntry(m.names, m.replica.checkpoint, m.args.guardrail) for m in models]
+    moderation = ModerationSettings.of(
+        args.moderate,
+        model=args.moderation_model,
+        threshold=args.moderation_threshold,
+        interval=args.moderation_interval,
+    )
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
-        engines, entries, api_key(args), routes=tuple(args.routes), replica_wait_s=args.replica_wait_s
+        engines, entries, api_key(args), routes=tuple(args.routes), replica_wait_s=args.replica_wait_s, moderation=moderation
     )
 
 

@@ -23,7 +23,17 @@ log = logging.getLogger(__name__)
 # Keys of earlier releases, still read from config files (and flags, through each field's aliases).
 DEPRECATED_KEYS = {"model_name": "served_model_name", "prefix_caching": "enable_prefix_caching"}
 # Settings of the endpoint, given once at the top level; every other setting is a model's.
-ENDPOINT_KEYS = ("models", "routes", "api_key", "api_key_env", "replica_wait_s")
+ENDPOINT_KEYS = (
+    "models",
+    "routes",
+    "api_key",
+    "api_key_env",
+    "replica_wait_s",
+    "moderate",
+    "moderation_model",
+    "moderation_threshold",
+    "moderation_interval",
+)
 
 
 class ServeArgs(BaseModel):
@@ -157,6 +167,24 @@ class ServeArgs(BaseModel):
         "models by weight, sticky per the request's 'user'. Weights change live: PUT /v1/routes/ALIAS, "
         "moe-cluster route set.",
         json_schema_extra={"flags": ["--route"], "repeatable": True},
+    )
+
+    moderate: Literal["input", "output", "both"] | None = Field(
+        None,
+        description="Self-moderation (the Mistral 7B paper's self-reflection): input refuses a flagged prompt with a "
+        "400 (code content_filter); output ends a flagged answer with finish_reason content_filter, judged before it "
+        "is sent; both. Default: off (POST /v1/moderations answers either way).",
+    )
+    moderation_model: str | None = Field(
+        None,
+        description="The served model that judges; default: for /v1/moderations the first served model, for a "
+        "moderated answer the model that serves it.",
+    )
+    moderation_threshold: float = Field(
+        0.5, ge=0, le=1, description="A text is flagged when the judge's probability of 'acceptable' is below this."
+    )
+    moderation_interval: int = Field(
+        32, ge=1, description="--moderate output: a streamed answer is judged every this many tokens, before they are sent."
     )
 
     @model_validator(mode="before")

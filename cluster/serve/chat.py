@@ -25,14 +25,15 @@ class ChatRenderer:
         self.tokenizer = MistralTokenizer.from_file(str(model))
         self.guardrail = guardrail
 
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
+    def render(self, messages: list[dict[str, str]], *, guardrail: bool | None = None) -> list[int]:
+        """The messages' prompt token ids; `guardrail` overrides the renderer's own setting."""
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
         converted = [kinds[m["role"]](content=m["content"]) for m in messages]
-        if self.guardrail:
+        if self.guardrail if guardrail is None else guardrail:
             converted.insert(0, SystemMessage(content=GUARDRAIL_PROMPT))
         try:
             return self.tokenizer.encode_chat_completion(ChatCompletionRequest(messages=converted)).tokens

@@ -25,6 +25,14 @@ from cluster.engine.scheduler import check_request
 from cluster.errors import FieldError, UserError
 from cluster.serve.chat import ChatRenderer
 from cluster.serve.detokenizer import Detokenizer
+from cluster.serve.moderation import (
+    Judgement,
+    ModerationCounts,
+    ModerationSettings,
+    judging_params,
+    judging_prompt,
+    label_token_ids,
+)
 from cluster.serve.openai_api import ApiError
 from cluster.serve.routes import RouteTable
 from cluster.serve.usage import UsageBook
@@ -92,6 +100,16 @@ class ServedModel:
     tokenizer: Any
     chat: ChatRenderer | None  # None: the checkpoint has no tokenizer.model, and chat answers 400
     _info: ModelInfo | None = None
+    _labels: tuple[int, ...] | None = None
+
+    def labels(self) -> tuple[int, ...]:
+        """The self-moderation labels' tokens (cluster.serve.moderation), found once."""
+        if self._labels is None:
+            try:
+                self._labels = label_token_ids(self.tokenizer)
+            except UserError as e:
+                raise ApiError(400, f"the model {self.name!r} cannot judge texts: {e}", param="model") from None
+        return self._labels
 
     @property
     def name(self) -> str:
@@ -151,6 +169,7 @@ class Frontend:
         api_key: str | None = None,
         routes: RouteTable | None = None,
         usage: UsageBook | None = None,
+        moderation: ModerationSettings = ModerationSettings(),
     ) -> None:
         self.api_key = api_key  # None: no key asked for (the CLI allows that only on a loopback address)
         self.served = list(models)
@@ -162,6 +181,12 @@ class Frontend:
                 self.by_name[name] = model
         self.routes = routes or RouteTable([], self.by_name)
         self.usage = usage or UsageBook()
+        self.moderation = moderation
+        if moderation.model is not None and moderation.model not in self.by_name:
+            raise UserError(
+                f"--moderation-model {moderation.model!r} is not a served model; serve it, or name one of {self.names()}"
+            )
+        self.moderation_counts = ModerationCounts()
 
     def names(self) -> str:
         """The served models' names and the routes' aliases, for messages."""
@@ -238,9 +263,97 @@ class Frontend:
         *,
         timeout_s: float | None = None,
         user: str | None = None,
+        whole: bool = False,
     ) -> AsyncIterator[Delta]:
-        """A checked request's output as text deltas. Stop strings end it early; closing it aborts the request.
-        Its tokens are counted in the usage book (for `model` and `user`) however it ends.
+        """A checked request's output as text deltas (_generate); under --moderate output, judged before
+        it is sent: every moderation interval's tokens, or `whole` at its end (a non-streamed answer). A
+        flagged answer ends with a delta of no text and finish_reason content_filter; nothing judged
+        flagged is yielded, and the request is aborted."""
+        deltas = self._generate(model, prompt_ids, params, timeout_s=timeout_s, user=user)
+        if "output" not in self.moderation.moderate:
+            async for delta in deltas:
+                yield delta
+            return
+        judge = self.judge_of(None, serving=model)
+        every = None if whole else self.moderation.interval
+        held: list[Delta] = []
+        answer, since = "", 0
+        async with contextlib.aclosing(deltas):  # type: ignore[type-var]  # leaving early aborts the request
+            async for delta in deltas:
+                held.append(delta)
+                answer, since = answer + delta.text, since + len(delta.token_ids)
+                if delta.finish_reason is None and (every is None or since < every):
+                    continue
+                [verdict] = await self.judge(judge, [answer], param="messages")
+                if verdict.flagged:
+                    self.moderation_counts.filtered_answers += 1
+                    yield Delta("", [], [], [], "content_filter")
+                    return
+                for part in held:
+                    yield part
+                held, since = [], 0
+
+    def judge_of(self, name: str | None, *, serving: ServedModel | None = None) -> ServedModel:
+        """Who judges: the model named, else --moderation-model, else the model serving (it moderates
+        itself), else the first served model."""
+        if name is not None:
+            return self.model(name)
+        if self.moderation.model is not None:
+            return self.by_name[self.moderation.model]
+        return serving or self.served[0]
+
+    async def judge(self, model: ServedModel, texts: list[str], *, param: str = "input") -> list[Judgement]:
+        """Each text judged by `model` with the self-reflection prompt: one prefill each, batched with
+        whatever the engine runs; ApiError 400 for a text whose prompt does not fit the context."""
+        labels, params = model.labels(), judging_params(model.labels())
+
+        async def one(text: str) -> Judgement:
+            prompt = await asyncio.to_thread(judging_prompt, text, model.tokenizer, model.chat)
+            await model.check(prompt, params, param=param)
+            stream = model.engine.generate(prompt, params, uuid.uuid4().hex)
+            async with contextlib.aclosing(stream), engine_errors():  # type: ignore[type-var]
+                async for event in stream:
+                    if event.finish_reason == "error" or [t for t, _ in event.top_logprobs] != list(labels):
+                        raise ApiError(500, "the engine failed while judging a text; retry it", kind="server_error")
+                    return Judgement.of([lp for _, lp in event.top_logprobs], self.moderation.threshold)
+            raise ApiError(500, "the engine's stream ended before judging the text; retry it", kind="server_error")
+
+        verdicts = list(await asyncio.gather(*(one(t) for t in texts)))
+        self.moderation_counts.calls += len(verdicts)
+        self.moderation_counts.flagged += sum(v.flagged for v in verdicts)
+        return verdicts
+
+    async def check_input(self, model: ServedModel, prompt: str | list[int], *, param: str) -> None:
+        """Under --moderate input: ApiError 400 (code content_filter, naming the categories) for a flagged
+        prompt (text, or token ids, judged as their text)."""
+        if "input" not in self.moderation.moderate:
+            return
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else await asyncio.to_thread(model.tokenizer.decode, prompt, skip_special_tokens=True)
+        )
+        [verdict] = await self.judge(self.judge_of(None, serving=model), [text], param=param)
+        if verdict.flagged:
+            self.moderation_counts.refused_prompts += 1
+            raise ApiError(
+                400,
+                f"the prompt was flagged by moderation as {', '.join(verdict.flagged_categories)}; it was not run",
+                param=param,
+                code="content_filter",
+            )
+
+    async def _generate(
+        self,
+        model: ServedModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        timeout_s: float | None = None,
+        user: str | None = None,
+    ) -> AsyncIterator[Delta]:
+        """A checked request's output as text deltas, unmoderated. Stop strings end it early; closing it
+        aborts the request. Its tokens are counted in the usage book (for `model` and `user`) however it ends.
 
         Raises ApiError: 503 (with Retry-After) when the engine's queue is full, 503 when it is
         unavailable, 500 when the engine failed this request, 504 when it is not done within
@@ -276,5 +389,5 @@ class Frontend:
         timeout_s: float | None = None,
         user: str | None = None,
     ) -> Delta:
-        """The whole output at once."""
-        return merge([d async for d in self.generate(model, prompt_ids, params, timeout_s=timeout_s, user=user)])
+        """The whole output at once (judged whole, under --moderate output)."""
+        return merge([d async for d in self.generate(model, prompt_ids, params, timeout_s=timeout_s, user=user, whole=True)])

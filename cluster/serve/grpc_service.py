@@ -1,6 +1,6 @@
 """The gRPC service `moe.MoEService` (protos/moe.proto) over a Frontend.
 
-Serve's gRPC proxy calls the ingress's `Generate` and `GenerateStream`, which hand over to a
+Serve's gRPC proxy calls the ingress's `Generate`, `GenerateStream` and `Moderate`, which hand over to a
 MoEServicer; tests register the same servicer on a plain grpc.aio server. A bad request sets
 its status code on the context and raises: both servers answer with that code.
 """
@@ -15,7 +15,8 @@ import grpc
 from cluster.engine.sampling import SamplingParams
 from cluster.serve.frontend import Frontend, ServedModel
 from cluster.serve.http import usage
-from cluster.serve.openai_api import MAX_USER_CHARS, ApiError
+from cluster.serve.moderation import ACCEPTABLE, CATEGORIES
+from cluster.serve.openai_api import MAX_MODERATION_INPUTS, MAX_USER_CHARS, ApiError
 from protos import moe_pb2
 
 STATUS = {
@@ -105,10 +106,32 @@ class MoEServicer:
             prompt_ids = list(request.token_ids.ids) if which == "token_ids" else await model.encode(request.text)
             params = sampling_params(request.params)
             await model.check(prompt_ids, params, param="prompt")
+            await self.frontend.check_input(model, request.text if which == "text" else prompt_ids, param="prompt")
         except ApiError as e:
             set_status(context, e)
             raise
         return model, prompt_ids, params
+
+    async def Moderate(self, request: moe_pb2.ModerateRequest, context: Any) -> moe_pb2.ModerateResponse:
+        try:
+            self.frontend.authorize(dict(context.invocation_metadata() or ()).get("authorization"))
+            if not 1 <= len(request.input) <= MAX_MODERATION_INPUTS:
+                raise ApiError(400, f"give 1 to {MAX_MODERATION_INPUTS} texts in input; got {len(request.input)}", param="input")
+            judge = self.frontend.judge_of(request.model or None)
+            verdicts = await self.frontend.judge(judge, list(request.input))
+        except ApiError as e:
+            set_status(context, e)
+            raise
+        results = [
+            moe_pb2.ModerationResult(
+                flagged=v.flagged,
+                categories=v.categories,
+                category_scores={c: v.scores[c] for c in CATEGORIES},
+                acceptable_score=v.scores[ACCEPTABLE],
+            )
+            for v in verdicts
+        ]
+        return moe_pb2.ModerateResponse(model=judge.name, results=results)
 
     def _model(self, request: moe_pb2.GenerateRequest) -> ServedModel:
         """The model `model` names (a route's alias picks one, sticky per `user`); unset: the only served one."""

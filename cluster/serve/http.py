@@ -9,6 +9,7 @@ GET  /v1/engine/stats        sequences running and waiting, KV blocks and usage,
                              replica (?model=); tokens by model and by user
 GET  /v1/routes              the traffic splits
 PUT  /v1/routes/{alias}      a split's weights, live: new requests follow them, started ones stay on their model
+POST /v1/moderations         OpenAI's moderations: a served model judges each text (self-reflection, cluster.serve.moderation)
 POST /v1/completions         text or token-id prompts; SSE with `stream`
 POST /v1/chat/completions    messages in the model's instruct format; SSE with `stream`
 
@@ -36,6 +37,7 @@ from cluster.serve.openai_api import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    ModerationRequest,
     RebalanceRequest,
     RouteRequest,
     parse_body,
@@ -139,6 +141,7 @@ async def completions(frontend: Frontend, request: Request) -> Response:
     prompt_ids = body.prompt if isinstance(body.prompt, list) else await model.encode(body.prompt)
     params = body.sampling(body.max_tokens, body.logprobs)
     await model.check(prompt_ids, params, param="prompt")
+    await frontend.check_input(model, body.prompt, param="prompt")
     timeout_s = request_timeout(request)
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -179,6 +182,7 @@ async def chat_completions(frontend: Frontend, request: Request) -> Response:
     max_tokens = body.max_completion_tokens or body.max_tokens or max(1, info.max_model_len - len(prompt_ids))
     params = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     await model.check(prompt_ids, params, param="messages")
+    await frontend.check_input(model, "\n".join(m.text() for m in body.messages), param="messages")
     timeout_s = request_timeout(request)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
 
@@ -283,7 +287,18 @@ def make_api(frontend: Frontend) -> FastAPI:
     async def engine_stats(model: str | None = None) -> dict[str, Any]:
         served = await frontend.model_of(model)
         info = await served.info()
-        return {"model": served.name, "moe": info.moe} | await served.engine.stats() | {"usage": frontend.usage.report()}
+        return (
+            {"model": served.name, "moe": info.moe}
+            | await served.engine.stats()
+            | {"usage": frontend.usage.report(), "moderation": frontend.moderation_counts.to_json()}
+        )
+
+    @api.post("/v1/moderations", dependencies=v1)
+    async def moderations(request: Request) -> dict[str, Any]:
+        body: ModerationRequest = parse_body(await read_body(request), ModerationRequest)
+        judge = frontend.judge_of(body.model)
+        verdicts = await frontend.judge(judge, body.texts())
+        return {"id": f"modr-{uuid.uuid4().hex}", "model": judge.name, "results": [v.to_json() for v in verdicts]}
 
     @api.get("/v1/routes", dependencies=v1)
     async def routes() -> dict[str, Any]:

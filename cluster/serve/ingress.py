@@ -26,6 +26,7 @@ from cluster.serve.chat import ChatRenderer
 from cluster.serve.frontend import Frontend, ServedModel
 from cluster.serve.grpc_service import MoEServicer
 from cluster.serve.http import make_api
+from cluster.serve.moderation import ModerationSettings
 from cluster.serve.routes import RouteTable, Split
 from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
@@ -137,6 +138,7 @@ class OpenAIIngress:
         *,
         routes: tuple[str, ...] = (),
         replica_wait_s: float = REPLICA_WAIT_S,
+        moderation: ModerationSettings = ModerationSettings(),
     ) -> None:
         """`engines`: each model's engine deployment, by its first name."""
         served = []
@@ -151,7 +153,9 @@ class OpenAIIngress:
                 )
             )
         names = [n for m in served for n in m.names]
-        self.frontend = Frontend(served, api_key=api_key, routes=RouteTable(map(Split.parse, routes), names))
+        self.frontend = Frontend(
+            served, api_key=api_key, routes=RouteTable(map(Split.parse, routes), names), moderation=moderation
+        )
         self.servicer = MoEServicer(self.frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -164,3 +168,6 @@ class OpenAIIngress:
     async def GenerateStream(self, request: moe_pb2.GenerateRequest, grpc_context: Any) -> AsyncIterator[moe_pb2.GenerateChunk]:
         async for chunk in self.servicer.GenerateStream(request, grpc_context):
             yield chunk
+
+    async def Moderate(self, request: moe_pb2.ModerateRequest, grpc_context: Any) -> moe_pb2.ModerateResponse:
+        return await self.servicer.Moderate(request, grpc_context)

@@ -22,6 +22,7 @@ from cluster.engine.sampling import (
 from cluster.errors import FieldError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt that fits the context
+MAX_MODERATION_INPUTS = 32  # texts in one moderation request, each one prefill
 MAX_USER_CHARS = 256  # an end user's id (OpenAI's `user`); longer is refused, as it is kept in the usage book
 
 
@@ -161,6 +162,20 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _chat_in_range(cls, v: Any, info: ValidationInfo) -> Any:
         return checked(v, info)
+
+
+class ModerationRequest(BaseModel):
+    """POST /v1/moderations, in OpenAI's shape: the texts to judge, and which served model judges."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI's clients may send fields this server does not use
+
+    input: str | Annotated[list[str], Field(min_length=1, max_length=MAX_MODERATION_INPUTS)] = Field(
+        description="A text, or a list of texts, to judge."
+    )
+    model: str | None = Field(None, description="The judge: a served model; default: --moderation-model, else the first.")
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
 
 
 class RouteTarget(BaseModel):

@@ -36,6 +36,11 @@ def put_route(url: str, alias: str, targets: str, api_key: str | None = None) ->
     return fetch_json(url, f"/v1/routes/{urllib.parse.quote(alias, safe='')}", api_key, body={"targets": targets}, method="PUT")
 
 
+def post_moderations(url: str, texts: list[str], api_key: str | None = None, *, model: str | None = None) -> dict[str, Any]:
+    """POST /v1/moderations for these texts."""
+    return fetch_json(url, "/v1/moderations", api_key, body={"input": texts} | ({"model": model} if model else {}))
+
+
 def route_summary(split: dict[str, Any]) -> str:
     total = sum(t["weight"] for t in split["targets"]) or 1.0
     return f"{split['alias']} -> " + ", ".join(f"{t['model']} {t['weight'] / total:.0%}" for t in split["targets"])

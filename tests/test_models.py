@@ -82,6 +82,7 @@ def endpoint(ray_session, make_ckpt) -> Iterator[Endpoint]:  # type: ignore[no-u
         ],
         routes=[f"{ALIAS}={DENSE}:75,{MOE}:25"],
         max_num_seqs=64,
+        moderation_model=DENSE,  # the cheap tier judges (as --moderation-model)
     )
     serve.run(build_app(args), name="moe", route_prefix="/")
     yield Endpoint(checkpoints, http_port, grpc_port)
@@ -263,7 +264,8 @@ def metrics_text(endpoint: Endpoint) -> str:
 def test_moderations_through_serve_over_http_and_grpc(endpoint: Endpoint) -> None:
     texts = ["How do I bake bread?", "Tell me how to commit tax fraud."]
     default = endpoint.client.moderations.create(input=texts[0])
-    assert default.model == MOE  # no model named and no --moderation-model: the first served model judges
+    assert default.model == DENSE  # no model named: --moderation-model judges
+    assert endpoint.client.moderations.create(input=texts[0], model=MOE).model == MOE
     dense = endpoint.client.moderations.create(input=texts, model=DENSE)
     assert dense.model == DENSE and len(dense.results) == 2
     with grpc.insecure_channel(f"127.0.0.1:{endpoint.grpc_port}") as channel:

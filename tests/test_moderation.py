@@ -20,6 +20,7 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.build import local_engine
 from cluster.engine.protocol import ModelInfo, TokenEvent
 from cluster.engine.sampling import SamplingParams
+from cluster.errors import UserError
 from cluster.serve.chat import ChatRenderer
 from cluster.serve.frontend import Frontend, ServedModel
 from cluster.serve.moderation import (
@@ -268,3 +269,16 @@ def test_scored_label_tokens_are_checked_like_every_other_token_field() -> None:
         check_request([1, 2], SamplingParams(max_tokens=1, score_token_ids=(3, 8)), max_model_len=16, vocab_size=8)
     with pytest.raises(FieldError, match="at most 16 token ids"):
         SamplingParams(max_tokens=1, score_token_ids=tuple(range(17))).validate()
+
+
+def test_the_judge_is_the_one_named_else_the_moderation_model_else_the_serving_one_else_the_first() -> None:
+    def served(name: str) -> ServedModel:
+        return ServedModel((name,), InProcessEngine(None), tokenizer=None, chat=None)  # type: ignore[arg-type]  # never called
+
+    big, small = served("big"), served("small")
+    plain = Frontend([big, small])
+    assert plain.judge_of(None) is big and plain.judge_of(None, serving=small) is small and plain.judge_of("small") is small
+    pinned = Frontend([big, small], moderation=ModerationSettings(model="small"))
+    assert pinned.judge_of(None) is small and pinned.judge_of(None, serving=big) is small and pinned.judge_of("big") is big
+    with pytest.raises(UserError, match="--moderation-model 'tiny' is not a served model"):
+        Frontend([big, small], moderation=ModerationSettings(model="tiny"))

@@ -1,6 +1,7 @@
 """Two tiers behind one endpoint: a Mixtral and a dense Mistral checkpoint served by one Serve app,
 reached as users reach it (the openai client, raw HTTP, grpcio, the CLI): each request served by the
-model it names, a route splitting users by weight, usage counted by model and by user."""
+model it names, a route splitting users by weight, usage counted by model and by user, moderation.
+The README's snippets run against the same app, whose MoE model is called tiny, with no API key."""
 
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ from cluster.serve.args import ServeArgs
 from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2, moe_pb2_grpc
+from tests.readme_snippets import run_curl_snippet, run_openai_snippet
 from tests.reference import hf_greedy, hf_model
 from tests.test_cli import assert_one_line_error, run_cli_here
 from tests.test_edge import grpc_request
 from tests.test_parity import random_prompts
 from tests.test_serve import free_port
 
-MOE, DENSE, ALIAS = "moe-small", "dense-small", "chat"
+MOE, DENSE, ALIAS = "tiny", "dense-small", "chat"  # the MoE model as the README serves it: "tiny"
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
@@ -84,7 +86,10 @@ def endpoint(ray_session, make_ckpt) -> Iterator[Endpoint]:  # type: ignore[no-u
         max_num_seqs=64,
         moderation_model=DENSE,  # the cheap tier judges (as --moderation-model)
     )
-    serve.run(build_app(args), name="moe", route_prefix="/")
+    with pytest.MonkeyPatch.context() as patch:  # no API key, as `./dev serve` on a machine without MOE_API_KEY
+        patch.delenv("MOE_API_KEY", raising=False)
+        app = build_app(args)
+    serve.run(app, name="moe", route_prefix="/")
     yield Endpoint(checkpoints, http_port, grpc_port)
     serve.shutdown()
 
@@ -278,3 +283,11 @@ def test_moderations_through_serve_over_http_and_grpc(endpoint: Endpoint) -> Non
         http_scores = {k: v for k, v in over_http.category_scores.model_dump().items() if v is not None}
         assert dict(over_grpc.category_scores) == pytest.approx(http_scores, abs=1e-5)
         assert over_grpc.flagged == over_http.flagged
+
+
+def test_the_readmes_curl_snippet_as_pasted(endpoint: Endpoint) -> None:
+    run_curl_snippet(endpoint.http_port)
+
+
+def test_the_readmes_openai_snippet_as_pasted(endpoint: Endpoint) -> None:
+    run_openai_snippet(endpoint.http_port)

@@ -18,6 +18,37 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def test_bench_against_llamacpp_on_the_same_weights_checks_its_tokens_and_reports_both(
+    make_ckpt, cli_env, ray_address, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from cluster.bench.llamacpp import MISSING, available
+
+    if not available():
+        pytest.skip(f"llama.cpp baseline not run: {MISSING}")
+    out = tmp_path / "bench"
+    checkpoint = make_ckpt(tokenizer=True, vocab_size=32000)  # llama.cpp reads the vocabulary from the GGUF
+    options = ["--experts-per-worker", "8", "--concurrency", "1,2", "--prompt-len", "16", "--output-len", "12"]
+    proc = run_cli(
+        "bench", str(checkpoint), *options, "--baseline", "hf,llamacpp", "--out", str(out), "--json",
+        env=cli_env | {"RAY_ADDRESS": ray_address}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # a token of llama.cpp's unlike the cluster's fails the run
+    one, two = last_json(proc.stdout)["results"]
+    assert one["llamacpp_tok_s"] > 0 and one["llamacpp_ratio"] == pytest.approx(one["tok_s"] / one["llamacpp_tok_s"])
+    assert one["baseline_tok_s"] > 0 and "llamacpp_tok_s" not in two  # llama.cpp decodes one sequence: concurrency 1
+    assert "llama.cpp tok/s" in proc.stdout and "hf tok/s" in proc.stdout
+    assert json.loads((out / "bench.json").read_text())["results"][0]["llamacpp_tpot_p50_ms"] > 0
+
+
+def test_bench_against_llamacpp_without_the_extra_is_one_clear_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    from cluster.bench.llamacpp import available
+
+    if available():
+        pytest.skip("llama-cpp-python is installed here: the baseline runs (the test above)")
+    proc = run_cli_here("bench", str(make_ckpt()), "--baseline", "llamacpp", env=cli_env)
+    assert_one_line_error(proc, "llama-cpp-python is not installed", "pip install -e '.[llamacpp]'")
+
+
 def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cli_env, ray_address, tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "bench"
     proc = run_cli(

@@ -35,11 +35,27 @@ def result_row(c: int, cluster_runs: list[RunResult], baseline_runs: list[RunRes
     return row
 
 
+def llamacpp_fields(cluster_runs: list[RunResult], llama_runs: list[RunResult]) -> dict[str, Any]:
+    """llama.cpp's side of one level (nothing where it did not run): its median run, and ours over it."""
+    if not llama_runs:
+        return {}
+    theirs = median_run(llama_runs)
+    return {
+        "llamacpp_tok_s": theirs.tok_s,
+        "llamacpp_ttft_p50_ms": 1e3 * percentile(theirs.ttft_s, 50),
+        "llamacpp_tpot_p50_ms": 1e3 * percentile(theirs.tpot_s, 50),
+        "llamacpp_ratio": median_run(cluster_runs).tok_s / theirs.tok_s,
+    }
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     has_baseline = "baseline_tok_s" in rows[0]
+    has_llamacpp = any("llamacpp_tok_s" in r for r in rows)
     head = ["concurrency", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "floor", "of floor"]
     if has_baseline:
         head += ["hf tok/s", "hf TTFT", "hf TPOT", "ratio"]
+    if has_llamacpp:
+        head += ["llama.cpp tok/s", "llama.cpp TTFT", "llama.cpp TPOT", "vs llama.cpp"]
     lines = [head]
     for r in rows:
         line = [
@@ -61,6 +77,17 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['baseline_tpot_p50_ms']:.1f} ms",
                 f"{r['ratio']:.2f}x{spread}",
             ]
+        if has_llamacpp:
+            line += (
+                [
+                    f"{r['llamacpp_tok_s']:.1f}",
+                    f"{r['llamacpp_ttft_p50_ms']:.0f} ms",
+                    f"{r['llamacpp_tpot_p50_ms']:.1f} ms",
+                    f"{r['llamacpp_ratio']:.2f}x",
+                ]
+                if "llamacpp_tok_s" in r
+                else ["-"] * 4
+            )
         lines.append(line)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)
@@ -79,6 +106,10 @@ def plot(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     if "baseline_tok_s" in rows[0]:
         left.plot(c, [r["baseline_tok_s"] for r in rows], "s--", label="transformers generate")
         right.plot(c, [r["baseline_tpot_p50_ms"] for r in rows], "s--", label="transformers generate")
+    llama = [r for r in rows if "llamacpp_tok_s" in r]
+    if llama:
+        left.plot([r["concurrency"] for r in llama], [r["llamacpp_tok_s"] for r in llama], "^", label="llama.cpp")
+        right.plot([r["concurrency"] for r in llama], [r["llamacpp_tpot_p50_ms"] for r in llama], "^", label="llama.cpp")
     right.plot(c, [r["floor_step_ms"] for r in rows], ":", color="gray", label="machine floor")
     for ax, label in ((left, "output tokens/s"), (right, "TPOT p50 (ms)")):
         ax.set_xscale("log", base=2)

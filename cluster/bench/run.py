@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from cluster.bench.calibrate import measure_dispatch, measure_parts
+from cluster.bench.llamacpp import check_tokens, load_llamacpp, run_llamacpp
 from cluster.bench.machine import Machine, decode_floor_seconds, measure_machine
 from cluster.bench.mixed import mixed_requests, mixed_row, mixed_table, run_hf_static, write_mixed
-from cluster.bench.report import plot, result_row, table
+from cluster.bench.report import llamacpp_fields, plot, result_row, table
 from cluster.bench.runs import RunResult, load_hf, median_run, percentile, run_cluster, run_hf
 from cluster.engine.build import EngineOptions
 from cluster.placement import bring_up
@@ -49,6 +50,7 @@ class BenchSpec:
     kv_cache_memory_gb: float | None = None
     expert_map: ExpertMap | None = None  # None: one expert per worker
     expert_dtype: ExpertDType | None = None
+    llamacpp: bool = False  # also llama.cpp on the same weights as GGUF (cluster.bench.llamacpp), at concurrency 1
 
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
@@ -87,13 +89,17 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         # with how the simultaneous requests happen to reach the engine.
         calibration = [run_cluster(cluster.coordinator, prompts_for(spec, CALIBRATION_BATCH), 16) for _ in range(3)]
         model = load_baseline(spec, machine.cores) if spec.baseline else None
+        llm = llamacpp_checked(spec, cluster.coordinator, machine.cores) if spec.llamacpp else None
+        llama_runs: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
         levels = [c for c in spec.concurrency for _ in range(spec.repeats)]
         for c in tqdm(levels, desc="moe-cluster" + (" and transformers" if model else ""), unit="run"):
             prompts = prompts_for(spec, c)
             ours[c].append(run_cluster(cluster.coordinator, prompts, spec.output_len))
             if model is not None:
                 theirs[c].append(run_hf(model, prompts, spec.output_len))
-        del model
+            if llm is not None and c == 1:
+                llama_runs[c].append(run_llamacpp(llm, prompts, spec.output_len))
+        del model, llm
         load = ray.get(cluster.coordinator.expert_load.remote())
     finally:
         cluster.shutdown()
@@ -110,6 +116,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     )
     rows = [
         result_row(c, ours[c], theirs[c], decode_floor_seconds(spec.checkpoint.args, machine, batch=c, dtype=spec.dtype))
+        | llamacpp_fields(ours[c], llama_runs[c])
         for c in spec.concurrency
     ]
     report = {
@@ -136,6 +143,21 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         rows, spec.out / "bench.png", f"{spec.checkpoint.name}, {spec.dtype}, prompt {spec.prompt_len}, output {spec.output_len}"
     )
     return report
+
+
+def llamacpp_checked(spec: BenchSpec, coordinator: Any, cores: int) -> Any:
+    """llama.cpp on the checkpoint as GGUF in the bench's dtype, its greedy tokens checked equal to the
+    cluster's on the first prompt before any run is timed (cluster.bench.llamacpp)."""
+    import ray
+
+    from cluster.engine.sampling import SamplingParams
+
+    llm = load_llamacpp(spec.checkpoint, spec.dtype, spec.out, context=spec.prompt_len + spec.output_len + 16, threads=cores)
+    [prompt] = prompts_for(spec, 1)
+    params = SamplingParams(max_tokens=spec.output_len, temperature=0, ignore_eos=True)
+    [ours] = ray.get(coordinator.generate.remote([prompt], [params]))
+    check_tokens(llm, prompt, ours.token_ids)
+    return llm
 
 
 def run_mixed(spec: BenchSpec, machine: Machine) -> dict[str, Any]:

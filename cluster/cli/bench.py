@@ -35,7 +35,11 @@ class BenchArgs(BaseModel):
         description="Generated tokens per request (EOS ignored); the most, for mixed. Default: 64 (equal), 256 (mixed).",
     )
     requests: int = Field(64, ge=1, description="Requests of the mixed workload, all sent at once.")
-    baseline: Literal["hf"] | None = Field(None, description="'hf': also run transformers' generate, same run.")
+    baseline: Literal["hf", "llamacpp", "hf,llamacpp"] | None = Field(
+        None,
+        description="Also run, same run: 'hf' transformers' generate; 'llamacpp' llama.cpp on the checkpoint as GGUF "
+        "(the llamacpp extra; at concurrency 1, tokens checked equal first); 'hf,llamacpp' both.",
+    )
     hf_batch_size: int | None = Field(
         None, ge=1, description="Mixed: transformers' static batch size. Default: all requests in one batch."
     )
@@ -58,6 +62,8 @@ class BenchArgs(BaseModel):
         mixed = self.workload == "mixed"
         self.prompt_len = self.prompt_len or (512 if mixed else 128)
         self.output_len = self.output_len or (256 if mixed else 64)
+        if mixed and self.baseline and "llamacpp" in self.baseline:
+            raise ValueError("--baseline llamacpp runs the equal workload only (llama.cpp decodes one sequence here)")
         return self
 
 
@@ -86,6 +92,11 @@ def bench(args: BenchArgs) -> None:
         map_path=args.expert_map,
     )
     opened.reader().verify()
+    if args.baseline and "llamacpp" in args.baseline:
+        from cluster.bench.llamacpp import MISSING, available
+
+        if not available():
+            raise UserError(MISSING)  # before Ray starts and the cluster comes up
     start_ray()
     report = run_bench(
         BenchSpec(
@@ -94,7 +105,8 @@ def bench(args: BenchArgs) -> None:
             concurrency=args.concurrency,
             prompt_len=args.prompt_len,
             output_len=args.output_len,
-            baseline=args.baseline == "hf",
+            baseline="hf" in (args.baseline or ""),
+            llamacpp="llamacpp" in (args.baseline or ""),
             out=args.out,
             repeats=args.repeats,
             workload=args.workload,

@@ -40,6 +40,11 @@ def test_bench_against_llamacpp_on_the_same_weights_checks_its_tokens_and_report
     assert json.loads((out / "bench.json").read_text())["results"][0]["llamacpp_tpot_p50_ms"] > 0
 
 
+def test_bench_against_llamacpp_needs_concurrency_1_in_one_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli_here("bench", str(make_ckpt()), "--baseline", "llamacpp", "--concurrency", "4,8", env=cli_env)
+    assert_one_line_error(proc, "llama.cpp at concurrency 1", "include 1 in --concurrency")
+
+
 def test_bench_against_llamacpp_without_the_extra_is_one_clear_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
     from cluster.bench.llamacpp import available
 

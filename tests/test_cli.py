@@ -359,6 +359,11 @@ def test_a_serve_config_gives_each_model_its_own_settings_over_the_top_levels() 
     )
     assert (small.names, small.min_replicas, small.max_replicas, small.max_num_seqs) == (["small"], 1, None, 128)
     assert big.autoscaling and not small.autoscaling
+    # An entry's old key names, and its own way of placing experts, over the top level's.
+    top = {"enable_prefix_caching": True, "experts_per_worker": 4}
+    entry = {"checkpoint": "a", "prefix_caching": False, "expert_map": '{"workers": []}'}
+    [merged] = ServeArgs.model_validate(top | {"models": [entry]}).per_model()
+    assert (merged.enable_prefix_caching, merged.experts_per_worker, merged.expert_map) == (False, None, '{"workers": []}')
     for wrong, fragment in [
         ({"models": [{"served_model_name": "x"}]}, "has no checkpoint"),
         ({"models": [{"checkpoint": "a", "api_key_env": "K"}]}, "the endpoint's settings go at the top level"),

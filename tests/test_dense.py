@@ -91,3 +91,8 @@ def test_expert_options_for_a_dense_model_are_one_clear_line(make_ckpt, cli_env,
     checkpoint = make_ckpt(preset="mistral-tiny")
     proc = run_cli_here("generate", str(checkpoint), "--prompt-ids", "1,2", *flags, env=cli_env)
     assert_one_line_error(proc, "is a dense model", fragment)
+
+
+def test_bench_on_a_dense_model_says_what_it_measures_in_one_line(make_ckpt, cli_env) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli_here("bench", str(make_ckpt(preset="mistral-tiny")), env=cli_env)
+    assert_one_line_error(proc, "is a dense model: bench measures the expert-parallel engine")

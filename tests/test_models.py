@@ -156,6 +156,8 @@ def test_the_expert_routes_take_the_model_and_refuse_the_dense_one(endpoint: End
     assert status == 400 and refused["error"]["code"] == "model_has_no_experts" and DENSE in refused["error"]["message"]
     status, unknown = endpoint.get("/v1/experts/load?model=gpt-4")
     assert status == 404 and unknown["error"]["code"] == "model_not_found"
+    status, alias = endpoint.get(f"/v1/engine/stats?model={ALIAS}")  # a route's alias is no one model
+    assert status == 400 and "route's alias" in alias["error"]["message"]
     status, stats = endpoint.get(f"/v1/engine/stats?model={DENSE}")
     assert status == 200 and stats["model"] == DENSE and not stats["moe"] and "expert_map" not in stats["replicas"][0]
     assert "expert_compute_dtype" not in stats and stats["kv_blocks"] > 0

@@ -48,7 +48,7 @@ def test_category_scores_are_transformers_softmax_over_the_label_tokens(make_ckp
     tokenizer, chat = load_tokenizer(checkpoint), ChatRenderer(checkpoint, guardrail=True)
     labels = label_token_ids(tokenizer)
     assert len(set(labels)) == len(LABELS)
-    prompts = [judging_prompt(text, tokenizer, chat) for text in TEXTS]
+    prompts = [judging_prompt(text, tokenizer, chat, max_len=256) for text in TEXTS]
     assert all(prompt[:1] == [1] for prompt in prompts) and "[INST]" in tokenizer.decode(prompts[0])
     # Judged together, as a server batches them, in one prefill each.
     seqs = local_engine(Checkpoint.open(checkpoint)).generate(prompts, [judging_params(labels)] * len(prompts))
@@ -65,6 +65,17 @@ def test_category_scores_are_transformers_softmax_over_the_label_tokens(make_ckp
         assert judgement.flagged == (judgement.scores["acceptable"] < 0.5)
         flagged_as = [c for c, on in judgement.categories.items() if on]
         assert flagged_as == ([max(CATEGORIES, key=lambda c: judgement.scores[c])] if judgement.flagged else [])
+
+
+def test_a_text_too_long_for_the_judges_context_is_judged_by_its_last_tokens(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    checkpoint: Path = make_ckpt(tokenizer=True, vocab_size=32000)
+    tokenizer, chat = load_tokenizer(checkpoint), ChatRenderer(checkpoint)
+    words = " ".join(f"word{i}" for i in range(400))
+    prompt = judging_prompt(words, tokenizer, chat, max_len=256)
+    assert len(prompt) <= 256
+    rendered = tokenizer.decode(prompt)
+    assert "word399" in rendered and "word0 " not in rendered and "</text>" in rendered  # the tail, in the instructions
+    assert judging_prompt("short", tokenizer, chat, max_len=256) == judging_prompt("short", tokenizer, chat, max_len=10_000)
 
 
 def test_a_judgement_flags_by_its_threshold() -> None:
@@ -154,6 +165,8 @@ def test_the_openai_client_parses_moderations_of_one_text_and_of_a_list(endpoint
         scores = scores_of(result)
         assert set(scores) == set(CATEGORIES) and 0 < sum(scores.values()) < 1
         assert result.flagged == (1 - sum(scores.values()) < 0.5)  # the acceptable label's share, below the threshold
+    long = client.moderations.create(input=" ".join(f"word{i}" for i in range(400)))  # past the 256-token context
+    assert len(long.results) == 1
     with pytest.raises(openai.NotFoundError):
         client.moderations.create(input="hi", model="gpt-4")
     with pytest.raises(openai.BadRequestError):
@@ -227,7 +240,7 @@ def test_moderation_batched_with_generation_changes_no_generated_token(endpoints
 
 
 def test_moderation_eval_prints_precision_recall_and_counts_of_the_labelled_set(
-    endpoints: Endpoints, cli_env: dict[str, str]
+    endpoints: Endpoints, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     url = f"http://127.0.0.1:{endpoints.ports['judge']}"
     lines = [json.loads(line) for line in LABELLED.read_text().splitlines()]
@@ -254,6 +267,12 @@ def test_moderation_eval_prints_precision_recall_and_counts_of_the_labelled_set(
     assert text.returncode == 0 and text.stdout.startswith(f"16 texts judged by {MODEL}: precision ")
     bad = LABELLED.parent / "not-there.jsonl"
     assert_one_line_error(run_cli_here("moderation-eval", str(bad), "--url", url, env=cli_env), "does not exist")
+    binary = tmp_path / "labels.jsonl"
+    binary.write_bytes(b'{"text": "\xff\xfe", "acceptable": true}\n')
+    assert_one_line_error(run_cli_here("moderation-eval", str(binary), "--url", url, env=cli_env), "cannot be read as UTF-8")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "hi", "acceptable": true}\n{"text": "no label"}\n')
+    assert_one_line_error(run_cli_here("moderation-eval", str(broken), "--url", url, env=cli_env), ":2 needs a string 'text'")
 
 
 LABELLED = Path(__file__).parent / "data" / "moderation_eval.jsonl"

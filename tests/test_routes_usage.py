@@ -207,3 +207,16 @@ def test_monthly_volumes_extrapolate_completion_tokens_over_the_measured_window(
     assert report["window_s"] == 3600
     assert UsageBook.monthly_volumes(report) == {"A": 730_000.0, "B": 182_500.0}
     assert UsageBook.monthly_volumes(report, hours_per_month=24) == {"A": 24_000.0, "B": 6_000.0}
+
+
+def test_a_route_keeps_its_targets_order_so_reordered_weights_move_nobody() -> None:
+    from cluster.serve.routes import RouteTable, Split
+
+    table = RouteTable([Split.parse("chat=A:75,B:25")], ["A", "B", "C"])
+    users = [f"user-{i}" for i in range(500)]
+    before = [table.resolve("chat", u) for u in users]
+    table.set(Split.parse("chat=B:25,A:75"))  # the same weights, written the other way round
+    assert [table.resolve("chat", u) for u in users] == before
+    table.set(Split.parse("chat=C:10,B:25,A:65"))  # a new target goes after the old ones
+    split = table.get("chat")
+    assert split is not None and [name for name, _ in split.targets] == ["A", "B", "C"]

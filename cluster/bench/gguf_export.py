@@ -94,7 +94,8 @@ def write_gguf(checkpoint: Checkpoint, out: str | Path, *, dtype: str = "float32
         raise UserError(f"{tokenizer_dir} has no tokenizer.model; llama.cpp needs the SentencePiece vocabulary")
     file_type, weight_type = kinds[dtype]
     out = Path(out)
-    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    # Tensors go to a temporary file as they are added: the whole model is never held in memory at once.
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
     writer.add_name(checkpoint.name)
     writer.add_file_type(file_type)
     _hyperparameters(writer, checkpoint)

@@ -35,6 +35,12 @@ def load_llamacpp(checkpoint: Checkpoint, dtype: str, out: Path, *, context: int
     """The checkpoint as GGUF in `dtype`, loaded by llama.cpp on `threads` threads; UserError without the extra."""
     if not available():
         raise UserError(MISSING)
+    window = checkpoint.args.sliding_window
+    if window is not None and window < context:
+        raise UserError(
+            f"llama.cpp runs {checkpoint.name} without its sliding window of {window} tokens; keep prompt + output "
+            f"within it ({context} asked) for a comparison of the same model"
+        )
     from llama_cpp import Llama
 
     out.mkdir(parents=True, exist_ok=True)

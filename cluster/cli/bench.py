@@ -62,8 +62,11 @@ class BenchArgs(BaseModel):
         mixed = self.workload == "mixed"
         self.prompt_len = self.prompt_len or (512 if mixed else 128)
         self.output_len = self.output_len or (256 if mixed else 64)
-        if mixed and self.baseline and "llamacpp" in self.baseline:
-            raise ValueError("--baseline llamacpp runs the equal workload only (llama.cpp decodes one sequence here)")
+        if self.baseline and "llamacpp" in self.baseline and (mixed or 1 not in self.concurrency):
+            raise ValueError(
+                "--baseline llamacpp measures llama.cpp at concurrency 1 of the equal workload (it decodes one "
+                "sequence here): include 1 in --concurrency"
+            )
         return self
 
 
@@ -88,9 +91,13 @@ def bench(args: BenchArgs) -> None:
         opened.args.num_local_experts,
         experts_per_worker=args.experts_per_worker,
         replicate_hot=args.replicate_hot,
-        dense=None if opened.args.is_moe else opened.name,
         map_path=args.expert_map,
     )
+    if not opened.args.is_moe:
+        raise UserError(
+            f"{opened.name} is a dense model: bench measures the expert-parallel engine (its dispatch, experts and "
+            "workers); serve the dense model and measure it as a client would"
+        )
     opened.reader().verify()
     if args.baseline and "llamacpp" in args.baseline:
         from cluster.bench.llamacpp import MISSING, available

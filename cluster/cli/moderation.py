@@ -22,8 +22,12 @@ def read_labelled(path: Path) -> tuple[list[str], list[bool]]:
     """The texts and their labels; UserError naming the line for anything else."""
     if not path.is_file():
         raise UserError(f'{path} does not exist; give a JSONL file of {{"text": ..., "acceptable": true|false}} lines')
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read as UTF-8 text ({e})") from None
     texts, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -2,7 +2,7 @@
 
 `build_app` is what the CLI runs; `app_builder` is the import path a Serve config file names
 (deploy/serve_config.yaml), with its `args` checked by ServeArgs. One model's deployment is
-called EngineServer; with several, EngineServer-<i>-<name>, each its own replicas and autoscaling.
+called EngineServer; with several, the others are EngineServer-<name>, each its own replicas and autoscaling.
 """
 
 from __future__ import annotations
@@ -108,14 +108,22 @@ def model_settings(args: ServeArgs) -> list[ModelSettings]:
     if clash := sorted({n for n in names if names.count(n) > 1}):
         raise UserError(f"several served models are called {', '.join(map(repr, clash))}; give each its own served_model_name")
     RouteTable(map(Split.parse, args.routes), names)  # raises for a route to a model not served
+    deployment_names(models)  # raises for names that Serve would spell alike
     if args.moderation_model is not None and args.moderation_model not in names:
         raise UserError(f"--moderation-model {args.moderation_model!r} is not a served model; name one of {', '.join(names)}")
     return models
 
 
-def deployment_name(index: int, model: ModelSettings, *, several: bool) -> str:
-    """EngineServer, or with several models EngineServer-<i>-<name> (Serve's names take no '#')."""
-    return f"EngineServer-{index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model.names[0])}" if several else "EngineServer"
+def deployment_names(models: list[ModelSettings]) -> list[str]:
+    """EngineServer for the first model, EngineServer-<name> for each other: a model's deployment keeps
+    its name when models are added after it, so `serve deploy` does not restart its replicas."""
+    names = ["EngineServer"] + [f"EngineServer-{re.sub(r'[^A-Za-z0-9_.-]', '_', m.names[0])}" for m in models[1:]]
+    if len(set(names)) < len(names):
+        raise UserError(
+            f"the served names {', '.join(m.names[0] for m in models)} give two deployments one name once "
+            "spelled for Serve (letters, digits, _ . -); rename one"
+        )
+    return names
 
 
 def engine_deployment(model: ModelSettings, name: str) -> Application:
@@ -160,8 +168,7 @@ def engine_deployment(model: ModelSettings, name: str) -> Application:
 def build_app(args: ServeArgs, models: list[ModelSettings] | None = None) -> Application:
     """The application; `models`: model_settings(args), where the caller resolved them already."""
     models = models or model_settings(args)
-    several = len(models) > 1
-    engines = {m.names[0]: engine_deployment(m, deployment_name(i, m, several=several)) for i, m in enumerate(models)}
+    engines = {m.names[0]: engine_deployment(m, name) for m, name in zip(models, deployment_names(models))}
     entries = [ModelEntry(m.names, m.replica.checkpoint, m.args.guardrail) for m in models]
     moderation = ModerationSettings.of(
         args.moderate,

@@ -36,6 +36,19 @@ ENDPOINT_KEYS = (
 )
 
 
+def renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings with the keys of earlier releases in their current names (and dtype null as auto)."""
+    if "dtype" in data and data["dtype"] is None:  # the way earlier releases wrote "the checkpoint's"
+        data = data | {"dtype": "auto"}
+    for old, new in DEPRECATED_KEYS.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} is the old name of {new}; give {new} only")
+            log.warning("the setting %s is deprecated; call it %s", old, new)
+            data = {k: v for k, v in data.items() if k != old} | {new: data[old]}
+    return data
+
+
 class ServeArgs(BaseModel):
     """Arguments of the application, from the CLI (`moe-cluster serve` has an option per field) or a Serve config file."""
 
@@ -190,17 +203,7 @@ class ServeArgs(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _deprecated_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        if "dtype" in data and data["dtype"] is None:  # the way earlier releases wrote "the checkpoint's"
-            data = data | {"dtype": "auto"}
-        for old, new in DEPRECATED_KEYS.items():
-            if old in data:
-                if new in data:
-                    raise ValueError(f"{old} is the old name of {new}; give {new} only")
-                log.warning("the setting %s is deprecated; call it %s", old, new)
-                data = {k: v for k, v in data.items() if k != old} | {new: data[old]}
-        return data
+        return renamed(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _routes_and_models(self) -> ServeArgs:
@@ -231,7 +234,12 @@ class ServeArgs(BaseModel):
         return self
 
     def _entry(self, entry: dict[str, Any]) -> ServeArgs:
+        """A models entry over the top level's settings: the entry's keys in their current names, and an
+        entry that says where its experts go (a map, or experts per worker) not mixed with the top level's other way."""
+        entry = renamed(entry)
         defaults = self.model_dump(exclude={*ENDPOINT_KEYS, "checkpoint", "served_model_name"}, exclude_unset=True)
+        if {"expert_map", "experts_per_worker"} & set(entry):
+            defaults = {k: v for k, v in defaults.items() if k not in ("expert_map", "experts_per_worker")}
         return ServeArgs.model_validate(defaults | entry)
 
     def per_model(self) -> list[ServeArgs]:

@@ -205,11 +205,18 @@ class Frontend:
             )
         return served
 
+    def named(self, name: str) -> ServedModel:
+        """The served model `name` names, not a route's alias (whose pick would be a random model): for
+        management calls and the judge, which must mean one model."""
+        if name in self.routes.aliases():
+            raise ApiError(400, f"{name!r} is a route's alias, not one model; name one of {self.names()}", param="model")
+        return self.model(name)
+
     async def model_of(self, name: str | None, *, moe: bool = False) -> ServedModel:
         """The model a management route's ?model= names; without one, the only served model, else the
         only MoE one. `moe`: the route is about experts, which a dense model does not have (ApiError 400)."""
         if name is not None:
-            served = self.model(name)
+            served = self.named(name)
         elif len(self.served) == 1:
             served = self.served[0]
         else:
@@ -271,8 +278,9 @@ class Frontend:
         flagged is yielded, and the request is aborted."""
         deltas = self._generate(model, prompt_ids, params, timeout_s=timeout_s, user=user)
         if "output" not in self.moderation.moderate:
-            async for delta in deltas:
-                yield delta
+            async with contextlib.aclosing(deltas):  # type: ignore[type-var]  # a client that left aborts at once
+                async for delta in deltas:
+                    yield delta
             return
         judge = self.judge_of(None, serving=model)
         every = None if whole else self.moderation.interval
@@ -297,7 +305,7 @@ class Frontend:
         """Who judges: the model named, else --moderation-model, else the model serving (it moderates
         itself), else the first served model."""
         if name is not None:
-            return self.model(name)
+            return self.named(name)
         if self.moderation.model is not None:
             return self.by_name[self.moderation.model]
         return serving or self.served[0]
@@ -307,8 +315,10 @@ class Frontend:
         whatever the engine runs; ApiError 400 for a text whose prompt does not fit the context."""
         labels, params = model.labels(), judging_params(model.labels())
 
+        room = (await model.info()).max_model_len - params.max_tokens  # the judge's one step needs a slot
+
         async def one(text: str) -> Judgement:
-            prompt = await asyncio.to_thread(judging_prompt, text, model.tokenizer, model.chat)
+            prompt = await asyncio.to_thread(judging_prompt, text, model.tokenizer, model.chat, max_len=room)
             await model.check(prompt, params, param=param)
             stream = model.engine.generate(prompt, params, uuid.uuid4().hex)
             async with contextlib.aclosing(stream), engine_errors():  # type: ignore[type-var]

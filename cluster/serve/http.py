@@ -308,11 +308,10 @@ def make_api(frontend: Frontend) -> FastAPI:
     async def set_route(alias: str, request: Request) -> dict[str, Any]:
         body: RouteRequest = parse_body(await read_body(request), RouteRequest)
         try:
-            split = Split.of(alias, body.targets_text())
-            frontend.routes.set(split)
+            frontend.routes.set(Split.of(alias, body.targets_text()))
         except UserError as e:
             raise ApiError(400, str(e), param="targets") from None
-        return split.to_json()
+        return frontend.routes.to_json()[frontend.routes.aliases().index(alias)]  # as it stands now, its order kept
 
     @api.post("/v1/completions", dependencies=v1)
     async def _completions(request: Request) -> Response:

@@ -37,7 +37,6 @@ D: unqualified advice in legal, medical or financial domains.
 The letter of its class:"""
 
 DEFAULT_THRESHOLD = 0.5
-MAX_INPUTS = 32  # texts in one moderation request
 
 
 def label_token_ids(tokenizer: Any) -> tuple[int, ...]:
@@ -52,13 +51,27 @@ def label_token_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def judging_prompt(text: str, tokenizer: Any, chat: ChatRenderer | None) -> list[int]:
-    """The self-reflection prompt about `text` as token ids: in the instruct format where the model has
-    one (without the guardrail: the judge has instructions of its own), else as plain text with BOS."""
-    content = SELF_REFLECTION.format(text=text)
-    if chat is not None:
-        return chat.render([{"role": "user", "content": content}], guardrail=False)
-    return list(tokenizer(content).input_ids)
+def judging_prompt(text: str, tokenizer: Any, chat: ChatRenderer | None, *, max_len: int) -> list[int]:
+    """The self-reflection prompt about `text` as token ids, at most `max_len`: in the instruct format
+    where the model has one (without the guardrail: the judge has instructions of its own), else as plain
+    text with BOS. A text too long for the judge's context is judged by its last tokens, the ones an
+    answer added last and a prompt's latest turn."""
+
+    def render(content: str) -> list[int]:
+        content = SELF_REFLECTION.format(text=content)
+        if chat is not None:
+            return chat.render([{"role": "user", "content": content}], guardrail=False)
+        return list(tokenizer(content).input_ids)
+
+    prompt = render(text)
+    if len(prompt) <= max_len:
+        return prompt
+    room = max(1, max_len - len(render("")))
+    tail = list(tokenizer(text, add_special_tokens=False).input_ids)[-room:]
+    # Decoding a cut may round-trip to a token or two more: cut again until the prompt fits.
+    while len(prompt := render(tokenizer.decode(tail))) > max_len and tail:
+        tail = tail[len(prompt) - max_len :]
+    return prompt
 
 
 def judging_params(labels: tuple[int, ...]) -> SamplingParams:

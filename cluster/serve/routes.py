@@ -136,8 +136,14 @@ class RouteTable:
         return split.pick(user) if split is not None else model
 
     def set(self, split: Split) -> None:
-        """Replace (or add) the alias's split; requests resolved from now on follow it."""
+        """Replace (or add) the alias's split; requests resolved from now on follow it. The targets keep
+        the order they had (new ones after them): a user's place on the line of cumulative weights is
+        fixed, so weight moved between neighbours moves users only that way."""
         self._check(split)
+        if (old := self._splits.get(split.alias)) is not None:
+            place = {name: i for i, (name, _) in enumerate(old.targets)}
+            ordered = sorted(split.targets, key=lambda t: place.get(t[0], len(place)))
+            split = Split(split.alias, tuple(ordered))
         self._splits = {**self._splits, split.alias: split}
 
     def aliases(self) -> list[str]:

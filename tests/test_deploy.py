@@ -140,3 +140,17 @@ def test_the_planner_counts_int8_hot_copies_and_cpu_workers_and_emits_their_map(
     )
     assert [(w["experts"], w["kind"]) for w in cpu["expert_map"]["workers"]][-1] == ([6, 7], "cpu")
     assert files["cluster.yaml"]["available_node_types"]["gpu_workers"]["resources"]["GPU"] == 8
+
+
+def test_the_docs_two_model_config_is_a_serve_application_whose_models_get_their_own_settings() -> None:
+    from cluster.serve.args import ServeArgs
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
+    [example] = [block for block in docs.split("```yaml\n")[1:] if "models:" in block.split("```")[0]]
+    args = yaml.safe_load(example.split("```")[0])["args"]
+    application = {"name": "moe", "route_prefix": "/", "import_path": "cluster.serve.app:app_builder", "args": args}
+    ServeDeploySchema.model_validate({"applications": [application]})  # as `serve deploy` reads it
+    mixtral, mistral = ServeArgs.model_validate(args).per_model()
+    assert (mixtral.names, mixtral.min_replicas, mixtral.max_replicas, mixtral.autoscaling) == (["mixtral"], 2, 6, True)
+    assert (mistral.names, mistral.max_num_seqs, mistral.api_key_env) == (["mistral"], 128, None)  # the key is the endpoint's
+    assert ServeArgs.model_validate(args).api_key_env == "MOE_API_KEY"

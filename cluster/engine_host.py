@@ -177,6 +177,10 @@ class EngineHost:
             return ExpertLoad(args.num_hidden_layers, args.num_local_experts, args.num_experts_per_tok).counters()
         return self.moe.load.counters()
 
+    def breakdown(self, *, reset: bool = False) -> dict[str, float]:
+        """Where the engine's steps spent their time since the last reset (EngineCore.breakdown)."""
+        return self.engine.engine.breakdown(reset=reset)
+
     def engine_steps(self) -> int:
         return self.engine.engine.steps
 

@@ -33,6 +33,7 @@ from mixtral.kv_cache import PagedKVCache
 from mixtral.kv_spec import GiB, KVSpec
 from mixtral.layers import linear, linear_weight, rms_norm, rope_cos_sin
 from mixtral.layout import StepLayout, build_layout
+from mixtral.step_clock import StepClock
 from workers.device import cores, matmul_dtype, onednn_packs
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
@@ -137,7 +138,8 @@ class ModelRunner:
         self.final_norm = w[names.FINAL_NORM]
         self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w.pop(names.LM_HEAD), packed=self.packed)
         self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
-        self.feed_forward = feed_forward(w, self.packed)
+        self.clock = StepClock()  # where a step's time goes (mixtral.step_clock), shared with the feed-forward
+        self.feed_forward = feed_forward(w, self.packed, self.clock)
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
         room = float(DEFAULT_CPU_KV_BYTES)
         if device.startswith("cuda"):  # measured after the weights are in: what they left of the share
@@ -157,22 +159,26 @@ class ModelRunner:
 
         Returns float32 logits [B, V] of each sequence's last new token.
         """
-        lengths = [len(t) for t in tokens]
-        parts = split_for_overlap(lengths, self.overlap_min_tokens)
-        batches = [self._micro_batch(tokens[part], starts[part], blocks[part], first_block[part]) for part in parts]
+        with self.clock.timing("prepare"):
+            lengths = [len(t) for t in tokens]
+            parts = split_for_overlap(lengths, self.overlap_min_tokens)
+            batches = [self._micro_batch(tokens[part], starts[part], blocks[part], first_block[part]) for part in parts]
         # Each micro-batch's pass yields while its experts work, and the other's takes its turn.
         with self.feed_forward.step():
             for _ in itertools.zip_longest(*(self._layers(mb) for mb in batches)):
                 pass
-        last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
-        return linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
+        with self.clock.timing("head"):
+            last = torch.cat([mb.x[mb.last_token] for mb in batches])  # [B, D], in request order
+            return linear(rms_norm(last, self.final_norm, self.args.rms_norm_eps), self.lm_head).float()
 
     def _layers(self, mb: MicroBatch) -> Iterator[None]:
         """The residual stream of one micro-batch through every layer; yields while its feed-forward runs elsewhere."""
-        eps, x, feed_forward = self.args.rms_norm_eps, mb.x, self.feed_forward
+        eps, x, feed_forward, clock = self.args.rms_norm_eps, mb.x, self.feed_forward, self.clock
         for layer, lw in enumerate(self.layers):
-            h = x + self._attention(layer, rms_norm(x, lw.input_norm, eps), mb.groups)
-            pending = feed_forward.start(layer, rms_norm(h, lw.post_attention_norm, eps))
+            with clock.timing("attention"):
+                h = x + self._attention(layer, rms_norm(x, lw.input_norm, eps), mb.groups)
+                m = rms_norm(h, lw.post_attention_norm, eps)
+            pending = feed_forward.start(layer, m)
             if feed_forward.overlaps:
                 yield
             x = h + feed_forward.finish(pending)

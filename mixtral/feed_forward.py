@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mixtral import names
 from mixtral.layers import linear, linear_weight
+from mixtral.step_clock import StepClock
 
 
 class FeedForward(Protocol):
@@ -39,8 +40,9 @@ class FeedForward(Protocol):
 
 
 # Builds the feed-forward from the coordinator's weights (it takes its own out of the dict), its
-# matrices packed for oneDNN's GEMM where the runner packs its own (mixtral.layers.linear_weight).
-FeedForwardFactory = Callable[[dict[str, torch.Tensor], bool], FeedForward]
+# matrices packed for oneDNN's GEMM where the runner packs its own (mixtral.layers.linear_weight), timing
+# its parts on the runner's clock (mixtral.step_clock).
+FeedForwardFactory = Callable[[dict[str, torch.Tensor], bool, StepClock], FeedForward]
 
 
 class DenseMLP:
@@ -48,18 +50,19 @@ class DenseMLP:
 
     overlaps = False
 
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], clock: StepClock | None = None) -> None:
         self.layers = layers  # per layer: gate_proj, up_proj, down_proj as linear_weight holds them
+        self.clock = clock or StepClock()
 
     @staticmethod
-    def of(weights: dict[str, torch.Tensor], num_layers: int, *, packed: bool) -> DenseMLP:
+    def of(weights: dict[str, torch.Tensor], num_layers: int, *, packed: bool, clock: StepClock | None = None) -> DenseMLP:
         """From the checkpoint's mlp.{gate,up,down}_proj, each dropped from `weights` as it is packed."""
 
         def take(layer: int, suffix: str) -> torch.Tensor:
             return linear_weight(weights.pop(names.layer_weight(layer, suffix)), packed=packed)
 
         gate, up, down = names.MLP
-        return DenseMLP([(take(layer, gate), take(layer, up), take(layer, down)) for layer in range(num_layers)])
+        return DenseMLP([(take(layer, gate), take(layer, up), take(layer, down)) for layer in range(num_layers)], clock)
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -67,7 +70,8 @@ class DenseMLP:
 
     def start(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.layers[layer]
-        return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+        with self.clock.timing("mlp"):
+            return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
     def finish(self, pending: torch.Tensor) -> torch.Tensor:
         return pending

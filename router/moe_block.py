@@ -12,15 +12,17 @@ and per worker.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mixtral import names
+from mixtral.step_clock import StepClock
 from router.expert_map import ExpertMap
 from router.load import ExpertLoad, WorkerLoad
-from router.moe import MoeCall, finish_moe, start_moe
+from router.moe import MoeCall, combine, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
 from router.transport import ExpertTransport
@@ -39,6 +41,7 @@ class MoEBlock:
         observers: Sequence[RoutingObserver] = (),
         expert_map: ExpertMap,
         worker_load: WorkerLoad,
+        clock: StepClock | None = None,
     ) -> None:
         self.gates = gates  # per layer: the router [E, D]
         self.top_k = top_k
@@ -48,6 +51,7 @@ class MoEBlock:
         self.expert_map = expert_map
         self.step_map: ExpertMap | None = None  # the map of the step running now, if one is
         self.worker_load = worker_load
+        self.clock = clock or StepClock()  # dispatch, wait, combine (mixtral.step_clock)
 
     @staticmethod
     def gates_of(weights: dict[str, torch.Tensor], num_layers: int) -> list[torch.Tensor]:
@@ -68,10 +72,17 @@ class MoEBlock:
 
     def start(self, layer: int, x: torch.Tensor) -> MoeCall:
         assert self.step_map is not None, "MoE layers run within step()"
-        plan = route(F.linear(x, self.gates[layer]), self.top_k)  # gate logits [T, E]
-        call = start_moe(layer, x, plan, self.transport, self.step_map)
-        self.worker_load.record(call.worker_rows())
+        with self.clock.timing("dispatch"):
+            plan = route(F.linear(x, self.gates[layer]), self.top_k)  # gate logits [T, E]
+            call = start_moe(layer, x, plan, self.transport, self.step_map)
+            self.worker_load.record(call.worker_rows())
         return call
 
     def finish(self, pending: MoeCall) -> torch.Tensor:
-        return finish_moe(pending, self.transport, self.observer)
+        """router.moe.finish_moe, its waiting and its combining timed apart."""
+        with self.clock.timing("wait"):
+            outputs = self.transport.gather(pending.pending)
+        with self.clock.timing("combine"):
+            out = combine(pending.plan, pending.pieces, outputs, num_tokens=pending.num_tokens)
+            self.observer.layer_routed(pending.layer, pending.plan, time.perf_counter() - pending.started)
+        return out

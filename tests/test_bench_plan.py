@@ -76,11 +76,18 @@ def test_bench_with_hf_baseline_writes_table_json_plot_and_profile(make_ckpt, cl
         "--out",
         str(out),
         "--json",
+        "--breakdown",
         env=cli_env | {"RAY_ADDRESS": ray_address},  # joins the session's Ray, as a user's job joins a cluster
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     results = last_json(proc.stdout)["results"]
+    # Where the steps' time went, timed in the engine actor: the parts account for nearly all of a step.
+    assert "where a step's time goes" in proc.stdout
+    for r in results:
+        b = r["breakdown"]
+        assert b["steps"] >= 4 and b["accounted"] >= 0.9, b
+        assert b["attention"] > 0 and b["dispatch"] > 0 and b["wait"] > 0 and b["head"] > 0 and b["mlp"] == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["expert_map"]["workers"] == [{"experts": list(range(8)), "kind": "auto"}]
     assert report["expert_dtype"] == "int8"

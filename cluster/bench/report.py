@@ -122,3 +122,18 @@ def plot(rows: list[dict[str, Any]], out: Path, title: str) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def breakdown_table(rows: list[dict[str, Any]]) -> str:
+    """Per level, the reported run's mean step and where it went, in ms (mixtral.step_clock), and the
+    share of the step the timed parts account for."""
+    from mixtral.step_clock import PARTS
+
+    parts = [p for p in PARTS if any(r["breakdown"][p] for r in rows)]
+    lines = [["concurrency", "step", *parts, "accounted"]]
+    for r in rows:
+        b = r["breakdown"]
+        lines.append([str(r["concurrency"]), f"{b['step']:.2f}", *(f"{b[p]:.2f}" for p in parts), f"{b['accounted']:.0%}"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    text = "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in lines)
+    return "where a step's time goes (ms per step; wait includes the busiest worker's compute):\n" + text

@@ -91,10 +91,13 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         model = load_baseline(spec, machine.cores) if spec.baseline else None
         llm = llamacpp_checked(spec, cluster.coordinator, machine.cores) if spec.llamacpp else None
         llama_runs: dict[int, list[RunResult]] = {c: [] for c in spec.concurrency}
+        breakdowns: dict[int, list[dict[str, float]]] = {c: [] for c in spec.concurrency}
         levels = [c for c in spec.concurrency for _ in range(spec.repeats)]
         for c in tqdm(levels, desc="moe-cluster" + (" and transformers" if model else ""), unit="run"):
             prompts = prompts_for(spec, c)
+            ray.get(cluster.coordinator.breakdown.remote(reset=True))  # this run's steps only
             ours[c].append(run_cluster(cluster.coordinator, prompts, spec.output_len))
+            breakdowns[c].append(ray.get(cluster.coordinator.breakdown.remote(reset=True)))
             if model is not None:
                 theirs[c].append(run_hf(model, prompts, spec.output_len))
             if llm is not None and c == 1:
@@ -117,6 +120,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     rows = [
         result_row(c, ours[c], theirs[c], decode_floor_seconds(spec.checkpoint.args, machine, batch=c, dtype=spec.dtype))
         | llamacpp_fields(ours[c], llama_runs[c])
+        | {"breakdown": breakdowns[c][ours[c].index(median_run(ours[c]))]}  # the reported run's steps
         for c in spec.concurrency
     ]
     report = {

@@ -56,6 +56,11 @@ class BenchArgs(BaseModel):
     as_json: bool = Field(
         False, description="Last stdout line: one JSON object with the results.", json_schema_extra={"flags": ["--json"]}
     )
+    breakdown: bool = Field(
+        False,
+        description="Also print where a step's time goes at each level (schedule, attention, dispatch, wait, combine, "
+        "head, sampling: ms per step); bench.json has it either way.",
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> BenchArgs:
@@ -125,6 +130,10 @@ def bench(args: BenchArgs) -> None:
         )
     )
     print(summary(report))
+    if args.breakdown and report["workload"] == "equal":
+        from cluster.bench.report import breakdown_table
+
+        print(breakdown_table(report["results"]))
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}", file=sys.stderr)
     if args.as_json:
         print(json.dumps({"results": report["results"], "machine": report["machine"]}))

@@ -20,6 +20,7 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.config import DType, ExpertDType, ModelArgs, resolve_dtype
 from mixtral.feed_forward import DenseMLP, FeedForward, FeedForwardFactory
 from mixtral.kv_spec import BLOCK_SIZE, GiB, KVSpec
+from mixtral.step_clock import StepClock
 from router.channel_transport import ChannelTransport
 from router.expert_map import ExpertMap
 from router.load import ExpertLoad, WorkerLoad
@@ -84,7 +85,7 @@ def moe_block(
             )
         )
 
-    def build(weights: dict[str, torch.Tensor], packed: bool) -> FeedForward:
+    def build(weights: dict[str, torch.Tensor], packed: bool, clock: StepClock) -> FeedForward:
         gates = MoEBlock.gates_of(weights, args.num_hidden_layers)
         return MoEBlock(
             gates,
@@ -94,6 +95,7 @@ def moe_block(
             observers=observers,
             expert_map=expert_map,
             worker_load=worker_load,
+            clock=clock,
         )
 
     return build
@@ -101,7 +103,7 @@ def moe_block(
 
 def dense_mlp(checkpoint: Checkpoint) -> FeedForwardFactory:
     """Mistral's feed-forward: each layer's MLP, on the coordinator's device."""
-    return lambda weights, packed: DenseMLP.of(weights, checkpoint.args.num_hidden_layers, packed=packed)
+    return lambda weights, packed, clock: DenseMLP.of(weights, checkpoint.args.num_hidden_layers, packed=packed, clock=clock)
 
 
 def check_dense_options(args: ModelArgs, options: EngineOptions, *, name: str) -> None:
@@ -159,6 +161,7 @@ def build_engine(
         eos_token_ids=args.eos_token_ids,
         max_num_seqs=options.max_num_seqs,
         max_num_batched_tokens=options.max_num_batched_tokens,
+        clock=coordinator.clock,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Generic, Protocol, TypeVar
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from cluster.engine.kv_manager import KVManager
 from cluster.engine.sampling import FAILED, SamplingParams, draws_for, sample_batch
 from cluster.engine.scheduler import Scheduler, SequenceState, check_request
+from mixtral.step_clock import StepClock
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,11 @@ class EngineCore(Generic[ModelT]):
         eos_token_ids: tuple[int, ...],
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        clock: StepClock | None = None,
     ) -> None:
+        """`clock`: where the step's parts are timed, the model runner's own (mixtral.step_clock)."""
         self.model = model
+        self.clock = clock or StepClock()
         self.vocab_size = model.vocab_size
         self.kv = kv
         self.eos_token_ids = eos_token_ids
@@ -78,6 +83,13 @@ class EngineCore(Generic[ModelT]):
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def breakdown(self, *, reset: bool = False) -> dict[str, float]:
+        """Milliseconds per step of each part since the last reset (mixtral.step_clock); `reset`: start again."""
+        report = self.clock.report()
+        if reset:
+            self.clock.reset()
+        return report
+
     def stats(self) -> dict[str, float]:
         """The engine's state for operators and autoscalers: sequences, KV blocks, preemptions, prefix cache."""
         kv = self.kv
@@ -101,7 +113,9 @@ class EngineCore(Generic[ModelT]):
         When the step fails, its sequences are preempted instead, and those that failed too often
         in a row are returned, finished with "error".
         """
-        batch = self.scheduler.schedule()
+        clock, start = self.clock, time.perf_counter()
+        with clock.timing("schedule"):
+            batch = self.scheduler.schedule()
         if not batch:
             return []
         seqs = [seq for seq, _ in batch]
@@ -111,17 +125,20 @@ class EngineCore(Generic[ModelT]):
             self.failed_steps += 1
             log.exception("engine step failed; its %d sequences are preempted, to be recomputed", len(batch))
             return self.scheduler.step_failed(seqs)
-        self.steps += 1
-        self.scheduler.step_succeeded(seqs)
-        for seq, token, logprob, top in sampled:
-            if token == FAILED:
-                self.scheduler.finish(seq, "error")
-                continue
-            seq.output_ids.append(token)
-            seq.logprobs.append(logprob)
-            if seq.params.logprobs or seq.params.score_token_ids:
-                seq.top_logprobs.append(top)
-            self._check_finish(seq, token)
+        with clock.timing("finish"):
+            self.steps += 1
+            self.scheduler.step_succeeded(seqs)
+            for seq, token, logprob, top in sampled:
+                if token == FAILED:
+                    self.scheduler.finish(seq, "error")
+                    continue
+                seq.output_ids.append(token)
+                seq.logprobs.append(logprob)
+                if seq.params.logprobs or seq.params.score_token_ids:
+                    seq.top_logprobs.append(top)
+                self._check_finish(seq, token)
+        clock.add("step", time.perf_counter() - start)
+        clock.steps += 1
         return [seq for seq, *_ in sampled]
 
     def _run(self, batch: list[tuple[SequenceState, int]]) -> list[Sampled]:
@@ -133,6 +150,11 @@ class EngineCore(Generic[ModelT]):
             blocks=[seq.table.blocks for seq, _ in batch],
             first_block=[seq.table.first_block for seq, _ in batch],
         )
+        with self.clock.timing("sample"):
+            return self._sample(batch, histories, logits)
+
+    def _sample(self, batch: list[tuple[SequenceState, int]], histories: list[list[int]], logits: torch.Tensor) -> list[Sampled]:
+        """The KV cache's bookkeeping of the step, and the next token of each sequence whose tokens are now all cached."""
         for history, (seq, n) in zip(histories, batch):
             seq.num_cached += n
             self.kv.after_step(seq.table, history, seq.num_cached)

@@ -1,0 +1,52 @@
+"""Where an engine step's time goes: each part timed where it happens, none computed as a remainder.
+
+    schedule   the scheduler choosing the step's sequences and their KV blocks    (cluster.engine.core)
+    prepare    the step's grids, positions and embeddings                        (cluster.model_runner)
+    attention  per layer: the norms and attention over the paged cache          (cluster.model_runner)
+    mlp        per layer: a dense model's feed-forward                           (mixtral.feed_forward)
+    dispatch   per layer: the router, the pieces and sending them to the workers (router.moe_block)
+    wait       per layer: until every busy worker has answered                   (router.moe_block)
+    combine    per layer: the weighted sum back in token order, and its observers (router.moe_block)
+    head       the final norm and the lm_head                                    (cluster.model_runner)
+    sample     sampling, logprobs and the KV cache's bookkeeping of the step     (cluster.engine.core)
+    finish     appending tokens, finishing sequences                             (cluster.engine.core)
+
+`step` is the whole of EngineCore.step, timed around it: the parts' sum over it says how much of a
+step the parts account for (the rest is the Python between them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+PARTS = ("schedule", "prepare", "attention", "mlp", "dispatch", "wait", "combine", "head", "sample", "finish")
+
+
+class StepClock:
+    """Seconds per part since the last reset, and the steps they were spent in."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys((*PARTS, "step"), 0.0)
+        self.steps = 0
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] += seconds
+
+    @contextmanager
+    def timing(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - start
+
+    def report(self) -> dict[str, float]:
+        """Milliseconds per step of each part and of the whole step, and the share the parts account for."""
+        per_step = {part: 1e3 * s / self.steps if self.steps else 0.0 for part, s in self.seconds.items()}
+        timed = sum(self.seconds[p] for p in PARTS)
+        return per_step | {"steps": self.steps, "accounted": timed / self.seconds["step"] if self.seconds["step"] else 0.0}

@@ -20,7 +20,7 @@ from cluster.engine.build import EngineOptions
 from cluster.engine_host import EngineHost
 from cluster.errors import UserError
 from cluster.expert_workers import ReplicaLayout, start_workers, wait_loaded
-from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem
+from cluster.placement_options import PlacementOptions, Strategy, fit_worker_cpus, placement_problem, together_problem
 from mixtral.checkpoint import Checkpoint
 from mixtral.config import ModelArgs
 from router.expert_map import ExpertMap
@@ -95,10 +95,20 @@ def fitted(args: ModelArgs, placement: PlacementOptions) -> PlacementOptions:
     return fit_worker_cpus(placement, num_workers=workers, cluster_cpus=cpus)
 
 
+def alive_nodes() -> list[dict[str, float]]:
+    """Each live node's CPUs and GPUs."""
+    return [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]]
+
+
+def check_placeable_together(groups: list[tuple[str, list[dict[str, float]], Strategy]]) -> None:
+    """Fail at once, saying which, when the cluster cannot hold all these placement groups together."""
+    if problem := together_problem(groups, alive_nodes()):
+        raise UserError(problem)
+
+
 def check_placeable(replica_bundles: list[dict[str, float]], strategy: Strategy) -> None:
     """Fail at once, saying what is missing, when no node layout of this cluster can hold the bundles."""
-    nodes = [{k: float(v) for k, v in n["Resources"].items() if k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]]
-    problem = placement_problem(replica_bundles, strategy, nodes)
+    problem = placement_problem(replica_bundles, strategy, alive_nodes())
     if problem:
         raise UserError(problem)
 

@@ -83,13 +83,21 @@ def _take(room: Bundle, bundle: Bundle) -> None:
 def can_place(bundles: list[Bundle], strategy: Strategy, nodes: list[Bundle]) -> bool:
     """Whether the bundles fit on nodes with these resources, first fit by decreasing size (a
     placement it finds is a real one; on the shapes here it finds one whenever one exists)."""
-    rooms = [dict(n) for n in nodes]
+    return place(bundles, strategy, [dict(n) for n in nodes])
+
+
+def place(bundles: list[Bundle], strategy: Strategy, rooms: list[Bundle]) -> bool:
+    """can_place, taking what the bundles use out of `rooms` when they fit (rooms are left part-taken
+    when they do not)."""
     if strategy == "STRICT_PACK":
         total: Bundle = {}
         for bundle in bundles:
             for k, v in bundle.items():
                 total[k] = total.get(k, 0.0) + v
-        return any(_fits(total, room) for room in rooms)
+        fitting = [room for room in rooms if _fits(total, room)]
+        if fitting:
+            _take(fitting[0], total)
+        return bool(fitting)
     used: set[int] = set()
     for bundle in sorted(bundles, key=lambda b: (b.get("GPU", 0.0), b.get("CPU", 0.0)), reverse=True):
         candidates = [
@@ -100,6 +108,22 @@ def can_place(bundles: list[Bundle], strategy: Strategy, nodes: list[Bundle]) ->
         _take(rooms[candidates[0]], bundle)
         used.add(candidates[0])
     return True
+
+
+def together_problem(groups: list[tuple[str, list[Bundle], Strategy]], nodes: list[Bundle]) -> str | None:
+    """None if every placement group fits the nodes at once, one after another (each model's replicas:
+    `(model, bundles, strategy)`); else which one no longer fits and what the others took."""
+    rooms = [dict(n) for n in nodes]
+    placed: list[str] = []
+    for name, bundles, strategy in groups:
+        if not place(bundles, strategy, rooms):
+            before = f"after {', '.join(placed)}" if placed else "on its own"
+            return (
+                f"the cluster cannot hold every model's replicas at once: a replica of {name} ({len(bundles)} bundles, "
+                f"{strategy}) does not fit {before}; lower min_replicas, give a model --accelerator cpu, or add nodes"
+            )
+        placed.append(f"a replica of {name}")
+    return None
 
 
 def placement_problem(bundles: list[Bundle], strategy: Strategy, nodes: list[Bundle]) -> str | None:

@@ -41,3 +41,21 @@ def test_a_placement_that_cannot_fit_says_what_is_missing_and_what_would_fit() -
     hopeless = placement_problem([COORDINATOR] + [GPU_WORKER] * 8, "PACK", [{"CPU": 4.0}])
     assert hopeless is not None and hopeless.endswith("add nodes")
     assert placement_problem([COORDINATOR] + [WORKER] * 8, "PACK", [{"CPU": 4.0}]) is None
+
+
+def test_models_that_each_fit_alone_are_refused_when_they_cannot_fit_together() -> None:
+    from cluster.placement_options import together_problem
+
+    head, gpu_node = {"CPU": 4.0}, {"CPU": 4.0, "GPU": 1.0}
+    nodes = [head] + [gpu_node] * 8
+    mixtral = [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 8  # a coordinator and eight GPU workers
+    mistral = [{"CPU": 1.0, "GPU": 1.0}]  # a dense replica: its coordinator on a GPU
+    assert together_problem([("mixtral", mixtral, "PACK")], nodes) is None
+    assert together_problem([("mistral", mistral, "PACK")], nodes) is None
+    problem = together_problem([("mixtral", mixtral, "PACK"), ("mistral", mistral, "PACK")], nodes)
+    assert problem is not None and "a replica of mistral" in problem and "after a replica of mixtral" in problem
+    assert together_problem([("mixtral", mixtral, "PACK"), ("mistral", mistral, "PACK")], nodes + [gpu_node]) is None
+    # STRICT_PACK takes one node's room for the whole group, so a second group needs another node.
+    packed = [{"CPU": 2.0}, {"CPU": 1.0}]
+    assert together_problem([("a", packed, "STRICT_PACK"), ("b", packed, "STRICT_PACK")], [{"CPU": 4.0}]) is not None
+    assert together_problem([("a", packed, "STRICT_PACK"), ("b", packed, "STRICT_PACK")], [{"CPU": 4.0}] * 2) is None

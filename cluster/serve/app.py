@@ -18,7 +18,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, DeploymentAct
 from cluster.api_key import resolve_api_key
 from cluster.engine.build import EngineOptions, check_dense_options, check_kv_budget
 from cluster.errors import UserError
-from cluster.placement import bundles, check_placeable, fitted, layout_here
+from cluster.placement import bundles, check_placeable, check_placeable_together, fitted, layout_here
 from cluster.placement_options import PlacementOptions, resolve_expert_map
 from cluster.serve.args import ServeArgs
 from cluster.serve.autoscaling import EngineLoadPolicy
@@ -126,8 +126,9 @@ def deployment_names(models: list[ModelSettings]) -> list[str]:
     return names
 
 
-def engine_deployment(model: ModelSettings, name: str) -> Application:
-    """One served model's engine deployment: its replicas' placement groups, health checks, scaling."""
+def engine_deployment(model: ModelSettings, name: str) -> tuple[Application, list[dict[str, float]] | None]:
+    """One served model's engine deployment (its replicas' placement groups, health checks, scaling), and
+    a replica's bundles where they were checked against the cluster (None: GPUs an autoscaler may bring)."""
     args, settings = model.args, model.replica
     checkpoint, engine, model_args = settings.checkpoint, settings.engine, settings.checkpoint.args
     placement = fitted(
@@ -162,13 +163,19 @@ def engine_deployment(model: ModelSettings, name: str) -> Application:
         ],
         **replicas(args),
     )
-    return engine_server.bind(checkpoint, engine, placement, layout)
+    checked = replica_bundles if args.accelerator != "gpu" else None
+    return engine_server.bind(checkpoint, engine, placement, layout), checked
 
 
 def build_app(args: ServeArgs, models: list[ModelSettings] | None = None) -> Application:
     """The application; `models`: model_settings(args), where the caller resolved them already."""
     models = models or model_settings(args)
-    engines = {m.names[0]: engine_deployment(m, name) for m, name in zip(models, deployment_names(models))}
+    deployments = [engine_deployment(m, name) for m, name in zip(models, deployment_names(models))]
+    if len(models) > 1:  # each model's replica fits alone; one of each must fit together
+        check_placeable_together(
+            [(m.names[0], bundles, m.args.strategy) for m, (_, bundles) in zip(models, deployments) if bundles is not None]
+        )
+    engines = {m.names[0]: app for m, (app, _) in zip(models, deployments)}
     entries = [ModelEntry(m.names, m.replica.checkpoint, m.args.guardrail) for m in models]
     moderation = ModerationSettings.of(
         args.moderate,

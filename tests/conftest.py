@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,34 +73,56 @@ def make_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture(scope="session")
-def metrics_port() -> int:
-    """Where Ray's metrics export serves Prometheus text (/metrics) for the session's Ray."""
+def free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+RAY_START_ATTEMPTS = 3
+
+
 @pytest.fixture(scope="session")
-def ray_session(metrics_port: int) -> Iterator[None]:
+def ray_session() -> Iterator[int]:
+    """The session's Ray; yields the port where its metrics export serves Prometheus text (/metrics).
+
+    The port is free when chosen, but Ray's own components take random ports as they start, and the
+    metrics agent binds it last: where the port was taken meanwhile, the agent fails and the node with
+    it. Then Ray is started again on another port."""
     import ray
 
-    # As many logical CPUs as CI's machine has cores: replicas size their workers' shares from it
-    # (cluster.placement.fitted), and one replica at a time runs (module-scoped clusters).
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 500},
-    )
-    yield
+    for attempt in range(RAY_START_ATTEMPTS):
+        port = free_local_port()
+        try:
+            # As many logical CPUs as CI's machine has cores: replicas size their workers' shares from it
+            # (cluster.placement.fitted), and one replica at a time runs (module-scoped clusters).
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+                _metrics_export_port=port,
+                _system_config={"metrics_report_interval_ms": 500},
+            )
+            break
+        except Exception:
+            ray.shutdown()
+            # A node that failed to start leaves its processes behind: this session's only Ray, by now.
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=60)
+            if attempt == RAY_START_ATTEMPTS - 1:
+                raise
+    yield port
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def ray_address(ray_session: None) -> str:
+def metrics_port(ray_session: int) -> int:
+    """Where Ray's metrics export serves Prometheus text (/metrics) for the session's Ray."""
+    return ray_session
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_session: int) -> str:
     """For a CLI subprocess to join the session's Ray (RAY_ADDRESS) instead of starting its own."""
     import ray
 

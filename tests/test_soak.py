@@ -16,7 +16,7 @@ FAULTS = FaultPlan(worker_kills=3, replica_kills=1)
 
 
 def test_mixed_requests_under_worker_and_replica_kills_end_as_asked_and_leave_nothing_behind(
-    ray_session: None, make_ckpt: Callable[..., Path]
+    ray_session: int, make_ckpt: Callable[..., Path]
 ) -> None:
     checkpoint = make_ckpt(tokenizer=True, vocab_size=32000)
     with served(serve_args(checkpoint, clients=CLIENTS)) as port:

@@ -112,7 +112,12 @@ def start_moe(layer: int, x: torch.Tensor, plan: RoutingPlan, transport: ExpertT
 
 def finish_moe(call: MoeCall, transport: ExpertTransport, observer: RoutingObserver | None = None) -> torch.Tensor:
     """Wait for the workers, [Combine], and tell the observer what was routed and how long it took."""
-    out = combine(call.plan, call.pieces, transport.gather(call.pending), num_tokens=call.num_tokens)
+    return combine_call(call, transport.gather(call.pending), observer)
+
+
+def combine_call(call: MoeCall, outputs: dict[int, torch.Tensor], observer: RoutingObserver | None = None) -> torch.Tensor:
+    """[Combine] the workers' answers to `call`, and tell the observer what was routed and how long it took."""
+    out = combine(call.plan, call.pieces, outputs, num_tokens=call.num_tokens)
     if observer is not None:
         observer.layer_routed(call.layer, call.plan, time.perf_counter() - call.started)
     return out

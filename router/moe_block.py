@@ -12,7 +12,6 @@ and per worker.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,7 +21,7 @@ from mixtral import names
 from mixtral.step_clock import StepClock
 from router.expert_map import ExpertMap
 from router.load import ExpertLoad, WorkerLoad
-from router.moe import MoeCall, combine, start_moe
+from router.moe import MoeCall, combine_call, start_moe
 from router.observer import RoutingObserver, RoutingObservers
 from router.routing import route
 from router.transport import ExpertTransport
@@ -83,6 +82,4 @@ class MoEBlock:
         with self.clock.timing("wait"):
             outputs = self.transport.gather(pending.pending)
         with self.clock.timing("combine"):
-            out = combine(pending.plan, pending.pieces, outputs, num_tokens=pending.num_tokens)
-            self.observer.layer_routed(pending.layer, pending.plan, time.perf_counter() - pending.started)
-        return out
+            return combine_call(pending, outputs, self.observer)

@@ -311,7 +311,9 @@ def make_api(frontend: Frontend) -> FastAPI:
             frontend.routes.set(Split.of(alias, body.targets_text()))
         except UserError as e:
             raise ApiError(400, str(e), param="targets") from None
-        return frontend.routes.to_json()[frontend.routes.aliases().index(alias)]  # as it stands now, its order kept
+        now = frontend.routes.get(alias)
+        assert now is not None  # set just now
+        return now.to_json()  # as it stands now: its targets' order kept
 
     @api.post("/v1/completions", dependencies=v1)
     async def _completions(request: Request) -> Response:

@@ -11,6 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+# What a worker holds in the checkpoint's own layout (held_matrix).
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 and cast back before the scale, as transformers does, so bf16 matches.
@@ -45,18 +48,24 @@ class HeldExpert(NamedTuple):
 
 
 def held_matrix(w: torch.Tensor, dtype: torch.dtype, *, packed: bool = False) -> torch.Tensor:
-    """A checkpoint matrix [out, in] as a worker holds it, in `dtype`, for held_matmul: transposed to
-    [in, out], in one copy, or `packed` in oneDNN's blocked layout (float32 on a CPU only). For the few
-    to few tens of rows an expert gets per call, MKL's GEMM reads [in, out] faster than the checkpoint's
-    layout, and oneDNN's on its packing faster still on several threads (README, "Performance with a map")."""
+    """A checkpoint matrix [out, in] as a worker holds it, in `dtype`, for held_matmul: in float32,
+    transposed to [in, out], in one copy, or `packed` in oneDNN's blocked layout (on a CPU only); in
+    half precision, as it is. For the few to few tens of rows an expert gets per call, MKL's float32
+    GEMM reads [in, out] faster than the checkpoint's layout, and oneDNN's on its packing faster still
+    on several threads; torch's bf16 GEMM reads the checkpoint's layout faster than [in, out], at every
+    row count an expert gets (README, "Performance with a map"; docs/performance.md)."""
     if packed:
         return linear_weight(w.to(dtype), packed=True)
+    if dtype in HALF_DTYPES:
+        return w.to(dtype).contiguous()
     return torch.empty(w.shape[1], w.shape[0], dtype=dtype, device=w.device).copy_(w.t())
 
 
 def held_matmul(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h [T, in] times a held matrix (held_matrix) -> [T, out]."""
-    return linear(h, w) if w.is_mkldnn else h @ w
+    if w.is_mkldnn:
+        return linear(h, w)
+    return F.linear(h, w) if w.dtype in HALF_DTYPES else h @ w
 
 
 def linear_weight(w: torch.Tensor, *, packed: bool) -> torch.Tensor:

@@ -120,3 +120,17 @@ def test_a_float32_coordinator_on_several_threads_packs_its_projections_and_lm_h
     # By default on every core: on this project's 2-core machines, every float32 engine-against-transformers
     # test (tests/test_parity.py and the rest) runs the coordinator on oneDNN.
     assert local_engine(checkpoint, EngineOptions(dtype="float32")).model.packed == (cores() > 1)
+
+
+def test_half_precision_matrices_are_held_in_the_checkpoints_layout_and_compute_the_same_products() -> None:
+    """torch's bf16 GEMM reads [out, in] faster than the transposed copy a float32 worker holds
+    (docs/performance.md): a bf16 worker holds the checkpoint's matrix as it is."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 80, generator=g)
+    for half in (torch.bfloat16, torch.float16):
+        held = held_matrix(w, half)
+        assert held.shape == (96, 80) and held.dtype == half and held.is_contiguous()
+        for rows in (0, 1, 3, 17):
+            x = torch.randn(rows, 80, generator=g).to(half)
+            reference = torch.nn.functional.linear(x.float(), w.to(half).float())
+            torch.testing.assert_close(held_matmul(x, held).float(), reference, rtol=2e-2, atol=2e-2)

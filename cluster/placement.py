@@ -46,14 +46,14 @@ class ExpertCluster:
         remove_placement_group(self.placement_group)
 
 
-def expert_map_of(args: ModelArgs, placement: PlacementOptions) -> ExpertMap | None:
+def expert_map_of(args: ModelArgs, placement: PlacementOptions, *, cluster_gpus: float) -> ExpertMap | None:
     """The replica's expert map; None for a dense model, which has no expert workers."""
     if not args.is_moe:
         if placement.expert_map is not None:
             raise UserError("the checkpoint is a dense model: it has no experts to place; drop the expert map")
         return None
     if placement.expert_map is None:
-        return ExpertMap.one_per_worker(args.num_local_experts)
+        return default_map(args.num_local_experts, placement, cluster_gpus=cluster_gpus)
     if placement.expert_map.num_experts != args.num_local_experts:
         raise UserError(
             f"the expert map is for {placement.expert_map.num_experts} experts; the checkpoint has {args.num_local_experts}"
@@ -61,11 +61,22 @@ def expert_map_of(args: ModelArgs, placement: PlacementOptions) -> ExpertMap | N
     return placement.expert_map
 
 
+def default_map(num_experts: int, placement: PlacementOptions, *, cluster_gpus: float) -> ExpertMap:
+    """Where no map is given: one expert per worker where each worker gets a GPU of its own (asked for,
+    or the cluster has one for every expert); else every expert in one CPU worker, computing on all of
+    its node's cores. A rule taken from benchmarks, not a measurement at start-up: on CPUs the
+    workers share the node's cores and memory bandwidth, so more processes add wake-ups and hand-offs
+    every layer and no bandwidth; one worker of every expert was the fastest map at batch 1 and at 64
+    on the development machine (docs/performance.md, "Which expert map is fastest here")."""
+    gpus = placement.use_gpus if placement.use_gpus is not None else cluster_gpus >= num_experts
+    return ExpertMap.one_per_worker(num_experts) if gpus else ExpertMap.grouped(num_experts, num_experts, kind="cpu")
+
+
 def replica_layout(args: ModelArgs, placement: PlacementOptions, *, cluster_gpus: float) -> ReplicaLayout:
     """Who takes a GPU: kinds gpu and cpu as the map says; kind auto as `use_gpus` says or, when
     that is None, a GPU each when the cluster has one for every worker that may take one. The
     coordinator takes one too when GPUs were asked for, or when one is left over for it."""
-    expert_map = expert_map_of(args, placement)
+    expert_map = expert_map_of(args, placement, cluster_gpus=cluster_gpus)
     if expert_map is None:  # dense: one bundle, the coordinator's, on a GPU where asked for or where the cluster has one
         gpu = placement.use_gpus if placement.use_gpus is not None else cluster_gpus >= 1
         return ReplicaLayout(None, (), gpu)
@@ -87,12 +98,12 @@ def bundles(layout: ReplicaLayout, options: PlacementOptions) -> list[dict[str, 
 
 def fitted(args: ModelArgs, placement: PlacementOptions) -> PlacementOptions:
     """The options with worker CPU shares sized from the cluster's CPUs (placement_options.fit_worker_cpus)."""
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    expert_map = expert_map_of(args, placement)
+    resources = ray.cluster_resources()
+    expert_map = expert_map_of(args, placement, cluster_gpus=resources.get("GPU", 0))
     if expert_map is None:
         return placement
     workers = expert_map.num_workers
-    return fit_worker_cpus(placement, num_workers=workers, cluster_cpus=cpus)
+    return fit_worker_cpus(placement, num_workers=workers, cluster_cpus=resources.get("CPU", 0.0))
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -19,7 +19,7 @@ class PlacementOptions:
     worker_cpus: float = 0.125  # 8 workers share one core on a CPU-only machine
     coordinator_threads: int | None = None  # None: every core of its node (workers.device.set_coordinator_threads)
     use_gpus: bool | None = None  # None: one GPU per worker when the cluster has enough GPUs
-    expert_map: ExpertMap | None = None  # which worker holds which experts; None: one expert per worker
+    expert_map: ExpertMap | None = None  # which worker holds which experts; None: cluster.placement.default_map
 
 
 def resolve_expert_map(
@@ -30,7 +30,7 @@ def resolve_expert_map(
     map_path: str | None = None,
     dense: str | None = None,
 ) -> ExpertMap | None:
-    """The map the options ask for (None: the default, one expert per worker, or a dense model's
+    """The map the options ask for (None: the default, cluster.placement.default_map, or a dense model's
     none); UserError if it cannot serve. `dense`: the name of a dense model, for which any of these
     options is a mistake (it has no experts to place)."""
     if dense is not None:

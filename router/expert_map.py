@@ -4,7 +4,8 @@
     copies[e]  = the workers holding expert e      (an expert's tokens are split evenly between them)
     kinds[w]   = gpu | cpu | auto                  (auto: a GPU where the cluster has one per such worker)
 
-The default is one expert per worker, worker e holding expert e. A map is read from and written to
+Where none is given: one expert per worker (worker e holding expert e) where each worker gets a GPU,
+else every expert in one CPU worker (cluster.placement.default_map). A map is read from and written to
 JSON (`plan --emit` writes one, `--expert-map FILE` reads one):
 
     {"num_experts": 8, "workers": [{"experts": [0, 1], "kind": "gpu"}, ...]}

@@ -1,7 +1,8 @@
 """The distributed path on a real local Ray: coordinator actor + expert worker actors.
 
 The workers hold experts by a map with several experts on some workers and copies of some experts
-on several (the default, one per worker, is what every other Ray test runs)."""
+on several (tests/test_serve.py runs one per worker, with hot copies; the CLI's tests the CPU
+default, every expert in one worker)."""
 
 from __future__ import annotations
 

@@ -225,3 +225,16 @@ def test_worker_stats_are_a_copy_taken_between_calls_not_the_counters_the_comput
     assert (first.calls, first.tokens) == (1, {0: 2, 3: 3})
     now = worker.worker_stats()
     assert (now.calls, now.tokens, now.experts) == (2, {0: 2, 3: 8}, [0, 3])
+
+
+def test_the_default_map_is_one_worker_of_every_expert_on_cpus_and_one_expert_a_gpu_where_each_has_one(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    args = load_args(make_ckpt())
+    every = ExpertMap(8, (tuple(range(8)),), ("cpu",))
+    cpu_only = replica_layout(args, PlacementOptions(), cluster_gpus=0)
+    assert cpu_only == ReplicaLayout(every, (False,), coordinator_gpu=False)
+    assert bundles(cpu_only, PlacementOptions()) == [{"CPU": 0.5}, {"CPU": 0.125}]
+    assert replica_layout(args, PlacementOptions(), cluster_gpus=4).expert_map == every  # too few GPUs for one each
+    assert replica_layout(args, PlacementOptions(use_gpus=False), cluster_gpus=8).expert_map == every
+    for gpus, options in ((8, PlacementOptions()), (9, PlacementOptions()), (0, PlacementOptions(use_gpus=True))):
+        layout = replica_layout(args, options, cluster_gpus=gpus)
+        assert layout.expert_map == ExpertMap.one_per_worker(8) and layout.worker_gpus == (True,) * 8

@@ -48,7 +48,7 @@ class BenchSpec:
     requests: int = 64  # mixed: how many (prompt_len and output_len are then the largest drawn)
     hf_batch_size: int | None = None  # mixed: the baseline's static batch; None: all requests in one
     kv_cache_memory_gb: float | None = None
-    expert_map: ExpertMap | None = None  # None: one expert per worker
+    expert_map: ExpertMap | None = None  # None: cluster.placement.default_map
     expert_dtype: ExpertDType | None = None
     llamacpp: bool = False  # also llama.cpp on the same weights as GGUF (cluster.bench.llamacpp), at concurrency 1
 

@@ -70,7 +70,7 @@ def expert_map(args: ServeArgs, model_args: ModelArgs) -> ExpertMap | None:
 class ReplicaSettings:
     """What every engine replica of one served model is, resolved once from the settings and checked
     before any actor starts: its checkpoint (named as served), its engine's options and its expert
-    map (None: one expert per worker, or a dense model's none)."""
+    map (None: cluster.placement.default_map, or a dense model's none)."""
 
     checkpoint: Checkpoint
     engine: EngineOptions

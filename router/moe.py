@@ -82,8 +82,12 @@ def combine(plan: RoutingPlan, cuts: list[Piece], outputs: dict[int, torch.Tenso
     sorted_y = torch.cat(parts, dim=0)  # [T*A, D], expert-sorted like plan.token_index
     # Weights stay float32 (as the router computed them) and the product is cast back.
     weighted = (sorted_y.float() * plan.pair_weight[:, None]).to(sorted_y.dtype)
-    out = torch.zeros(num_tokens, sorted_y.shape[-1], dtype=sorted_y.dtype, device=sorted_y.device)
-    return out.index_add_(0, plan.token_index, weighted)
+    # Back in token order by a gather and a sum over each token's A pairs, not a scatter-add into
+    # zeros: torch's CPU index_add_ opens a parallel region even for one token, and waking the
+    # coordinator's thread team after the workers' turn cost more than the rest of the combine
+    # (docs/performance.md). Each token's sum is rounded once, as index_add_'s into zeros is for A = 2.
+    top_k = weighted.shape[0] // num_tokens if num_tokens else 1
+    return weighted.index_select(0, plan.unsort).view(num_tokens, top_k, -1).sum(dim=1)
 
 
 @dataclass(frozen=True)

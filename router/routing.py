@@ -16,6 +16,7 @@ class RoutingPlan:
     topk_weights: torch.Tensor  # [T, A] float32, renormalised to sum to 1 per token
     token_index: torch.Tensor  # [T*A] token of each (token, expert) pair, sorted by expert
     pair_weight: torch.Tensor  # [T*A] routing weight of each sorted pair
+    unsort: torch.Tensor  # [T*A] where pair (t, a) of topk_ids.flatten() is in the sorted order
     counts: list[int]  # [E] tokens sent to each expert
     entropy_sum: float  # sum over tokens of the router's entropy, -sum_e p_e log p_e (nats)
 
@@ -44,6 +45,7 @@ def route(router_logits: torch.Tensor, top_k: int) -> RoutingPlan:
         topk_weights=topk_weights,
         token_index=order // top_k,
         pair_weight=topk_weights.flatten()[order],
+        unsort=torch.argsort(order),
         counts=counts,
         entropy_sum=float(entropy),
     )

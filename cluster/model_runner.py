@@ -270,9 +270,9 @@ def _layer_weights(w: dict[str, torch.Tensor], layer: int, *, packed: bool) -> L
     def get(suffix: str) -> torch.Tensor:
         return w[names.layer_weight(layer, suffix)]
 
-    q, k, v, o = (linear_weight(w.pop(names.layer_weight(layer, s)), packed=packed) for s in names.ATTENTION)
+    q, k, v, o = (w.pop(names.layer_weight(layer, s)) for s in names.ATTENTION)
     return LayerWeights(
         input_norm=get("input_layernorm"),
-        attn=AttentionWeights(wq=q, wk=k, wv=v, wo=o),
+        attn=AttentionWeights.of(q, k, v, o, packed=packed),
         post_attention_norm=get("post_attention_layernorm"),
     )

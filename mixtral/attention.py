@@ -10,18 +10,23 @@ from dataclasses import dataclass
 
 import torch
 
-from mixtral.layers import apply_rope, linear
+from mixtral.layers import apply_rope, linear, linear_weight
 from mixtral.layout import StepLayout
 
 
 @dataclass(frozen=True)
 class AttentionWeights:
-    """The projections, each a mixtral.layers.linear_weight: the checkpoint's, or packed for oneDNN."""
+    """The projections, each a mixtral.layers.linear_weight: the checkpoint's, or packed for oneDNN.
+    q, k and v are one matrix, one GEMM: at a decode step's few rows each GEMM's cost is mostly its
+    start (waking the coordinator's threads after the workers' turn), not its bytes."""
 
-    wq: torch.Tensor  # [H*Dh, D]
-    wk: torch.Tensor  # [G*Dh, D]
-    wv: torch.Tensor  # [G*Dh, D]
+    wqkv: torch.Tensor  # [(H + 2G) * Dh, D]: the checkpoint's q_proj, k_proj, v_proj stacked
     wo: torch.Tensor  # [D, H*Dh]
+
+    @staticmethod
+    def of(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor, *, packed: bool = False) -> AttentionWeights:
+        """From the checkpoint's [out, in] projections."""
+        return AttentionWeights(linear_weight(torch.cat([wq, wk, wv]), packed=packed), linear_weight(wo, packed=packed))
 
 
 def attention(
@@ -44,9 +49,10 @@ def attention(
     rows costs more than their upcast."""
     gemm = score_dtype or x.dtype
     num_tokens = x.shape[0]
-    q = apply_rope(linear(x, w.wq).view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
-    k = apply_rope(linear(x, w.wk).view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
-    v = linear(x, w.wv).view(num_tokens, num_kv_heads, head_dim)
+    q, k, v = linear(x, w.wqkv).split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = apply_rope(q.view(num_tokens, num_heads, head_dim), *rope)  # [T, H, Dh]
+    k = apply_rope(k.view(num_tokens, num_kv_heads, head_dim), *rope)  # [T, G, Dh]
+    v = v.view(num_tokens, num_kv_heads, head_dim)
     cache_k[:, layout.write_slots] = k.transpose(0, 1)
     cache_v[:, layout.write_slots] = v.transpose(0, 1)
 

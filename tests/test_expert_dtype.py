@@ -115,7 +115,7 @@ def test_a_float32_coordinator_on_several_threads_packs_its_projections_and_lm_h
         coordinator = local_engine(checkpoint, EngineOptions(dtype="float32"), coordinator_threads=threads).model
         attn = coordinator.layers[0].attn
         assert coordinator.packed == (threads > 1)
-        assert all(m.is_mkldnn == (threads > 1) for m in (coordinator.lm_head, attn.wq, attn.wk, attn.wv, attn.wo))
+        assert all(m.is_mkldnn == (threads > 1) for m in (coordinator.lm_head, attn.wqkv, attn.wo))
     assert not local_engine(checkpoint, EngineOptions(dtype="bfloat16"), coordinator_threads=2).model.packed
     # By default on every core: on this project's 2-core machines, every float32 engine-against-transformers
     # test (tests/test_parity.py and the rest) runs the coordinator on oneDNN.

@@ -73,13 +73,14 @@ def test_a_token_outside_its_block_table_is_refused_not_written() -> None:
 H, G, DH, D, THETA = 4, 2, 8, 16, 10000.0
 
 
-def reference_attention(x: torch.Tensor, w: AttentionWeights, window: int | None) -> torch.Tensor:
+def reference_attention(x: torch.Tensor, w: tuple[torch.Tensor, ...], window: int | None) -> torch.Tensor:
     """Full causal GQA attention over a whole sequence x [L, D], from scratch."""
+    wq, wk, wv, wo = w  # the checkpoint's [out, in] projections
     n = x.shape[0]
     cos, sin = rope_cos_sin(torch.arange(n), head_dim=DH, theta=THETA, dtype=torch.float32)
-    q = apply_rope((x @ w.wq.T).view(n, H, DH), cos, sin)
-    k = apply_rope((x @ w.wk.T).view(n, G, DH), cos, sin)
-    v = (x @ w.wv.T).view(n, G, DH)
+    q = apply_rope((x @ wq.T).view(n, H, DH), cos, sin)
+    k = apply_rope((x @ wk.T).view(n, G, DH), cos, sin)
+    v = (x @ wv.T).view(n, G, DH)
     pos = torch.arange(n)
     allowed = pos[None, :] <= pos[:, None]  # [query, key]
     if window is not None:
@@ -89,7 +90,7 @@ def reference_attention(x: torch.Tensor, w: AttentionWeights, window: int | None
         g = h // (H // G)
         scores = (q[:, h] @ k[:, g].T) / DH**0.5
         heads.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v[:, g])
-    return torch.cat(heads, dim=1) @ w.wo.T
+    return torch.cat(heads, dim=1) @ wo.T
 
 
 # (model dtype, the dtype of the GEMMs over the cache, tolerance): bf16 with float32 GEMMs is what a
@@ -106,12 +107,13 @@ DTYPES = {
 def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention(window: int | None, dtypes: str) -> None:
     dtype, score_dtype, tolerance = DTYPES[dtypes]
     g = torch.Generator().manual_seed(0)
-    w = AttentionWeights(
-        wq=(torch.randn(H * DH, D, generator=g) / D**0.5).to(dtype),
-        wk=(torch.randn(G * DH, D, generator=g) / D**0.5).to(dtype),
-        wv=(torch.randn(G * DH, D, generator=g) / D**0.5).to(dtype),
-        wo=(torch.randn(D, H * DH, generator=g) / (H * DH) ** 0.5).to(dtype),
+    projections = (
+        (torch.randn(H * DH, D, generator=g) / D**0.5).to(dtype),  # q
+        (torch.randn(G * DH, D, generator=g) / D**0.5).to(dtype),  # k
+        (torch.randn(G * DH, D, generator=g) / D**0.5).to(dtype),  # v
+        (torch.randn(D, H * DH, generator=g) / (H * DH) ** 0.5).to(dtype),  # o
     )
+    w = AttentionWeights.of(*projections)
     cache = PagedKVCache(KVSpec(1, G, DH, 4, block_size=BS), 12, dtype=dtype)
     # Stale keys in free blocks must never be attended to.
     cache.k[0].normal_(0, 100, generator=g)
@@ -152,6 +154,5 @@ def test_chunked_prefill_and_decode_through_the_paged_cache_match_full_attention
     most = cache.spec.blocks_per_sequence(max(starts), window)
     assert [len(t.blocks) for t in tables] == [most if window else 4, most if window else 3]
     for b in range(2):
-        full = AttentionWeights(*(m.float() for m in (w.wq, w.wk, w.wv, w.wo)))
-        expected = reference_attention(xs[b].float(), full, window)
+        expected = reference_attention(xs[b].float(), tuple(m.float() for m in projections), window)
         torch.testing.assert_close(torch.cat(outputs[b]).float(), expected, rtol=tolerance, atol=tolerance)

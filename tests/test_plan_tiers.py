@@ -68,13 +68,13 @@ def test_the_dense_tier_counts_the_weights_and_kv_the_checkpoint_and_the_engine_
     assert len(list(dense_checkpoint.glob("*.safetensors"))) > 1  # sharded: every shard counted
     assert planned == checkpoint_bytes(dense_checkpoint)
 
-    # One coordinator thread: matrices held as the checkpoint's, as on a GPU (a CPU with oneDNN on
+    # One coordinator thread: matrices held as the checkpoint's (q, k and v stacked), as on a GPU (a CPU with oneDNN on
     # several threads holds float32 matrices packed, a tied lm_head then as a second copy).
     engine = local_engine(checkpoint, coordinator_threads=1)
     model = engine.model
     tensors = [model.embed, model.final_norm, model.lm_head]
     for layer in model.layers:
-        tensors += [layer.input_norm, layer.post_attention_norm, layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.attn.wo]
+        tensors += [layer.input_norm, layer.post_attention_norm, layer.attn.wqkv, layer.attn.wo]
     for gate, up, down in model.feed_forward.layers:  # DenseMLP
         tensors += [gate, up, down]
     assert (model.lm_head.data_ptr() == model.embed.data_ptr()) == args.tie_word_embeddings

@@ -42,11 +42,12 @@ def measure_parts(args: ModelArgs, dtype: str, *, context: int) -> dict[str, Any
     ]
     next_layer = itertools.cycle(layers)
     packed = onednn_packs(dt, "cpu", cores())  # as the coordinator holds them, on every core
-    attn = AttentionWeights(
-        wq=linear_weight(torch.randn(q_out, d, dtype=dt) / d**0.5, packed=packed),
-        wk=linear_weight(torch.randn(kv_out, d, dtype=dt) / d**0.5, packed=packed),
-        wv=linear_weight(torch.randn(kv_out, d, dtype=dt) / d**0.5, packed=packed),
-        wo=linear_weight(torch.randn(d, q_out, dtype=dt) / q_out**0.5, packed=packed),
+    attn = AttentionWeights.of(
+        torch.randn(q_out, d, dtype=dt) / d**0.5,
+        torch.randn(kv_out, d, dtype=dt) / d**0.5,
+        torch.randn(kv_out, d, dtype=dt) / d**0.5,
+        torch.randn(d, q_out, dtype=dt) / q_out**0.5,
+        packed=packed,
     )
     gate = torch.randn(args.num_local_experts, d, dtype=dt)
     head = linear_weight(torch.randn(args.vocab_size, d, dtype=dt), packed=packed)

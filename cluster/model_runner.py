@@ -33,7 +33,7 @@ from mixtral.kv_cache import PagedKVCache
 from mixtral.kv_spec import GiB, KVSpec
 from mixtral.layers import linear, linear_weight, rms_norm, rope_cos_sin
 from mixtral.layout import StepLayout, build_layout
-from mixtral.step_clock import StepClock
+from mixtral.step_clock import StepClock, synchronizer
 from workers.device import cores, matmul_dtype, onednn_packs
 
 DEFAULT_CPU_KV_BYTES = 4 * GiB
@@ -138,7 +138,8 @@ class ModelRunner:
         self.final_norm = w[names.FINAL_NORM]
         self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w.pop(names.LM_HEAD), packed=self.packed)
         self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
-        self.clock = StepClock()  # where a step's time goes (mixtral.step_clock), shared with the feed-forward
+        # Where a step's time goes (mixtral.step_clock), shared with the feed-forward; synchronised on a GPU.
+        self.clock = StepClock(synchronizer(torch.device(self.device)))
         self.feed_forward = feed_forward(w, self.packed, self.clock)
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
         room = float(DEFAULT_CPU_KV_BYTES)

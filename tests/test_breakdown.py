@@ -4,11 +4,12 @@ account for nearly all of a measured step, for an MoE model and a dense one."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cluster.engine.build import local_engine
 from cluster.engine.sampling import SamplingParams
 from mixtral.checkpoint import Checkpoint
-from mixtral.step_clock import PARTS
+from mixtral.step_clock import PARTS, StepClock, synchronizer
 from tests.test_parity import random_prompts
 
 MOE_PARTS = {"schedule", "prepare", "attention", "dispatch", "wait", "combine", "head", "sample", "finish"}
@@ -26,3 +27,19 @@ def test_the_timed_parts_account_for_at_least_90_percent_of_a_step(make_ckpt, pr
     spent = {p for p in PARTS if report[p] > 0}
     assert spent == (MOE_PARTS if preset == "tiny" else MOE_PARTS - {"dispatch", "wait", "combine"} | {"mlp"})
     assert engine.breakdown()["steps"] == 0  # reset
+
+
+def test_on_a_gpu_each_part_is_closed_by_a_device_synchronise(make_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """CUDA kernels run after their launch returns: without a wait at each part's end they would be
+    counted in whichever later part first waits for them. No GPU runs here: what is checked is that
+    the clock waits at both ends of every part, that a GPU's waiting is torch.cuda.synchronize, and
+    that the model runner's clock on a CPU does not wait at all."""
+    events: list[str] = []
+    clock = StepClock(lambda: events.append("sync"))
+    for part in ("attention", "dispatch"):
+        with clock.timing(part):
+            events.append(part)
+    assert events == ["sync", "attention", "sync", "sync", "dispatch", "sync"]
+    assert synchronizer(torch.device("cuda")) is torch.cuda.synchronize
+    assert synchronizer(torch.device("cpu")) is None
+    assert local_engine(Checkpoint.open(make_ckpt())).model.clock.synchronize is None

@@ -171,10 +171,34 @@ def test_plan_takes_skew_from_a_routing_trace(make_ckpt, cli_env, tmp_path) -> N
         (["--model", "gpt-5"], "unknown preset"),
         (["--tpot-ms", "0"], "positive"),
         (["--profile", "/nonexistent/profile.json"], "does not exist"),
+        (["--requests-per-s", "1e308"], "plans cover up to 1e+06 requests a second; got 1e+308"),
+        (["--trace", "/nonexistent/trace.jsonl"], "--trace: /nonexistent/trace.jsonl: no routing trace there"),
+        (["--gpu", "T4"], "T4 has no bfloat16 (its tensor cores take float16, float32): plan --dtype float16"),
+        (["--prompt-len", "100000"], "100000 + 256 tokens is longer than mixtral-8x7b's context of 32768 tokens"),
+        (["--model", "mini", "--prompt-len", "8000", "--output-len", "193"], "longer than mini's context of 8192"),
     ],
 )
 def test_plan_bad_input_is_one_clear_line(args: list[str], fragment: str, cli_env) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(run_cli_here("plan", *args, env=cli_env), fragment)
+
+
+def test_a_gpu_table_entry_that_cannot_be_planned_is_one_clear_line_and_a_t4_plans_in_float16(cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    entry = {"name": "Z", "memory_gb": 24, "bandwidth_gbs": 300, "tflops": 100, "price_per_hour": 1.0}
+    for wrong, fragment in (
+        ({"bandwidth_gbs": 0}, "Z: bandwidth_gbs must be a positive number, not 0"),
+        ({"memory_gb": -1}, "Z: memory_gb must be a positive number, not -1"),
+        ({"price_per_hour": "cheap"}, "Z: price_per_hour must be a number of dollars, not 'cheap'"),
+        ({"dtypes": ["fp8"]}, "Z: dtypes must name some of bfloat16, float16, float32, not ['fp8']"),
+        ({"bandwidth": 300}, "expected a JSON list of {name, memory_gb, bandwidth_gbs, tflops, price_per_hour, dtypes}"),
+    ):
+        path = tmp_path / "gpus.json"
+        path.write_text(json.dumps([entry | wrong]))
+        assert_one_line_error(run_cli_here("plan", "--gpus-file", str(path), "--gpu", "Z", env=cli_env), fragment)
+    path.write_text(json.dumps([entry | {"dtypes": ["float16"]}]))  # a GPU of the user's, without bf16
+    assert_one_line_error(run_cli_here("plan", "--gpus-file", str(path), "--gpu", "Z", env=cli_env), "Z has no bfloat16")
+    assert run_cli_here("plan", "--gpus-file", str(path), "--gpu", "Z", "--dtype", "float16", env=cli_env).returncode == 0
+    assert run_cli_here("plan", "--gpu", "T4", "--dtype", "float16", env=cli_env).returncode == 0
+    assert_one_line_error(run_cli_here("experiments", "--gpus", "L4,T4", env=cli_env), "T4 has no bfloat16")
 
 
 @pytest.mark.skipif(

@@ -19,6 +19,11 @@ INTERCONNECTS = "pcie4, nvlink, ethernet-25g or ethernet-100g"
 DEFAULT_GPUS = ["L4", "A10G", "RTX4090", "A100-80GB", "H100-80GB"]
 
 
+# Beyond any one fleet's load: a plan for more is a plan for several fleets, and the planner's
+# counts of replicas and GPUs stop being numbers a cloud sells.
+MAX_REQUESTS_PER_S = 1e6
+
+
 def finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number; got {value}")
@@ -68,6 +73,13 @@ class PlanArgs(BaseModel):
 
     _finite = field_validator("requests_per_s", "ttft_ms", "tpot_ms", "skew")(finite)
 
+    @field_validator("requests_per_s")
+    @classmethod
+    def _plannable_load(cls, rate: float) -> float:
+        if rate > MAX_REQUESTS_PER_S:
+            raise ValueError(f"plans cover up to {MAX_REQUESTS_PER_S:g} requests a second; got {rate:g}")
+        return rate
+
     @field_validator("profile")
     @classmethod
     def _profile_exists(cls, profile: Path | None) -> Path | None:
@@ -93,6 +105,11 @@ def plan(args: PlanArgs) -> None:
     from cluster.planning.report import plan_table, plot_costs
 
     shape = model_shape(args.model)
+    if args.prompt_len + args.output_len > shape.max_position_embeddings:
+        raise UserError(
+            f"a request of {args.prompt_len} + {args.output_len} tokens is longer than {args.model}'s context of "
+            f"{shape.max_position_embeddings} tokens; plan --prompt-len and --output-len within it"
+        )
     if args.profile is not None:
         if args.usage is not None:
             raise UserError("--usage prices the plan's tiers, and --profile predicts bench instead: give one of them")
@@ -102,10 +119,15 @@ def plan(args: PlanArgs) -> None:
     if args.trace is not None:
         from router.trace import read_trace
 
-        skew = read_trace(args.trace).skew()
+        try:
+            skew = read_trace(args.trace).skew()
+        except (OSError, ValueError) as e:
+            raise UserError(f"--trace: {e}") from None
+    gpu = hardware.gpu(args.gpu, hardware.load_gpus(args.gpus_file))
+    hardware.check_dtype(gpu, args.dtype)
     plans = make_plan(
         shape,
-        hardware.gpu(args.gpu, hardware.load_gpus(args.gpus_file)),
+        gpu,
         hardware.interconnect(args.interconnect),
         Workload(args.requests_per_s, args.prompt_len, args.output_len, args.ttft_ms, args.tpot_ms),
         bytes_per_param=4 if args.dtype == "float32" else 2,
@@ -192,9 +214,12 @@ def experiments(args: ExperimentsArgs) -> None:
     from cluster.planning.experiments import plot as plot_sweep
 
     table = hardware.load_gpus(None)
+    gpus = [hardware.gpu(g, table) for g in args.gpus]
+    for gpu in gpus:
+        hardware.check_dtype(gpu, "bfloat16")  # the sweep is in bf16
     points = sweep(
         model_shape(args.model),
-        [hardware.gpu(g, table) for g in args.gpus],
+        gpus,
         hardware.interconnect(args.interconnect),
         skews=args.skews,
         batches=args.batches,

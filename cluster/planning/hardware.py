@@ -4,7 +4,8 @@ rates per GPU-hour (late 2026), to be replaced by your own with --gpus-file."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from cluster.errors import UserError
@@ -15,8 +16,24 @@ class Gpu:
     name: str
     memory_gb: float
     bandwidth_gbs: float  # HBM / GDDR, GB/s
-    tflops: float  # dense bf16 tensor-core TFLOP/s
+    tflops: float  # dense bf16 tensor-core TFLOP/s (fp16 where it has no bf16)
     price_per_hour: float  # $ per GPU-hour
+    # What its tensor cores compute in: T4 and V100 (Turing, Volta) have no bf16.
+    dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+    def problem(self) -> str | None:
+        """What makes this entry unusable for planning, or None."""
+        for name in ("memory_gb", "bandwidth_gbs", "tflops"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                return f"{self.name}: {name} must be a positive number, not {value!r}"
+        if not (
+            isinstance(self.price_per_hour, (int, float)) and math.isfinite(self.price_per_hour) and self.price_per_hour >= 0
+        ):
+            return f"{self.name}: price_per_hour must be a number of dollars, not {self.price_per_hour!r}"
+        if not self.dtypes or any(d not in ("bfloat16", "float16", "float32") for d in self.dtypes):
+            return f"{self.name}: dtypes must name some of bfloat16, float16, float32, not {list(self.dtypes)!r}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -29,7 +46,7 @@ class Interconnect:
 GPUS: dict[str, Gpu] = {
     g.name: g
     for g in [
-        Gpu("T4", 16, 320, 65, 0.35),
+        Gpu("T4", 16, 320, 65, 0.35, ("float16", "float32")),
         Gpu("L4", 24, 300, 121, 0.80),
         Gpu("A10G", 24, 600, 70, 1.00),
         Gpu("RTX4090", 24, 1008, 165, 0.70),
@@ -59,15 +76,26 @@ def load_gpus(extra: Path | None) -> dict[str, Gpu]:
     """The built-in table, plus (or overridden by) a JSON list of Gpu fields."""
     table = dict(GPUS)
     if extra is not None:
+        keys = ", ".join(f.name for f in fields(Gpu))
         try:
             for entry in json.loads(extra.read_text()):
                 gpu = Gpu(**entry)
+                gpu = replace(gpu, dtypes=tuple(gpu.dtypes))  # a JSON list as the table's tuple
+                if problem := gpu.problem():
+                    raise UserError(f"--gpus-file {extra}: {problem}")
                 table[gpu.name] = gpu
         except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise UserError(
-                f"--gpus-file {extra}: expected a JSON list of {{name, memory_gb, bandwidth_gbs, tflops, price_per_hour}} ({e})"
-            ) from None
+            raise UserError(f"--gpus-file {extra}: expected a JSON list of {{{keys}}} (dtypes optional) ({e})") from None
     return table
+
+
+def check_dtype(gpu: Gpu, dtype: str) -> None:
+    """UserError unless `gpu` computes in `dtype`, saying which it does."""
+    if dtype not in gpu.dtypes:
+        others = " or ".join(f"--dtype {d}" for d in gpu.dtypes)
+        raise UserError(
+            f"{gpu.name} has no {dtype} (its tensor cores take {', '.join(gpu.dtypes)}): plan {others}, or another GPU"
+        )
 
 
 def gpu(name: str, table: dict[str, Gpu]) -> Gpu:

@@ -98,7 +98,7 @@ def test_the_repositorys_deploy_files_are_as_emitted(tmp_path: Path, monkeypatch
     "options, message",
     [
         (["--gpu", "RTX4090"], "no cloud node type is known for RTX4090"),
-        (["--gpu", "L4", "--dtype", "float32"], "splits each expert over 2 GPUs"),
+        (["--gpu", "L4", "--dtype", "float32"], "an expert (22.5 GB) is larger than one L4's room"),
         (["--gpu", "L4", "--requests-per-s", "4", "--max-replicas", "1"], "below the 2 replicas the plan needs"),
         (["--gpu", "L4", "--cpu-experts", "8"], "--cpu-experts must be from 0 to 7"),
         (["--gpu", "L4", "--dtype", "float32", "--replicate-hot", "2"], "copies and CPU experts need it whole"),
@@ -126,11 +126,13 @@ def test_the_planner_counts_int8_hot_copies_and_cpu_workers_and_emits_their_map(
     assert served == ExpertMap.read(tmp_path / "int8" / "expert_map.json", num_experts=8)
     assert served is not None and served.workers == ((0, 1, 2), (3, 4, 5), (6, 7)) and set(served.kinds) == {"gpu"}
 
-    # Spare copies on the GPUs take the hot experts' excess off the busiest GPU: a shorter step at the same batch.
-    hot, _ = emit(tmp_path / "hot", "--gpu", "A100-80GB", "--skew", "1.5", "--replicate-hot", "2")
-    plain, _ = emit(tmp_path / "plain", "--gpu", "A100-80GB", "--skew", "1.5")
+    # A spare copy in the slot an A100-40GB has free (three experts a GPU, 3 + 3 + 2) takes the hot experts'
+    # excess off the busiest GPU: a shorter step at the same batch, on as many GPUs.
+    hot, _ = emit(tmp_path / "hot", "--gpu", "A100-40GB", "--skew", "1.5", "--tpot-ms", "1000", "--replicate-hot", "1")
+    plain, _ = emit(tmp_path / "plain", "--gpu", "A100-40GB", "--skew", "1.5", "--tpot-ms", "1000")
     assert hot["batch"] == plain["batch"] and hot["tpot_ms"] < plain["tpot_ms"]
-    assert sum(len(w["experts"]) for w in hot["expert_map"]["workers"]) == 10
+    assert hot["gpus_per_replica"] == plain["gpus_per_replica"] == 4
+    assert sum(len(w["experts"]) for w in hot["expert_map"]["workers"]) == 9
 
     # A CPU worker's node is paid for, and the map says which experts it holds.
     cpu, files = emit(tmp_path / "cpu", "--gpu", "A100-80GB", "--max-experts-per-gpu", "2", "--cpu-experts", "2")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cluster.planning.cost_model import ModelCost, kv_spec, model_params, non_expert_params
-from cluster.planning.hardware import GPUS
+from cluster.planning.hardware import GPUS, INTERCONNECTS
 from cluster.planning.planner import HOURS_PER_MONTH, Workload, model_args, plan_tier
 from mixtral.kv_spec import KVSpec
 from tests.conftest import SMALL
@@ -236,3 +236,16 @@ def test_usage_with_profile_is_one_clear_line(cli_env, tmp_path: Path) -> None: 
     profile = write(tmp_path, {}, "profile.json")
     proc = run_cli_here("plan", "--usage", str(write(tmp_path, stats_answer())), "--profile", str(profile), env=cli_env)
     assert_one_line_error(proc, "--usage", "--profile")
+
+
+def test_experts_are_spread_evenly_over_the_fewest_gpus_and_an_expert_split_over_gpus_does_not_fit() -> None:
+    """Mixtral 8x7B in bf16 on 80 GB GPUs: two GPUs by memory, four experts each (a fill of six and two
+    makes the busier GPU set every layer's time). In float32 an expert (22.5 GB) is larger than an L4's
+    room: the runtime holds experts whole, so the plan does not fit, whatever its numbers."""
+    args = model_args("mixtral-8x7b")
+    h100 = plan_tier("h100", args, GPUS["H100-80GB"], INTERCONNECTS["pcie4"], WORKLOAD, bytes_per_param=2, skew=1.2)
+    assert h100.fits and h100.expert_map is not None
+    assert [w["experts"] for w in h100.expert_map["workers"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    split = plan_tier("l4", args, GPUS["L4"], INTERCONNECTS["pcie4"], WORKLOAD, bytes_per_param=4, skew=1.2)
+    assert not split.fits and not split.meets_targets and split.expert_map is None
+    assert "an expert (22.5 GB) is larger than one L4's room" in split.reason

@@ -137,7 +137,11 @@ def layout_for(
     expert_gb = expert_params_all_layers(args) * expert_bytes_per_param / 1e9
     on_gpus = experts - cpu_experts
     if expert_gb <= usable:
-        per_gpu = min(on_gpus, max(1, int(usable // expert_gb)), max_experts_per_gpu or experts)
+        most = min(on_gpus, max(1, int(usable // expert_gb)), max_experts_per_gpu or experts)
+        # As few GPUs as memory allows, the experts spread evenly over them: the busiest GPU sets
+        # the layer's time, so 4 + 4 beats 6 + 2 on the same two GPUs.
+        gpus = math.ceil((on_gpus + hot_copies) / most)
+        per_gpu = math.ceil((on_gpus + hot_copies) / gpus)
         # per_gpu <= the experts on GPUs, so each expert's copies always find GPUs of their own.
         return Layout(per_gpu, 1, math.ceil((on_gpus + hot_copies) / per_gpu), cpu_experts, hot_copies)
     if hot_copies or cpu_experts:

@@ -111,11 +111,7 @@ def deploy_spec(
             "--emit writes the deploy files of an expert-parallel (MoE) plan; serve a dense model with "
             "`moe-cluster serve` or as a models entry of a Serve config (docs/serving.md)"
         )
-    if plan.expert_map is None:
-        raise UserError(
-            f"the plan splits each expert over {(plan.gpus_per_replica - 1) // experts} GPUs, which the runtime "
-            "cannot run; choose a GPU with more memory, --dtype bfloat16 or --expert-dtype int8"
-        )
+    assert plan.expert_map is not None, "an MoE plan that fits has a map (a split expert does not fit)"
     replicas = max(1, plan.replicas)
     if max_replicas is not None and max_replicas < replicas:
         raise UserError(f"--max-replicas {max_replicas} is below the {replicas} replicas the plan needs for this load")

@@ -174,12 +174,17 @@ def plan_tier(
     max_batch_by_kv = spec.blocks_in(max(0.0, coordinator.headroom) * 1e9) // blocks_per_seq
     cpu_gb = layout.cpu_experts * expert_params_all_layers(args) * expert_bytes / 1e9
     cpu_fits = cpu_gb <= CPU_NODE.memory_gb - RUNTIME_RESERVE_GB - ACTIVATION_GB
-    fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0) and cpu_fits
+    whole = layout.gpus_per_expert == 1  # the runtime holds each expert whole, on one worker
+    fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0) and cpu_fits and whole
+    expert_gb = expert_params_all_layers(args) * expert_bytes / 1e9
     reason = (
         "fits"
         if fits
         else (
-            "the coordinator GPU cannot hold the non-expert weights and one sequence's KV cache"
+            f"an expert ({expert_gb:.1f} GB) is larger than one {gpu.name}'s room and the runtime holds each expert "
+            "whole on one GPU: use --expert-dtype int8, a lower --dtype or a larger GPU"
+            if not whole
+            else "the coordinator GPU cannot hold the non-expert weights and one sequence's KV cache"
             if coordinator.headroom <= kv_per_seq_gb
             else "an expert GPU cannot hold its expert weights"
             if worker.headroom < 0

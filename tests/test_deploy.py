@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from cluster.placement_options import resolve_expert_map
-from cluster.planning.hardware import CPU_NODE, GPUS
+from cluster.planning.hardware import CPU_NODE, GPUS, HEAD
 from cluster.serve.args import ServeArgs
 from router.expert_map import ExpertMap
 
@@ -68,8 +69,14 @@ def test_plan_emit_writes_files_that_pass_rays_schemas_with_the_plans_gpus(tmp_p
     validate_config(prepare_config(copy.deepcopy(launcher)))
     gpu_nodes = launcher["available_node_types"]["gpu_workers"]
     per_node = gpu_nodes["resources"]["GPU"]
-    assert_nodes_hold(gpu_nodes["min_workers"], per_node, plan["gpus"])
-    assert_nodes_hold(gpu_nodes["max_workers"], per_node, 2 * plan["gpus"])
+    used = plan["replicas"] * plan["gpus_per_replica"]
+    assert_nodes_hold(gpu_nodes["min_workers"], per_node, used)
+    assert_nodes_hold(gpu_nodes["max_workers"], per_node, 2 * used)
+    # Priced as launched: every GPU of the nodes the files start (20 L4s for 2 x 9), and the head node.
+    assert (plan["nodes"], plan["gpus"]) == (gpu_nodes["min_workers"], gpu_nodes["min_workers"] * per_node) == (5, 20)
+    assert gpu_nodes["node_config"]["InstanceType"] == plan["node_type"] == "g6.12xlarge"
+    head = launcher["available_node_types"]["head"]["node_config"]["InstanceType"]
+    assert head == HEAD.name and plan["usd_per_hour"] == pytest.approx(20 * GPUS["L4"].price_per_hour + HEAD.price_per_hour)
 
     service = files["rayservice.yaml"]
     assert service["kind"] == "RayService"
@@ -137,8 +144,9 @@ def test_the_planner_counts_int8_hot_copies_and_cpu_workers_and_emits_their_map(
     # A CPU worker's node is paid for, and the map says which experts it holds.
     cpu, files = emit(tmp_path / "cpu", "--gpu", "A100-80GB", "--max-experts-per-gpu", "2", "--cpu-experts", "2")
     assert cpu["cpu_workers"] == 1 and cpu["gpus_per_replica"] == 4
+    launched = math.ceil(cpu["replicas"] * 4 / 8) * 8  # whole 8-GPU p4de nodes
     assert cpu["usd_per_hour"] == pytest.approx(
-        cpu["replicas"] * (4 * GPUS["A100-80GB"].price_per_hour + CPU_NODE.price_per_hour)
+        launched * GPUS["A100-80GB"].price_per_hour + cpu["replicas"] * CPU_NODE.price_per_hour + HEAD.price_per_hour
     )
     assert [(w["experts"], w["kind"]) for w in cpu["expert_map"]["workers"]][-1] == ([6, 7], "cpu")
     assert files["cluster.yaml"]["available_node_types"]["gpu_workers"]["resources"]["GPU"] == 8

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cluster.planning.cost_model import ModelCost, kv_spec, model_params, non_expert_params
-from cluster.planning.hardware import GPUS, INTERCONNECTS
+from cluster.planning.hardware import GPUS, HEAD, INSTANCES, INTERCONNECTS
 from cluster.planning.planner import HOURS_PER_MONTH, Workload, model_args, plan_tier
 from mixtral.kv_spec import KVSpec
 from tests.conftest import SMALL
@@ -153,16 +153,17 @@ def test_plan_usage_prices_each_tier_at_each_models_measured_volume(cli_env, tmp
     for tier in (moe, dense):
         rows = {row["model"]: row for row in tier["usage_monthly"]}
         assert list(rows) == list(MEASURED)
-        replica_usd_per_hour = tier["usd_per_hour"] / tier["replicas"]
+        per_node = INSTANCES["L4"].gpus  # priced as launched: whole g6.12xlarge nodes, and the head
         for model, tokens in volumes.items():
             replicas = max(1, math.ceil(tokens / (HOURS_PER_MONTH * 3600) / tier["replica_tok_s"]))
+            nodes = math.ceil(replicas * tier["gpus_per_replica"] / per_node)
             row = rows[model]
-            assert row["tokens"] == tokens
-            assert row["gpus"] == replicas * tier["gpus_per_replica"]
-            assert row["usd"] == pytest.approx(replicas * replica_usd_per_hour * HOURS_PER_MONTH)
+            assert (row["tokens"], row["replicas"], row["nodes"], row["gpus"]) == (tokens, replicas, nodes, nodes * per_node)
+            usd_per_hour = nodes * per_node * GPUS["L4"].price_per_hour + (HEAD.price_per_hour or 0.0)
+            assert row["usd"] == pytest.approx(usd_per_hour * HOURS_PER_MONTH)
             assert row["usd_per_million"] == pytest.approx(row["usd"] / (tokens / 1e6))
-        assert rows["moe-small"]["gpus"] > tier["gpus_per_replica"]  # more than one replica: the volume matters
-        assert rows["dense-small"]["gpus"] == tier["gpus_per_replica"]
+        assert rows["moe-small"]["replicas"] > 1  # more than one replica: the volume matters
+        assert rows["dense-small"]["replicas"] == 1
 
     text = proc.stdout
     assert "per month at the measured usage" in text and f"over {WINDOW_S / 3600:.2f} h" in text
@@ -246,6 +247,9 @@ def test_experts_are_spread_evenly_over_the_fewest_gpus_and_an_expert_split_over
     h100 = plan_tier("h100", args, GPUS["H100-80GB"], INTERCONNECTS["pcie4"], WORKLOAD, bytes_per_param=2, skew=1.2)
     assert h100.fits and h100.expert_map is not None
     assert [w["experts"] for w in h100.expert_map["workers"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # A replica of 1 + 2 GPUs launches an 8-GPU p5.48xlarge: all eight are paid for, and the head node.
+    assert (h100.replicas, h100.gpus_per_replica, h100.nodes, h100.gpus, h100.node_type) == (1, 3, 1, 8, "p5.48xlarge")
+    assert h100.usd_per_hour == pytest.approx(8 * GPUS["H100-80GB"].price_per_hour + HEAD.price_per_hour)
     split = plan_tier("l4", args, GPUS["L4"], INTERCONNECTS["pcie4"], WORKLOAD, bytes_per_param=4, skew=1.2)
     assert not split.fits and not split.meets_targets and split.expert_map is None
     assert "an expert (22.5 GB) is larger than one L4's room" in split.reason

@@ -12,7 +12,6 @@ workers, CPU only for its CPU worker (on a GPU node's cores).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from cluster.errors import UserError
+from cluster.planning.hardware import HEAD, INSTANCES, Instance, nodes_for
 from cluster.planning.planner import TierPlan
 from router.expert_map import ExpertMap
 
@@ -31,29 +31,6 @@ MODELS_DIR = "/home/ray/models"  # on every node: the launcher downloads here, K
 REPOSITORY_ON_NODES = "/home/ray/moe-cluster"
 HF_TOKEN_ON_NODES = "/home/ray/hf_token"
 HF_REPOS = {"mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1"}
-
-
-@dataclass(frozen=True)
-class Instance:
-    """A cloud node type with `gpus` of one GPU type."""
-
-    name: str
-    gpus: int
-    vcpus: int
-    memory_gib: int
-
-
-# AWS instance types with 4 (or 8) GPUs of one kind: a replica of 1 + 8 GPUs spans few nodes.
-INSTANCES: dict[str, Instance] = {
-    "T4": Instance("g4dn.12xlarge", 4, 48, 192),
-    "L4": Instance("g6.12xlarge", 4, 48, 192),
-    "A10G": Instance("g5.12xlarge", 4, 48, 192),
-    "L40S": Instance("g6e.12xlarge", 4, 48, 384),
-    "A100-40GB": Instance("p4d.24xlarge", 8, 96, 1152),
-    "A100-80GB": Instance("p4de.24xlarge", 8, 96, 1152),
-    "H100-80GB": Instance("p5.48xlarge", 8, 192, 2048),
-}
-HEAD = Instance("m6i.2xlarge", 0, 8, 32)
 
 
 @dataclass(frozen=True)
@@ -83,8 +60,8 @@ class DeploySpec:
         return INSTANCES[self.plan.gpu]
 
     def nodes(self, replicas: int) -> int:
-        """GPU nodes that hold `replicas` replicas."""
-        return math.ceil(replicas * self.gpus_per_replica / self.instance.gpus)
+        """GPU nodes that hold `replicas` replicas (as the planner prices them: hardware.nodes_for)."""
+        return nodes_for(replicas * self.gpus_per_replica, self.instance)
 
     @property
     def name(self) -> str:

@@ -57,6 +57,39 @@ GPUS: dict[str, Gpu] = {
     ]
 }
 
+
+@dataclass(frozen=True)
+class Instance:
+    """A cloud node type with `gpus` of one GPU type (priced at the GPU table's rate a GPU), or the head
+    node's type (`price_per_hour` its own)."""
+
+    name: str
+    gpus: int
+    vcpus: int
+    memory_gib: int
+    price_per_hour: float | None = None  # $ per node-hour where it has no GPUs to price it by
+
+
+# AWS instance types with 4 (or 8) GPUs of one kind: a replica of 1 + 8 GPUs spans few nodes. What
+# `plan --emit` launches, and so what the planner prices: whole nodes, never single GPUs.
+INSTANCES: dict[str, Instance] = {
+    "T4": Instance("g4dn.12xlarge", 4, 48, 192),
+    "L4": Instance("g6.12xlarge", 4, 48, 192),
+    "A10G": Instance("g5.12xlarge", 4, 48, 192),
+    "L40S": Instance("g6e.12xlarge", 4, 48, 384),
+    "A100-40GB": Instance("p4d.24xlarge", 8, 96, 1152),
+    "A100-80GB": Instance("p4de.24xlarge", 8, 96, 1152),
+    "H100-80GB": Instance("p5.48xlarge", 8, 192, 2048),
+}
+# The Ray head of every emitted cluster: serves the HTTP front door and holds no GPU (on-demand, late 2026).
+HEAD = Instance("m6i.2xlarge", 0, 8, 32, price_per_hour=0.384)
+
+
+def nodes_for(gpus: int, instance: Instance) -> int:
+    """Nodes of `instance` that hold `gpus` GPUs."""
+    return math.ceil(gpus / instance.gpus)
+
+
 # What a CPU expert worker runs on: one server socket's memory bandwidth and bf16 GEMM rate (AVX-512
 # BF16/AMX class), and an on-demand price for such a node (a 32-vCPU, 256 GB instance).
 CPU_NODE = Gpu("cpu-node", 256, 100, 2.0, 1.60)

@@ -12,6 +12,7 @@ norms, the MLP and the lm_head, no router, and a KV cache whose sliding window r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from cluster.planning.cost_model import (
     model_params,
     step_seconds,
 )
-from cluster.planning.hardware import CPU_NODE, Gpu, Interconnect
+from cluster.planning.hardware import CPU_NODE, HEAD, INSTANCES, Gpu, Interconnect, nodes_for
 from mixtral.config import ModelArgs, args_from_dict
 from mixtral.kv_spec import GiB
 from mixtral.presets import preset
@@ -66,7 +67,9 @@ class TierPlan:
     ttft_ms: float
     replica_tok_s: float  # output tokens/s one replica sustains at that batch
     replicas: int
-    gpus: int
+    gpus: int  # launched, as `plan --emit` launches them: every GPU of every node (fleet)
+    nodes: int  # GPU nodes of `node_type` (0 where none is known: priced a GPU at a time)
+    node_type: str | None
     meets_targets: bool
     usd_per_hour: float
     usd_per_million_tokens: float  # at the workload's load
@@ -90,14 +93,46 @@ def model_args(name_or_config: str | dict) -> ModelArgs:
     return args_from_dict({"model_type": "mixtral"} | preset(name_or_config))  # a preset names model_type if not mixtral
 
 
-def monthly_cost(tokens: float, *, replica_tok_s: float, gpus_per_replica: int, replica_usd_per_hour: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Fleet:
+    """What serving `replicas` replicas launches, as `plan --emit` writes it, and its price."""
+
+    replicas: int
+    node_type: str | None  # the GPU nodes' cloud type (hardware.INSTANCES); None: none known for this GPU
+    nodes: int  # GPU nodes (0 where no node type is known: priced a GPU at a time)
+    gpus: int  # every GPU of every node, whether a replica uses it or not
+    cpu_nodes: int  # the CPU workers' nodes
+    usd_per_hour: float  # the GPUs launched, the CPU workers' nodes and the head node
+
+
+def fleet(replicas: int, *, gpus_per_replica: int, cpu_workers: int, gpu: Gpu) -> Fleet:
+    """Whole nodes of the GPU's cloud type (a replica's 1 + 8 L4s take three 4-GPU nodes, two replicas five),
+    the CPU workers' nodes, and the head node every emitted cluster has."""
+    instance = INSTANCES.get(gpu.name)
+    used = replicas * gpus_per_replica
+    nodes = nodes_for(used, instance) if instance is not None else 0
+    gpus = nodes * instance.gpus if instance is not None else used
+    cpu_nodes = replicas * cpu_workers
+    usd = gpus * gpu.price_per_hour + cpu_nodes * CPU_NODE.price_per_hour + (HEAD.price_per_hour or 0.0)
+    return Fleet(replicas, instance.name if instance is not None else None, nodes, gpus, cpu_nodes, usd)
+
+
+def monthly_cost(tokens: float, *, replica_tok_s: float, fleet_of: Callable[[int], Fleet]) -> dict[str, Any]:
     """`tokens` output tokens a month, served around the clock by whole replicas (at least one) of
-    `replica_tok_s` each: tokens, gpus, usd, and usd_per_million (None for no tokens)."""
+    `replica_tok_s` each, on the fleet `fleet_of(replicas)` launches: tokens, replicas, nodes, gpus,
+    usd, and usd_per_million (None for no tokens)."""
     rate = tokens / SECONDS_PER_MONTH
-    n = max(1, math.ceil(rate / replica_tok_s))
-    usd = n * replica_usd_per_hour * HOURS_PER_MONTH
+    launched = fleet_of(max(1, math.ceil(rate / replica_tok_s)))
+    usd = launched.usd_per_hour * HOURS_PER_MONTH
     per_million = usd / (tokens / 1e6) if tokens else None
-    return {"tokens": tokens, "gpus": n * gpus_per_replica, "usd": usd, "usd_per_million": per_million}
+    return {
+        "tokens": tokens,
+        "replicas": launched.replicas,
+        "nodes": launched.nodes,
+        "gpus": launched.gpus,
+        "usd": usd,
+        "usd_per_million": per_million,
+    }
 
 
 @dataclass(frozen=True)
@@ -216,8 +251,12 @@ def plan_tier(
     ttft_s = prefill_s + tpot_s
     demand = workload.requests_per_s * workload.output_len
     replicas = max(1, math.ceil(demand / replica_tok_s))
-    replica_usd_per_hour = layout.gpus * gpu.price_per_hour + layout.cpu_workers * CPU_NODE.price_per_hour
-    usd_per_hour = replicas * replica_usd_per_hour
+
+    def fleet_of(n: int) -> Fleet:
+        return fleet(n, gpus_per_replica=layout.gpus, cpu_workers=layout.cpu_workers, gpu=gpu)
+
+    launched = fleet_of(replicas)
+    usd_per_hour = launched.usd_per_hour
     kv_blocks = batch * blocks_per_seq  # the pool the engine allocates with --kv-cache-memory below
     coordinator = replace(coordinator, kv_cache=spec.pool_bytes(kv_blocks) / 1e9)
     memory = (
@@ -237,7 +276,9 @@ def plan_tier(
         ttft_ms=1e3 * ttft_s,
         replica_tok_s=replica_tok_s,
         replicas=replicas,
-        gpus=replicas * layout.gpus,
+        gpus=launched.gpus,
+        nodes=launched.nodes,
+        node_type=launched.node_type,
         meets_targets=fits and 1e3 * tpot_s <= workload.tpot_ms and 1e3 * ttft_s <= workload.ttft_ms,
         usd_per_hour=usd_per_hour,
         usd_per_million_tokens=usd_per_hour / (demand * 3600 / 1e6) if demand else float("inf"),
@@ -248,9 +289,7 @@ def plan_tier(
     )
 
     def month(tokens: float) -> dict[str, Any]:
-        return monthly_cost(
-            tokens, replica_tok_s=replica_tok_s, gpus_per_replica=layout.gpus, replica_usd_per_hour=replica_usd_per_hour
-        )
+        return monthly_cost(tokens, replica_tok_s=replica_tok_s, fleet_of=fleet_of)
 
     plan.monthly = [month(volume) for volume in MONTHLY_VOLUMES]
     plan.usage_monthly = [{"model": model} | month(tokens) for model, tokens in (usage_volumes or {}).items()]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from cluster.planning.hardware import HEAD
 from cluster.planning.planner import TierPlan
 from mixtral.kv_spec import BLOCK_SIZE
+
+# memory_gb's keys as a reader names the GPUs (a dense model's one GPU holds everything).
+ROLES = {"coordinator": "coordinator GPU", "expert": "each expert GPU", "gpu": "the GPU"}
 
 
 def plan_table(plans: list[TierPlan]) -> str:
@@ -17,8 +21,8 @@ def plan_table(plans: list[TierPlan]) -> str:
             f"{'' if p.meets_targets else '  (misses the TTFT/TPOT targets)'}"
         )
         for role, split in p.memory_gb.items():
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "total")
-            lines.append(f"  {role} GPU ({split['total']:.0f} GB): {parts}")
+            parts = ", ".join(f"{k} {v:.1f} GB" for k, v in split.items() if k != "total")
+            lines.append(f"  {ROLES.get(role, role)} ({split['total']:.0f} GB): {parts}")
         cpu = f" + {p.cpu_workers} CPU worker" if p.cpu_workers else ""
         lines.append(
             f"  {p.gpus_per_replica} GPUs{cpu} per replica, batch {p.batch}: TPOT {p.tpot_ms:.1f} ms, TTFT {p.ttft_ms:.0f} ms, "
@@ -28,15 +32,21 @@ def plan_table(plans: list[TierPlan]) -> str:
             held = "; ".join(f"{w['kind']} {w['experts']}" for w in p.expert_map["workers"])
             lines.append(f"  expert map ({p.expert_dtype} experts): {held}")
         budget = math.ceil(p.kv_cache_memory * 1e4) / 1e4  # rounded up: never fewer blocks than planned
-        lines.append(f"  KV cache: {p.kv_blocks} blocks of {BLOCK_SIZE} tokens per replica (serve --kv-cache-memory {budget})")
         lines.append(
-            f"  for this load: {p.replicas} replicas, {p.gpus} GPUs, ${p.usd_per_hour:.2f}/h, "
-            f"${p.usd_per_million_tokens:.2f} per million output tokens"
+            f"  KV cache: {p.kv_blocks} blocks of {BLOCK_SIZE} tokens per replica, {budget} GiB "
+            f"(serve --kv-cache-memory {budget})"
+        )
+        nodes = f"{p.nodes} {p.node_type} nodes of " if p.node_type else ""
+        cpu_nodes = f" + {p.replicas * p.cpu_workers} CPU nodes" if p.cpu_workers else ""
+        lines.append(
+            f"  for this load: {p.replicas} replicas on {nodes}{p.gpus} {p.gpu} GPUs{cpu_nodes} + a {HEAD.name} head, "
+            f"${p.usd_per_hour:.2f}/h, ${p.usd_per_million_tokens:.2f} per million output tokens"
         )
         lines.append(
             "  per month: "
             + "; ".join(
-                f"{m['tokens'] / 1e6:.0f}M tokens: {m['gpus']:.0f} GPUs ${m['usd']:,.0f} (${m['usd_per_million']:,.2f}/M)"
+                f"{m['tokens'] / 1e6:.0f}M tokens: {m['gpus']:.0f} GPUs ${m['usd']:,.0f} "
+                f"(${m['usd_per_million']:,.2f} per million)"
                 for m in p.monthly
             )
         )

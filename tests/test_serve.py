@@ -33,7 +33,7 @@ from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
 from protos import moe_pb2_grpc
 from tests.reference import hf_greedy, hf_model
-from tests.test_cli import run_cli, run_cli_here
+from tests.test_cli import assert_one_line_error, run_cli, run_cli_here
 from tests.test_edge import completion, grpc_request, post
 from tests.test_parity import random_prompts
 
@@ -461,3 +461,46 @@ def test_hostile_requests_beside_ordinary_streams_fail_alone(server: Server) -> 
     assert all(400 <= s < 500 for s in statuses), statuses
     tokenizer = load_tokenizer(server.checkpoint)
     assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in solo_greedy(server.checkpoint, prompts, lengths)]
+
+
+def test_replay_sends_a_trace_open_loop_and_reports_what_each_request_got(server: Server, cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url = f"http://127.0.0.1:{server.http_port}"
+    outputs = [3, 8, 5, 6, 4, 7]
+    jsonl = tmp_path / "trace.jsonl"
+    jsonl.write_text(
+        "".join(
+            json.dumps({"timestamp": 0.1 * i, "prompt_tokens": 5 + 5 * i, "output_tokens": n}) + "\n"
+            for i, n in enumerate(outputs)
+        )
+    )
+    proc = run_cli_here("replay", str(jsonl), "--url", url, "--model", MODEL, "--json", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["requests"], report["completed"], report["failed"]) == (6, 6, 0)
+    assert report["output_tokens"] == sum(outputs)  # every request got exactly its output tokens
+    assert report["duration_s"] >= 0.5  # the last request is sent at its trace time, 0.5 s in
+    for name in ("ttft_ms", "tpot_ms", "latency_ms"):
+        p = report[name]
+        assert 0 < p["p50"] <= p["p90"] <= p["p99"], (name, p)
+    assert report["latency_ms"]["p99"] >= report["ttft_ms"]["p99"]
+    assert report["output_tok_s"] == pytest.approx(sum(outputs) / report["duration_s"])
+    assert 0 <= report["goodput_fraction"] <= 1 and report["targets"] == {"ttft_ms": 2000.0, "tpot_ms": 100.0}
+    # A target nobody meets: no goodput.
+    strict = run_cli_here("replay", str(jsonl), "--url", url, "--ttft-ms", "0.001", "--json", env=cli_env)
+    missed = json.loads(strict.stdout.strip().splitlines()[-1])
+    assert missed["completed"] == 6 and missed["goodput_requests_per_s"] == missed["goodput_fraction"] == 0
+
+    # The Azure LLM inference trace's CSV, its times relative to the first row; the text report.
+    azure = tmp_path / "azure.csv"
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,12,4\n2023-11-16 18:15:46.9805900,20,2\n"
+    )
+    text = run_cli_here("replay", str(azure), "--url", url, env=cli_env)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.startswith("2 requests, 2 completed, 0 failed") and "goodput:" in text.stdout
+
+    assert_one_line_error(run_cli_here("replay", str(jsonl), "--url", url, "--model", "gpt-4", env=cli_env), "not 'gpt-4'")
+    assert_one_line_error(
+        run_cli_here("replay", str(jsonl), "--url", f"http://127.0.0.1:{free_port()}", env=cli_env),
+        "is `moe-cluster serve` running",
+    )

@@ -2,7 +2,7 @@
 
 - generate: `generate`, `make-checkpoint`
 - serve: `serve`
-- client: `stats`, `experts rebalance`, `route set` (a running server)
+- client: `stats`, `experts rebalance`, `route set`, `replay` (a running server)
 - moderation: `moderation-eval` (a running server's self-moderation against a labelled set)
 - bench: `bench`, `agreement`
 - plan: `plan`, `experiments`

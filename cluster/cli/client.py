@@ -1,4 +1,4 @@
-"""Commands that talk to a running `moe-cluster serve`: `stats`, `experts rebalance` and `route set`."""
+"""Commands that talk to a running `moe-cluster serve`: `stats`, `experts rebalance`, `route set` and `replay`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.api_key import resolve_api_key
-from cluster.cli.options import command
+from cluster.cli.options import command, finite
 from cluster.cli.root import app
+from cluster.errors import UserError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -104,3 +105,37 @@ def set_route(args: RouteSetArgs) -> None:
     Split.of(args.alias, args.targets)  # a malformed split is one line here, before any request
     result = put_route(args.base_url, args.alias, args.targets, args.key())
     print(json.dumps(result) if args.as_json else route_summary(result))
+
+
+class ReplayArgs(ServerArgs):
+    model: str | None = Field(None, description="Which served model; default: the only one the server lists.")
+    trace: Path = Field(
+        description="Requests to send: JSONL of timestamp, prompt_tokens, output_tokens; or an Azure LLM inference trace CSV."
+    )
+    ttft_ms: float = Field(2000.0, gt=0, description="Goodput's time-to-first-token target.")
+    tpot_ms: float = Field(100.0, gt=0, description="Goodput's time-per-output-token target.")
+    seed: int = Field(0, description="Seed of the prompts' token ids.")
+
+    _finite = field_validator("ttft_ms", "tpot_ms")(finite)
+
+
+@command(app, ReplayArgs, arguments=("trace",))
+def replay(args: ReplayArgs) -> None:
+    """Send a request trace to a running server open loop, at its times, and report TTFT, TPOT, latency and goodput."""
+    import asyncio
+
+    from cluster.bench.replay import replay as send_trace
+    from cluster.bench.replay import report, report_text
+    from cluster.planning.request_trace import read_request_trace
+    from cluster.serve.stats_view import fetch_json
+
+    requests = read_request_trace(args.trace)
+    served = [m["id"] for m in fetch_json(args.base_url, "/v1/models", args.key())["data"]]  # up, and the key works
+    if args.model is not None and args.model not in served:
+        raise UserError(f"the server serves {', '.join(served)}, not {args.model!r}; give one of them as --model")
+    if args.model is None and len(served) > 1:
+        raise UserError(f"the server serves {', '.join(served)}: say which with --model")
+    model = args.model or served[0]
+    outcomes, duration = asyncio.run(send_trace(requests, args.base_url, api_key=args.key(), model=model, seed=args.seed))
+    summary = report(outcomes, duration, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)
+    print(json.dumps(summary) if args.as_json else report_text(summary))

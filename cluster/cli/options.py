@@ -28,6 +28,13 @@ from cluster.errors import USER_ERRORS, UserError
 M = TypeVar("M", bound=BaseModel)
 
 
+def finite(value: float) -> float:
+    """A pydantic field validator: NaN and infinities are no figures."""
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number; got {value}")
+    return value
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Print a user's mistake as one line on stderr and exit 2, without a traceback."""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cluster.cli.options import Levels, comma_separated, command
+from cluster.cli.options import Levels, comma_separated, command, finite
 from cluster.cli.root import app
 from cluster.errors import UserError
 from mixtral.config import DType, ExpertDType, ModelArgs
@@ -22,12 +21,6 @@ DEFAULT_GPUS = ["L4", "A10G", "RTX4090", "A100-80GB", "H100-80GB"]
 # Beyond any one fleet's load: a plan for more is a plan for several fleets, and the planner's
 # counts of replicas and GPUs stop being numbers a cloud sells.
 MAX_REQUESTS_PER_S = 1e6
-
-
-def finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number; got {value}")
-    return value
 
 
 class PlanArgs(BaseModel):

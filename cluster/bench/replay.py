@@ -1,0 +1,158 @@
+"""Replay a request trace against a running server, open loop: each request is sent at its trace time,
+whether or not the earlier ones have been answered, as users send them.
+
+Each request is a streamed `/v1/completions` call of the trace's prompt length (token ids, so that no
+tokenizer is needed on either side) for exactly its output tokens (`ignore_eos`). Its TTFT is the time
+to the first streamed choice, its TPOT the time from there to the last over the tokens after the first,
+its latency the whole request. The report gives each at p50, p90 and p99, the throughput, and the
+goodput: the requests per second that met both targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.planning.request_trace import TracedRequest
+
+# Prompt token ids: byte tokens of Mistral's and Mixtral's vocabularies (<0x00>..<0xFF>), in every
+# vocabulary of 259 or more, and never BOS or EOS.
+PROMPT_IDS = range(3, 259)
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's fate: its times in seconds, or the error that ended it."""
+
+    sent_at: float  # seconds from the replay's start
+    ttft_s: float | None
+    tpot_s: float | None  # None for a one-token answer
+    latency_s: float | None
+    output_tokens: int
+    error: str | None = None
+
+
+def prompt_ids(length: int, rng: random.Random) -> list[int]:
+    return [rng.choice(PROMPT_IDS) for _ in range(length)]
+
+
+async def send(session: Any, url: str, headers: dict[str, str], body: dict[str, Any], sent_at: float) -> Outcome:
+    """One streamed completion, timed; an HTTP error or a stream that ends in an error event is its error."""
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    try:
+        async with session.post(f"{url}/v1/completions", json=body, headers=headers) as response:
+            if response.status != 200:
+                text = await response.text()
+                return Outcome(sent_at, None, None, None, 0, f"HTTP {response.status}: {text[:200]}")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if "error" in event:
+                    return Outcome(sent_at, None, None, None, tokens, f"stream error: {event['error']}")
+                now = time.perf_counter()
+                if event.get("choices"):
+                    first = first if first is not None else now
+                    last = now
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    except Exception as e:  # connection refused or reset: this request failed, the others go on
+        return Outcome(sent_at, None, None, None, tokens, f"{type(e).__name__}: {e}")
+    if first is None or last is None:
+        return Outcome(sent_at, None, None, None, tokens, "the stream ended without a token")
+    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+    return Outcome(sent_at, first - start, tpot, last - start, tokens)
+
+
+async def replay(
+    requests: list[TracedRequest], url: str, *, api_key: str | None, model: str, seed: int = 0
+) -> tuple[list[Outcome], float]:
+    """Every request sent at its trace time; (outcomes in trace order, seconds from the first send to the last answer)."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    bodies = [
+        {
+            "model": model,
+            "prompt": prompt_ids(r.prompt_tokens, rng),
+            "max_tokens": r.output_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for r in requests
+    ]
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter()
+
+        async def at_its_time(request: TracedRequest, body: dict[str, Any]) -> Outcome:
+            await asyncio.sleep(max(0.0, request.timestamp - (time.perf_counter() - start)))
+            return await send(session, url.rstrip("/"), headers, body, time.perf_counter() - start)
+
+        outcomes = await asyncio.gather(*(at_its_time(r, b) for r, b in zip(requests, bodies, strict=True)))
+    return list(outcomes), time.perf_counter() - start
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p90, p99 in ms (nearest rank); None where nothing was measured."""
+    ordered = sorted(values)
+    return {f"p{q}": 1e3 * ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else None for q in PERCENTILES}
+
+
+def report(outcomes: list[Outcome], duration_s: float, *, ttft_ms: float, tpot_ms: float) -> dict[str, Any]:
+    """The replay's summary: counts, TTFT, TPOT and latency percentiles, throughput and goodput against the targets."""
+    done = [o for o in outcomes if o.error is None]
+    good = [
+        o for o in done if o.ttft_s is not None and 1e3 * o.ttft_s <= ttft_ms and (o.tpot_s is None or 1e3 * o.tpot_s <= tpot_ms)
+    ]
+    errors = sorted({o.error for o in outcomes if o.error is not None})
+    return {
+        "requests": len(outcomes),
+        "completed": len(done),
+        "failed": len(outcomes) - len(done),
+        "errors": errors[:5],
+        "duration_s": duration_s,
+        "output_tokens": sum(o.output_tokens for o in done),
+        "output_tok_s": sum(o.output_tokens for o in done) / duration_s if duration_s > 0 else 0.0,
+        "requests_per_s": len(done) / duration_s if duration_s > 0 else 0.0,
+        "ttft_ms": percentiles([o.ttft_s for o in done if o.ttft_s is not None]),
+        "tpot_ms": percentiles([o.tpot_s for o in done if o.tpot_s is not None]),
+        "latency_ms": percentiles([o.latency_s for o in done if o.latency_s is not None]),
+        "targets": {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms},
+        "goodput_requests_per_s": len(good) / duration_s if duration_s > 0 else 0.0,
+        "goodput_fraction": len(good) / len(outcomes),
+    }
+
+
+def report_text(summary: dict[str, Any]) -> str:
+    def row(name: str) -> str:
+        values = summary[name]
+        return f"{name.removesuffix('_ms'):>7}: " + ", ".join(
+            f"{q} {v:.1f} ms" if v is not None else f"{q} -" for q, v in values.items()
+        )
+
+    targets = summary["targets"]
+    lines = [
+        f"{summary['requests']} requests, {summary['completed']} completed, {summary['failed']} failed "
+        f"in {summary['duration_s']:.1f} s",
+        row("ttft_ms"),
+        row("tpot_ms"),
+        row("latency_ms"),
+        f"throughput: {summary['output_tok_s']:.1f} output tok/s, {summary['requests_per_s']:.2f} requests/s",
+        f"goodput: {summary['goodput_requests_per_s']:.2f} requests/s ({100 * summary['goodput_fraction']:.0f}% of requests) "
+        f"within TTFT {targets['ttft_ms']:g} ms and TPOT {targets['tpot_ms']:g} ms",
+    ]
+    lines += [f"error: {e}" for e in summary["errors"]]
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -26,6 +27,7 @@ from ray import serve
 
 from cluster.engine.build import local_engine
 from cluster.engine.sampling import SamplingParams
+from cluster.planning.request_trace import read_request_trace
 from cluster.serve.app import GRPC_SERVICER, build_app
 from cluster.serve.args import ServeArgs
 from cluster.serve.chat import GUARDRAIL_PROMPT, ChatRenderer
@@ -53,6 +55,7 @@ class Server:
     checkpoint: Path
     http_port: int
     grpc_port: int
+    requests_log: Path  # serve --record-requests: every request this module sends
 
     @property
     def client(self) -> openai.OpenAI:
@@ -63,8 +66,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, make_ckpt) -> Iterator[Server]:  # type: ignore[no-untyped-def]
+def server(ray_session, make_ckpt, tmp_path_factory) -> Iterator[Server]:  # type: ignore[no-untyped-def]
     checkpoint = make_ckpt(tokenizer=True, vocab_size=32000)
+    requests_log = tmp_path_factory.mktemp("requests") / "requests.jsonl"
     http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
@@ -74,13 +78,18 @@ def server(ray_session, make_ckpt) -> Iterator[Server]:  # type: ignore[no-untyp
         # 4 hot copies over the 8 workers: every test here runs with copies, and rebalancing has room.
         build_app(
             ServeArgs(
-                checkpoint=str(checkpoint), served_model_name=MODEL, max_num_seqs=32, max_waiting=MAX_WAITING, replicate_hot=4
+                checkpoint=str(checkpoint),
+                served_model_name=MODEL,
+                max_num_seqs=32,
+                max_waiting=MAX_WAITING,
+                replicate_hot=4,
+                record_requests=str(requests_log),
             )
         ),
         name="moe",
         route_prefix="/",
     )
-    yield Server(checkpoint, http_port, grpc_port)
+    yield Server(checkpoint, http_port, grpc_port, requests_log)
     serve.shutdown()
 
 
@@ -485,6 +494,18 @@ def test_replay_sends_a_trace_open_loop_and_reports_what_each_request_got(server
     assert report["latency_ms"]["p99"] >= report["ttft_ms"]["p99"]
     assert report["output_tok_s"] == pytest.approx(sum(outputs) / report["duration_s"])
     assert 0 <= report["goodput_fraction"] <= 1 and report["targets"] == {"ttft_ms": 2000.0, "tpot_ms": 100.0}
+    # serve --record-requests wrote each of them, as it arrived and with what it got; the recorded lines replay.
+    sent = [(5 + 5 * i, n) for i, n in enumerate(outputs)]
+    logged = [r for r in read_request_trace(server.requests_log) if (r.prompt_tokens, r.output_tokens) in sent]
+    mine = logged[-6:]  # the replay's, the last requests of that shape the module sent
+    assert [(r.prompt_tokens, r.output_tokens) for r in mine] == sent  # in arrival order: the trace's
+    assert 0.3 <= mine[-1].timestamp - mine[0].timestamp <= 3.0  # sent 0.5 s apart, open loop
+    recorded = tmp_path / "recorded.jsonl"
+    recorded.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in mine))
+    again = run_cli_here("replay", str(recorded), "--url", url, "--json", env=cli_env)
+    replayed = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (replayed["completed"], replayed["output_tokens"]) == (6, sum(outputs))
+
     # A target nobody meets: no goodput.
     strict = run_cli_here("replay", str(jsonl), "--url", url, "--ttft-ms", "0.001", "--json", env=cli_env)
     missed = json.loads(strict.stdout.strip().splitlines()[-1])

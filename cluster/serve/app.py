@@ -184,7 +184,13 @@ def build_app(args: ServeArgs, models: list[ModelSettings] | None = None) -> App
         interval=args.moderation_interval,
     )
     return OpenAIIngress.bind(  # type: ignore[attr-defined]  # serve.deployment made the class a Deployment
-        engines, entries, api_key(args), routes=tuple(args.routes), replica_wait_s=args.replica_wait_s, moderation=moderation
+        engines,
+        entries,
+        api_key(args),
+        routes=tuple(args.routes),
+        replica_wait_s=args.replica_wait_s,
+        moderation=moderation,
+        record_requests=args.record_requests,
     )
 
 

@@ -33,6 +33,7 @@ ENDPOINT_KEYS = (
     "moderation_model",
     "moderation_threshold",
     "moderation_interval",
+    "record_requests",
 )
 
 
@@ -166,6 +167,12 @@ class ServeArgs(BaseModel):
     )
     trace_path: str | None = Field(
         None, description="Record each token's chosen experts, one msgpack file per replica: PATH's stem + '.<replica>'."
+    )
+    record_requests: str | None = Field(
+        None,
+        min_length=1,
+        description="Append each finished request's arrival, prompt and output tokens to this JSONL request trace "
+        "(on the head node), for `moe-cluster replay`.",
     )
     models: list[dict[str, Any]] | None = Field(
         None,

@@ -34,6 +34,7 @@ from cluster.serve.moderation import (
     label_token_ids,
 )
 from cluster.serve.openai_api import ApiError
+from cluster.serve.request_log import RequestLog
 from cluster.serve.routes import RouteTable
 from cluster.serve.usage import UsageBook
 
@@ -170,6 +171,7 @@ class Frontend:
         routes: RouteTable | None = None,
         usage: UsageBook | None = None,
         moderation: ModerationSettings = ModerationSettings(),
+        request_log: RequestLog | None = None,
     ) -> None:
         self.api_key = api_key  # None: no key asked for (the CLI allows that only on a loopback address)
         self.served = list(models)
@@ -181,6 +183,7 @@ class Frontend:
                 self.by_name[name] = model
         self.routes = routes or RouteTable([], self.by_name)
         self.usage = usage or UsageBook()
+        self.request_log = request_log  # serve --record-requests
         self.moderation = moderation
         if moderation.model is not None and moderation.model not in self.by_name:
             raise UserError(
@@ -369,6 +372,7 @@ class Frontend:
         unavailable, 500 when the engine failed this request, 504 when it is not done within
         `timeout_s` (the request is aborted); never a success for a failure.
         """
+        arrived = self.request_log.arrival() if self.request_log is not None else 0.0
         detokenizer = Detokenizer(model.tokenizer, params.stop)
         stream = model.engine.generate(prompt_ids, params, uuid.uuid4().hex)
         generated = 0
@@ -389,6 +393,8 @@ class Frontend:
             raise ApiError(500, "the engine's stream ended before the request finished; retry it", kind="server_error")
         finally:
             self.usage.record(model.name, user, len(prompt_ids), generated)
+            if self.request_log is not None:
+                self.request_log.record(arrived, len(prompt_ids), generated)
 
     async def complete(
         self,

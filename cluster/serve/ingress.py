@@ -27,6 +27,7 @@ from cluster.serve.frontend import Frontend, ServedModel
 from cluster.serve.grpc_service import MoEServicer
 from cluster.serve.http import make_api
 from cluster.serve.moderation import ModerationSettings
+from cluster.serve.request_log import RequestLog
 from cluster.serve.routes import RouteTable, Split
 from mixtral.checkpoint import Checkpoint
 from mixtral.tokenizer import load_tokenizer
@@ -139,6 +140,7 @@ class OpenAIIngress:
         routes: tuple[str, ...] = (),
         replica_wait_s: float = REPLICA_WAIT_S,
         moderation: ModerationSettings = ModerationSettings(),
+        record_requests: str | None = None,
     ) -> None:
         """`engines`: each model's engine deployment, by its first name."""
         served = []
@@ -154,7 +156,11 @@ class OpenAIIngress:
             )
         names = [n for m in served for n in m.names]
         self.frontend = Frontend(
-            served, api_key=api_key, routes=RouteTable(map(Split.parse, routes), names), moderation=moderation
+            served,
+            api_key=api_key,
+            routes=RouteTable(map(Split.parse, routes), names),
+            moderation=moderation,
+            request_log=RequestLog(record_requests) if record_requests else None,
         )
         self.servicer = MoEServicer(self.frontend)
 

@@ -125,8 +125,8 @@ def replay(args: ReplayArgs) -> None:
     import asyncio
 
     from cluster.bench.replay import replay as send_trace
-    from cluster.bench.replay import report, report_text
     from cluster.planning.request_trace import read_request_trace
+    from cluster.planning.trace_report import report, report_text
     from cluster.serve.stats_view import fetch_json
 
     requests = read_request_trace(args.trace)

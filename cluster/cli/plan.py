@@ -48,6 +48,11 @@ class PlanArgs(BaseModel):
     replicate_hot: int = Field(0, ge=0, description="Spare expert copies on the GPUs, for rebalancing to give hot experts.")
     profile: Path | None = Field(None, description="A bench profile.json: predict bench on that machine instead.")
     concurrency: Levels = Field([1, 8, 64], description="With --profile: concurrency levels to predict.")
+    replay: Path | None = Field(
+        None, description="With --profile: simulate this request trace (as `moe-cluster replay` reads) on the profiled machine."
+    )
+    replicas: int = Field(1, ge=1, description="With --replay: engine replicas the trace's requests spread over.")
+    max_num_seqs: int = Field(64, ge=1, description="With --replay: each replica's running sequences (serve's --max-num-seqs).")
     usage: Path | None = Field(
         None, description="A saved GET /v1/engine/stats answer: price each tier at each served model's measured monthly volume."
     )
@@ -103,10 +108,12 @@ def plan(args: PlanArgs) -> None:
             f"a request of {args.prompt_len} + {args.output_len} tokens is longer than {args.model}'s context of "
             f"{shape.max_position_embeddings} tokens; plan --prompt-len and --output-len within it"
         )
+    if args.replay is not None and args.profile is None:
+        raise UserError("--replay simulates the trace on a profiled machine: give --profile (bench writes profile.json)")
     if args.profile is not None:
         if args.usage is not None:
             raise UserError("--usage prices the plan's tiers, and --profile predicts bench instead: give one of them")
-        return predict(shape, args)
+        return simulate_trace(shape, args) if args.replay is not None else predict(shape, args)
     usage = read_usage(args.usage) if args.usage is not None else None
     skew = args.skew
     if args.trace is not None:
@@ -157,6 +164,29 @@ def plan(args: PlanArgs) -> None:
     if args.as_json:
         extra = {"usage": usage.to_dict()} if usage is not None else {}
         print(json.dumps({"skew": skew, "plans": [p.to_dict() for p in plans]} | extra))
+
+
+def simulate_trace(shape: ModelArgs, args: PlanArgs) -> None:
+    """The trace run through the engine's model on the profile: the report `moe-cluster replay` gives for a server."""
+    from cluster.planning.profile import Profile
+    from cluster.planning.request_trace import read_request_trace
+    from cluster.planning.simulate import simulate
+    from cluster.planning.trace_report import report, report_text
+
+    assert args.profile is not None and args.replay is not None
+    requests = read_request_trace(args.replay)
+    context = shape.max_position_embeddings
+    if too_long := [r for r in requests if r.prompt_tokens + r.output_tokens > context]:
+        first = too_long[0]
+        raise UserError(
+            f"{args.replay}: {len(too_long)} requests are longer than {args.model}'s context of {context} tokens "
+            f"(the first at {first.timestamp:g} s: {first.prompt_tokens} + {first.output_tokens})"
+        )
+    outcomes, duration = simulate(
+        shape, Profile.load(args.profile), requests, replicas=args.replicas, max_num_seqs=args.max_num_seqs, skew=args.skew
+    )
+    summary = report(outcomes, duration, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)
+    print(json.dumps(summary) if args.as_json else report_text(summary))
 
 
 def predict(shape: ModelArgs, args: PlanArgs) -> None:

@@ -18,10 +18,12 @@ from mixtral.config import ModelArgs
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise linear through measured points (nan entries skipped), extended linearly past the last."""
+    """Piecewise linear through measured points (nan entries skipped), extended linearly past the last;
+    flat where one point was measured (a profile's dispatch with a single worker: one round trip whatever
+    the busy experts)."""
     points = [(a, b) for a, b in zip(xs, ys) if not math.isnan(b)]
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    if x <= xs[0]:
+    if x <= xs[0] or len(xs) == 1:
         return ys[0]
     i = min(bisect.bisect_left(xs, x), len(xs) - 1)
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]

@@ -4,12 +4,12 @@ checked against the step times it is built from, and as the command line prints 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
-from cluster.planning.local import step_ms
+from cluster.planning.local import composed_step_ms, step_ms
 from cluster.planning.planner import model_args
 from cluster.planning.profile import Profile
 from cluster.planning.request_trace import TracedRequest
@@ -82,3 +82,14 @@ def test_plan_replay_reports_as_replay_does_and_needs_a_profile(cli_env, tmp_pat
         run_cli_here("plan", "--model", "mini", "--profile", str(profile), "--replay", str(trace), env=cli_env),
         "1 requests are longer than mini's context of 8192 tokens",
     )
+
+
+def test_a_profile_of_one_worker_has_one_dispatch_point_and_it_holds_for_any_busy_experts() -> None:
+    """bench measures the dispatch round trip by busy workers; with the CPU default (one worker of every
+    expert) that is one point, which the composed step takes as flat, not as a line through nothing."""
+    one_point = replace(PROFILE, dispatch_ms={"1": 0.125})
+    flat = replace(PROFILE, dispatch_ms={"1": 0.125, "8": 0.125})
+    for tokens in (1, 4, 64):
+        assert composed_step_ms(ARGS, one_point, tokens=tokens, sequences=tokens) == composed_step_ms(
+            ARGS, flat, tokens=tokens, sequences=tokens
+        )

@@ -97,7 +97,10 @@ class ServeArgs(BaseModel):
     )
     strategy: Strategy = Field("PACK", description="Placement strategy of a replica's placement group.")
     experts_per_worker: int | None = Field(
-        None, ge=1, description="Experts each worker holds (one call per worker and layer carries all their tokens); default 1."
+        None,
+        ge=1,
+        description="Experts each worker holds (one call per worker and layer carries all their tokens); default: one "
+        "each where every worker gets a GPU, else all in one CPU worker.",
     )
     replicate_hot: int = Field(
         0,

@@ -118,6 +118,7 @@ class ModelRunner:
         device: str = "cpu",
         overlap_min_tokens: int | None = None,
         threads: int | None = None,
+        synchronized_timing: bool = False,
     ) -> None:
         """`feed_forward` builds the model's feed-forward from the weights read here (mixtral.feed_forward)."""
         self.args = args = checkpoint.args
@@ -138,8 +139,9 @@ class ModelRunner:
         self.final_norm = w[names.FINAL_NORM]
         self.lm_head = linear_weight(w[names.EMBED] if args.tie_word_embeddings else w.pop(names.LM_HEAD), packed=self.packed)
         self.layers = [_layer_weights(w, layer, packed=self.packed) for layer in range(args.num_hidden_layers)]
-        # Where a step's time goes (mixtral.step_clock), shared with the feed-forward; synchronised on a GPU.
-        self.clock = StepClock(synchronizer(torch.device(self.device)))
+        # Where a step's time goes (mixtral.step_clock), shared with the feed-forward; on a GPU synchronised
+        # when asked for (EngineOptions.synchronized_timing).
+        self.clock = StepClock(synchronizer(torch.device(self.device)) if synchronized_timing else None)
         self.feed_forward = feed_forward(w, self.packed, self.clock)
         spec = KVSpec.of(args, str(dtype).removeprefix("torch."), block_size)
         room = float(DEFAULT_CPU_KV_BYTES)

@@ -14,14 +14,15 @@
 `step` is the whole of EngineCore.step, timed around it: the parts' sum over it says how much of a
 step the parts account for (the rest is the Python between them).
 
-On a GPU the clock synchronises the device at each part's start and end, so that a part's kernels
-are counted in it and not in whichever later part first waits for them. The engine waits for the
-device every layer anyway (the routing plan and the workers' tokens go through host memory), so
-this adds a few waits on an idle stream, not a lost overlap.
+On a GPU, when asked (EngineOptions.synchronized_timing, which `bench --breakdown` sets), the clock
+synchronises the device at each part's start and end, so that a part's kernels are counted in it and
+not in whichever later part first waits for them. Serving leaves it off: it would cost the overlap of
+kernel launches with the kernels, which a dense model's layers have.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,8 +33,8 @@ PARTS = ("schedule", "prepare", "attention", "mlp", "dispatch", "wait", "combine
 
 
 def synchronizer(device: torch.device) -> Callable[[], None] | None:
-    """What waits for `device`'s queued work: torch.cuda.synchronize on a GPU, nothing on a CPU."""
-    return torch.cuda.synchronize if device.type == "cuda" else None
+    """What waits for `device`'s queued work: torch.cuda.synchronize of that device on a GPU, nothing on a CPU."""
+    return functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
 
 
 class StepClock:

@@ -3,10 +3,12 @@ account for nearly all of a measured step, for an MoE model and a dense one."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from cluster.engine.build import local_engine
+from cluster.engine.build import EngineOptions, local_engine
 from cluster.engine.sampling import SamplingParams
 from mixtral.checkpoint import Checkpoint
 from mixtral.step_clock import PARTS, StepClock, synchronizer
@@ -40,6 +42,11 @@ def test_on_a_gpu_each_part_is_closed_by_a_device_synchronise(make_ckpt) -> None
         with clock.timing(part):
             events.append(part)
     assert events == ["sync", "attention", "sync", "sync", "dispatch", "sync"]
-    assert synchronizer(torch.device("cuda")) is torch.cuda.synchronize
+    waits = synchronizer(torch.device("cuda", 1))
+    assert (
+        isinstance(waits, functools.partial) and waits.func is torch.cuda.synchronize and waits.args == (torch.device("cuda", 1),)
+    )
     assert synchronizer(torch.device("cpu")) is None
-    assert local_engine(Checkpoint.open(make_ckpt())).model.clock.synchronize is None
+    checkpoint = Checkpoint.open(make_ckpt())
+    assert local_engine(checkpoint).model.clock.synchronize is None  # serving: never
+    assert local_engine(checkpoint, EngineOptions(synchronized_timing=True)).model.clock.synchronize is None  # a CPU

@@ -51,6 +51,7 @@ class BenchSpec:
     expert_map: ExpertMap | None = None  # None: cluster.placement.default_map
     expert_dtype: ExpertDType | None = None
     llamacpp: bool = False  # also llama.cpp on the same weights as GGUF (cluster.bench.llamacpp), at concurrency 1
+    breakdown: bool = False  # on a GPU, time the step's parts synchronised (EngineOptions.synchronized_timing)
 
 
 def prompts_for(spec: BenchSpec, count: int) -> list[list[int]]:
@@ -227,6 +228,7 @@ def engine_options(spec: BenchSpec, **options: Any) -> EngineOptions:
         kv_cache_memory_gb=spec.kv_cache_memory_gb,
         prefix_caching=False,
         expert_dtype=spec.expert_dtype,
+        synchronized_timing=spec.breakdown,
         **options,
     )
 

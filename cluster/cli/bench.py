@@ -119,6 +119,7 @@ def bench(args: BenchArgs) -> None:
             output_len=args.output_len,
             baseline="hf" in (args.baseline or ""),
             llamacpp="llamacpp" in (args.baseline or ""),
+            breakdown=args.breakdown,
             out=args.out,
             repeats=args.repeats,
             workload=args.workload,

@@ -61,6 +61,10 @@ class EngineOptions:
     # Decode steps stay one batch: halving small expert batches doubles the calls and the weight
     # reads. The README has the measurements behind the default.
     overlap_min_tokens: int | None = 1024
+    # On a GPU, wait for the device at each timed part's start and end (mixtral.step_clock), so that the
+    # breakdown counts a part's kernels in it: for `bench --breakdown`, not for serving (it costs the
+    # overlap of launches and kernels). No effect on a CPU.
+    synchronized_timing: bool = False
 
 
 def moe_block(
@@ -148,6 +152,7 @@ def build_engine(
         device=device,
         overlap_min_tokens=options.overlap_min_tokens,
         threads=threads,
+        synchronized_timing=options.synchronized_timing,
     )
     kv = KVManager(
         BlockPool(coordinator.cache.num_blocks),

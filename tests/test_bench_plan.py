@@ -189,6 +189,8 @@ def test_a_gpu_table_entry_that_cannot_be_planned_is_one_clear_line_and_a_t4_pla
         ({"memory_gb": -1}, "Z: memory_gb must be a positive number, not -1"),
         ({"price_per_hour": "cheap"}, "Z: price_per_hour must be a number of dollars, not 'cheap'"),
         ({"dtypes": ["fp8"]}, "Z: dtypes must name some of bfloat16, float16, float32, not ['fp8']"),
+        ({"dtypes": "float16"}, 'Z: dtypes must be a list, such as ["float16"]'),
+        ({"memory_gb": True}, "Z: memory_gb must be a positive number, not True"),
         ({"bandwidth": 300}, "expected a JSON list of {name, memory_gb, bandwidth_gbs, tflops, price_per_hour, dtypes}"),
     ):
         path = tmp_path / "gpus.json"

@@ -164,3 +164,11 @@ def test_the_docs_two_model_config_is_a_serve_application_whose_models_get_their
     assert (mixtral.names, mixtral.min_replicas, mixtral.max_replicas, mixtral.autoscaling) == (["mixtral"], 2, 6, True)
     assert (mistral.names, mistral.max_num_seqs, mistral.api_key_env) == (["mistral"], 128, None)  # the key is the endpoint's
     assert ServeArgs.model_validate(args).api_key_env == "MOE_API_KEY"
+
+
+def test_a_t4_plan_in_float16_emits_a_float16_server(tmp_path: Path) -> None:
+    """A T4 has no bf16: planned in float16, its server must compute in float16, not in the checkpoint's bf16."""
+    plan, files = emit(tmp_path, "--gpu", "T4", "--dtype", "float16")
+    assert plan["dtype"] == plan["expert_dtype"] == "float16"
+    args = ServeArgs.model_validate(ServeDeploySchema.model_validate(files["serve_config.yaml"]).applications[0].args)
+    assert args.dtype == "float16"

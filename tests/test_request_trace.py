@@ -71,3 +71,26 @@ def test_a_malformed_trace_is_one_error_naming_the_file_and_line(tmp_path: Path,
 def test_a_missing_trace_says_so(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read a request trace there"):
         read_request_trace(tmp_path / "nothing.jsonl")
+
+
+def test_a_jsonl_trace_starts_at_its_first_request_as_a_csv_one_does(tmp_path: Path) -> None:
+    late = write(
+        tmp_path,
+        "late.jsonl",
+        '{"timestamp": 7.5, "prompt_tokens": 3, "output_tokens": 2}\n{"timestamp": 5, "prompt_tokens": 4, "output_tokens": 1}\n',
+    )
+    assert read_request_trace(late) == [TracedRequest(0.0, 4, 1), TracedRequest(2.5, 3, 2)]
+
+
+def test_serve_settings_refuse_a_request_log_nobody_can_write_and_make_it_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    from cluster.serve.args import ServeArgs
+
+    monkeypatch.chdir(tmp_path)
+    assert ServeArgs(checkpoint="tiny", record_requests="requests.jsonl").record_requests == str(tmp_path / "requests.jsonl")
+    for wrong in (str(tmp_path / "missing" / "r.jsonl"), str(tmp_path)):
+        with pytest.raises(ValidationError, match="give a file in a directory that exists and can be written"):
+            ServeArgs(checkpoint="tiny", record_requests=wrong)

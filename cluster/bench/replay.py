@@ -32,7 +32,7 @@ async def send(session: Any, url: str, headers: dict[str, str], body: dict[str, 
     """One streamed completion, timed; an HTTP error or a stream that ends in an error event is its error."""
     start = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens, finished = 0, False
     try:
         async with session.post(f"{url}/v1/completions", json=body, headers=headers) as response:
             if response.status != 200:
@@ -40,7 +40,10 @@ async def send(session: Any, url: str, headers: dict[str, str], body: dict[str, 
                 return Outcome(sent_at, None, None, None, 0, f"HTTP {response.status}: {text[:200]}")
             async for raw in response.content:
                 line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    finished = True
+                    continue
+                if not line.startswith("data: "):
                     continue
                 event = json.loads(line.removeprefix("data: "))
                 if "error" in event:
@@ -53,8 +56,8 @@ async def send(session: Any, url: str, headers: dict[str, str], body: dict[str, 
                     tokens = event["usage"]["completion_tokens"]
     except Exception as e:  # connection refused or reset: this request failed, the others go on
         return Outcome(sent_at, None, None, None, tokens, f"{type(e).__name__}: {e}")
-    if first is None or last is None:
-        return Outcome(sent_at, None, None, None, tokens, "the stream ended without a token")
+    if not finished or first is None or last is None:  # cut off: a request that failed, not a short answer
+        return Outcome(sent_at, None, None, None, tokens, "the stream ended before [DONE]" if not finished else "no token")
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
     return Outcome(sent_at, first - start, tpot, last - start, tokens)
 

@@ -114,7 +114,11 @@ class ReplayArgs(ServerArgs):
     )
     ttft_ms: float = Field(2000.0, gt=0, description="Goodput's time-to-first-token target.")
     tpot_ms: float = Field(100.0, gt=0, description="Goodput's time-per-output-token target.")
-    seed: int = Field(0, description="Seed of the prompts' token ids.")
+    seed: int | None = Field(
+        None,
+        description="Seed of the prompts' token ids; default: a new one each run, so that a server's prefix cache "
+        "does not answer a replay from the last one's prompts.",
+    )
 
     _finite = field_validator("ttft_ms", "tpot_ms")(finite)
 
@@ -123,6 +127,7 @@ class ReplayArgs(ServerArgs):
 def replay(args: ReplayArgs) -> None:
     """Send a request trace to a running server open loop, at its times, and report TTFT, TPOT, latency and goodput."""
     import asyncio
+    import random
 
     from cluster.bench.replay import replay as send_trace
     from cluster.planning.request_trace import read_request_trace
@@ -136,6 +141,8 @@ def replay(args: ReplayArgs) -> None:
     if args.model is None and len(served) > 1:
         raise UserError(f"the server serves {', '.join(served)}: say which with --model")
     model = args.model or served[0]
-    outcomes, duration = asyncio.run(send_trace(requests, args.base_url, api_key=args.key(), model=model, seed=args.seed))
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    print(f"prompts from seed {seed} (--seed {seed} sends the same ones again)", file=sys.stderr)
+    outcomes, duration = asyncio.run(send_trace(requests, args.base_url, api_key=args.key(), model=model, seed=seed))
     summary = report(outcomes, duration, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms)
     print(json.dumps(summary) if args.as_json else report_text(summary))

@@ -133,6 +133,7 @@ def plan(args: PlanArgs) -> None:
         hardware.interconnect(args.interconnect),
         Workload(args.requests_per_s, args.prompt_len, args.output_len, args.ttft_ms, args.tpot_ms),
         bytes_per_param=4 if args.dtype == "float32" else 2,
+        dtype=args.dtype,
         skew=skew,
         name=Path(args.model).name,
         experts=ExpertOptions(

@@ -110,6 +110,7 @@ def serve_config(spec: DeploySpec) -> dict[str, Any]:
         "served_model_name": spec.model,
         "accelerator": "gpu",
         "expert_map": spec.expert_map.dumps(),
+        "dtype": spec.plan.dtype,  # as planned: a T4's float16, never the checkpoint's bf16 by default
         "max_num_seqs": spec.plan.batch,
         "kv_cache_memory": round(spec.plan.kv_cache_memory, 4),
         "min_replicas": spec.min_replicas,

@@ -25,11 +25,10 @@ class Gpu:
         """What makes this entry unusable for planning, or None."""
         for name in ("memory_gb", "bandwidth_gbs", "tflops"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 return f"{self.name}: {name} must be a positive number, not {value!r}"
-        if not (
-            isinstance(self.price_per_hour, (int, float)) and math.isfinite(self.price_per_hour) and self.price_per_hour >= 0
-        ):
+        price = self.price_per_hour
+        if isinstance(price, bool) or not (isinstance(price, (int, float)) and math.isfinite(price) and price >= 0):
             return f"{self.name}: price_per_hour must be a number of dollars, not {self.price_per_hour!r}"
         if not self.dtypes or any(d not in ("bfloat16", "float16", "float32") for d in self.dtypes):
             return f"{self.name}: dtypes must name some of bfloat16, float16, float32, not {list(self.dtypes)!r}"
@@ -113,6 +112,8 @@ def load_gpus(extra: Path | None) -> dict[str, Gpu]:
         try:
             for entry in json.loads(extra.read_text()):
                 gpu = Gpu(**entry)
+                if not isinstance(gpu.dtypes, (list, tuple)):
+                    raise UserError(f'--gpus-file {extra}: {gpu.name}: dtypes must be a list, such as ["float16"]')
                 gpu = replace(gpu, dtypes=tuple(gpu.dtypes))  # a JSON list as the table's tuple
                 if problem := gpu.problem():
                     raise UserError(f"--gpus-file {extra}: {problem}")

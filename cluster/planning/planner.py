@@ -74,6 +74,7 @@ class TierPlan:
     usd_per_hour: float
     usd_per_million_tokens: float  # at the workload's load
     cpu_workers: int = 0  # per replica: CPU expert workers (a CPU node each)
+    dtype: str = "bfloat16"  # the weights' and activations', as serve's --dtype
     expert_dtype: str = "bfloat16"  # what the expert weights are held in
     expert_map: dict[str, Any] | None = None  # the replica's expert map (router.expert_map JSON); None: dense
     dense: bool = False  # one GPU holding the whole model (Mistral), no expert workers
@@ -178,9 +179,12 @@ def plan_tier(
     skew: float,
     experts: ExpertOptions = ExpertOptions(),
     usage_volumes: dict[str, float] | None = None,
+    dtype: str | None = None,
 ) -> TierPlan:
     """One tier on `gpu`: expert parallel for an MoE model, one GPU for a dense one. `usage_volumes`:
-    output tokens a month by served model (MeasuredUsage.volumes), priced in `usage_monthly`."""
+    output tokens a month by served model (MeasuredUsage.volumes), priced in `usage_monthly`. `dtype`:
+    the weights' (float16 on a GPU without bf16); None: bfloat16 or float32 by `bytes_per_param`."""
+    dtype = dtype or {2: "bfloat16", 4: "float32"}[bytes_per_param]
     dense = not args.is_moe
     context = workload.prompt_len + workload.output_len
     expert_bytes = 1 if experts.int8 and not dense else bytes_per_param
@@ -283,7 +287,8 @@ def plan_tier(
         usd_per_hour=usd_per_hour,
         usd_per_million_tokens=usd_per_hour / (demand * 3600 / 1e6) if demand else float("inf"),
         cpu_workers=layout.cpu_workers,
-        expert_dtype="int8" if expert_bytes == 1 else {2: "bfloat16", 4: "float32"}[bytes_per_param],
+        dtype=dtype,
+        expert_dtype="int8" if expert_bytes == 1 else dtype,
         expert_map=None if dense or (m := planned_map(layout, args.num_local_experts)) is None else m.to_json(),
         dense=dense,
     )
@@ -307,6 +312,7 @@ def plan(
     name: str = "model",
     experts: ExpertOptions = ExpertOptions(),
     usage: MeasuredUsage | None = None,
+    dtype: str | None = None,
 ) -> list[TierPlan]:
     """The MoE model on expert-parallel GPUs, and dense Mistral 7B on the same GPU type, side by side;
     each priced at the monthly volumes a usage report measured, if one is given."""
@@ -323,6 +329,7 @@ def plan(
             skew=skew,
             experts=experts,
             usage_volumes=volumes,
+            dtype=dtype,
         ),
         plan_tier(
             "mistral-7b (dense)",
@@ -333,5 +340,6 @@ def plan(
             bytes_per_param=bytes_per_param,
             skew=1.0,
             usage_volumes=volumes,
+            dtype=dtype,
         ),
     ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ def read_request_trace(path: Path) -> list[TracedRequest]:
     requests = _azure_csv(path, text) if path.suffix.lower() == ".csv" else _jsonl(path, text)
     if not requests:
         raise UserError(f"{path}: the trace has no requests")
-    return sorted(requests, key=lambda r: r.timestamp)
+    start = min(r.timestamp for r in requests)  # the trace starts with its first request, in either form
+    return sorted((replace(r, timestamp=r.timestamp - start) for r in requests), key=lambda r: r.timestamp)
 
 
 def _jsonl(path: Path, text: str) -> list[TracedRequest]:

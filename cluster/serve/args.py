@@ -9,9 +9,10 @@ routes, how long a stream waits for a replica) stays at the top level only.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.errors import UserError
 from cluster.placement_options import Strategy
@@ -273,6 +274,18 @@ class ServeArgs(BaseModel):
         if self.expert_map is not None and self.experts_per_worker is not None:
             raise ValueError("expert_map and experts_per_worker both say where the experts go; give one of them")
         return self
+
+    @field_validator("record_requests")
+    @classmethod
+    def _writable_trace(cls, path: str | None) -> str | None:
+        """Absolute (the ingress actor's working directory is not the caller's), in a directory one can write."""
+        if path is None:
+            return None
+        full = os.path.abspath(os.path.expanduser(path))
+        folder = os.path.dirname(full)
+        if os.path.isdir(full) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"{path}: give a file in a directory that exists and can be written")
+        return full
 
     @property
     def autoscaling(self) -> bool:

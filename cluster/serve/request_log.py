@@ -1,6 +1,7 @@
 """`serve --record-requests PATH`: live traffic as a request trace that `moe-cluster replay` (and the
-planner) read back: one JSONL line per finished request, `timestamp` (seconds from the first recorded
-request's arrival), `prompt_tokens`, `output_tokens` (cluster.planning.request_trace's form).
+planner) read back, written afresh at each start: one JSONL line per finished request, `timestamp`
+(seconds from the first recorded request's arrival), `prompt_tokens`, `output_tokens`
+(cluster.planning.request_trace's form).
 
 Lines are written as requests finish, so they are not in arrival order; readers sort them. A request
 that produced no token is not a request a replay could send, and is left out. The file is on the node
@@ -22,7 +23,9 @@ class RequestLog:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", buffering=1, encoding="utf-8")  # a line at a time
+            # A new trace per server start: appended to an old one, its times (from this start's first
+            # request) would interleave with the old ones'. A line at a time.
+            self._file = self.path.open("w", buffering=1, encoding="utf-8")
         except OSError as e:
             raise UserError(f"--record-requests {path}: cannot write there ({e})") from None
         self._start: float | None = None

@@ -86,8 +86,7 @@ def combine(plan: RoutingPlan, cuts: list[Piece], outputs: dict[int, torch.Tenso
     # zeros: torch's CPU index_add_ opens a parallel region even for one token, and waking the
     # coordinator's thread team after the workers' turn cost more than the rest of the combine
     # (docs/performance.md). Each token's sum is rounded once, as index_add_'s into zeros is for A = 2.
-    top_k = weighted.shape[0] // num_tokens if num_tokens else 1
-    return weighted.index_select(0, plan.unsort).view(num_tokens, top_k, -1).sum(dim=1)
+    return weighted.index_select(0, plan.unsort).view(num_tokens, plan.topk_ids.shape[1], -1).sum(dim=1)
 
 
 @dataclass(frozen=True)

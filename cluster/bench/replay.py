@@ -70,25 +70,26 @@ async def replay(
 
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    bodies = [
-        {
+
+    def body(request: TracedRequest) -> dict[str, Any]:
+        # Made when the request is due, not all up front: a public trace has millions of prompt tokens.
+        return {
             "model": model,
-            "prompt": prompt_ids(r.prompt_tokens, rng),
-            "max_tokens": r.output_tokens,
+            "prompt": prompt_ids(request.prompt_tokens, rng),
+            "max_tokens": request.output_tokens,
             "ignore_eos": True,
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for r in requests
-    ]
+
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         start = time.perf_counter()
 
-        async def at_its_time(request: TracedRequest, body: dict[str, Any]) -> Outcome:
+        async def at_its_time(request: TracedRequest) -> Outcome:
             await asyncio.sleep(max(0.0, request.timestamp - (time.perf_counter() - start)))
-            return await send(session, url.rstrip("/"), headers, body, time.perf_counter() - start)
+            return await send(session, url.rstrip("/"), headers, body(request), time.perf_counter() - start)
 
-        outcomes = await asyncio.gather(*(at_its_time(r, b) for r, b in zip(requests, bodies, strict=True)))
+        outcomes = await asyncio.gather(*(at_its_time(r) for r in requests))
     return list(outcomes), time.perf_counter() - start

@@ -40,7 +40,7 @@ def simulate(
     requests: list[TracedRequest],
     *,
     replicas: int = 1,
-    max_num_seqs: int = 256,
+    max_num_seqs: int = 64,
     skew: float = 1.0,
 ) -> tuple[list[Outcome], float]:
     """(each request's outcome in trace order, seconds from the first arrival to the last token)."""

@@ -211,11 +211,11 @@ def plan_tier(
     blocks_per_seq = spec.blocks_per_sequence(context, args.sliding_window)
     kv_per_seq_gb = spec.pool_bytes(blocks_per_seq) / 1e9
     max_batch_by_kv = spec.blocks_in(max(0.0, coordinator.headroom) * 1e9) // blocks_per_seq
-    cpu_gb = layout.cpu_experts * expert_params_all_layers(args) * expert_bytes / 1e9
+    expert_gb = expert_params_all_layers(args) * expert_bytes / 1e9  # one expert, every layer
+    cpu_gb = layout.cpu_experts * expert_gb
     cpu_fits = cpu_gb <= CPU_NODE.memory_gb - RUNTIME_RESERVE_GB - ACTIVATION_GB
     whole = layout.gpus_per_expert == 1  # the runtime holds each expert whole, on one worker
     fits = coordinator.headroom > kv_per_seq_gb and (dense or worker.headroom >= 0) and cpu_fits and whole
-    expert_gb = expert_params_all_layers(args) * expert_bytes / 1e9
     reason = (
         "fits"
         if fits
